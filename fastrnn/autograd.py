@@ -1,0 +1,54 @@
+"""The autograd Function at the core of fastrnn: one layer, one direction, a whole sequence."""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from fastrnn import backends
+
+
+class Recurrence(torch.autograd.Function):
+    """One recurrent layer in one direction over a whole (possibly packed) sequence.
+
+    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr)``
+    returns ``(y, h_n, c_n)``; shapes as in :func:`fastrnn.reference.recurrence_forward`
+    (xg: (N, G*H), h0: (B, P), c0: (B, H) or None, y: (N, P)). ``forward`` calls the backend's
+    forward kernel; ``backward`` its hand-written BPTT kernel, which returns the gradients of
+    xg, h0, c0, w_hh, b_hn and w_hr. Once differentiable: for double backward use
+    ``backend="reference"``.
+    """
+
+    @staticmethod
+    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr):
+        kern = backends.kernels(backend)
+        y, h_n, c_n, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr,
+                                                     batch_sizes, reverse)
+        ctx.kern, ctx.cell, ctx.batch_sizes, ctx.reverse = kern, cell, batch_sizes, reverse
+        ctx.n_saved = len(saved)
+        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, y, *saved)
+        if c_n is None:
+            return y, h_n
+        return y, h_n, c_n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, grad_h_n, grad_c_n=None):
+        h0, c0, w_hh, b_hn, w_hr, y, *saved = ctx.saved_tensors
+        grads = ctx.kern.recurrence_backward(
+            ctx.cell, grad_y.contiguous(), grad_h_n.contiguous(),
+            None if grad_c_n is None else grad_c_n.contiguous(),
+            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved))
+        return (None, None, None, None) + tuple(grads)
+
+
+def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+    """Run one layer/direction on ``backend`` ("reference" or a kernel backend).
+
+    Returns ``(y, h_n, c_n)`` (c_n None except for LSTM). The reference runs with autograd
+    through its loop; every kernel backend runs through :class:`Recurrence`.
+    """
+    if backend == "reference":
+        from fastrnn import reference
+        return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+    out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr)
+    return out if len(out) == 3 else (out[0], out[1], None)

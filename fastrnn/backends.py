@@ -1,0 +1,108 @@
+"""The one dispatch point: which backend runs a recurrence, and why.
+
+Backends:
+
+========== ================================================================================
+numba      compiled CPU loops (``fastrnn.kernels.numba_cpu``), float32/float64
+triton     fused GPU kernels (``fastrnn.kernels.triton_gpu``), CUDA float32/float16/bfloat16
+           (and CPU tensors under ``TRITON_INTERPRET=1``, for testing without a GPU)
+native     torch.nn's own implementation (oneDNN/aten on CPU, cuDNN on GPU)
+reference  readable per-step PyTorch (:mod:`fastrnn.reference`), autograd through the loop
+========== ================================================================================
+
+``auto`` takes the first backend of ``AUTO_ORDER[device type]`` that can run the input.
+A backend named explicitly that cannot run the input raises :class:`BackendUnavailable`;
+it never silently falls back.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "numba", "triton", "native", "reference")
+AUTO_ORDER = {"cpu": ("numba", "native", "reference"), "cuda": ("triton", "native", "reference")}
+KERNEL_MODULES = {"numba": "fastrnn.kernels.numba_cpu", "triton": "fastrnn.kernels.triton_gpu"}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend named explicitly cannot run the given input."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend that will run (``name``) and why (``reason``)."""
+
+    name: str
+    reason: str
+
+
+def check_backend_name(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
+def _triton_interpreted():
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernels(name):
+    """The kernel module of a compiled backend (implements the contract of
+    :func:`fastrnn.reference.recurrence_forward` / ``recurrence_backward``)."""
+    if name == "reference":
+        from fastrnn import reference
+        return reference
+    return importlib.import_module(KERNEL_MODULES[name])
+
+
+def why_not(name, cell, device, dtype, proj_size=0):
+    """Why backend ``name`` cannot run this case, or None if it can."""
+    if name == "reference":
+        return None
+    if name == "native":
+        return None  # torch.nn raises its own errors for what it does not support
+    if name == "numba":
+        if device.type != "cpu":
+            return f"numba runs on CPU tensors only, got a {device.type} tensor"
+        if dtype not in (torch.float32, torch.float64):
+            return f"numba supports float32 and float64, got {dtype}"
+    if name == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
+            return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return f"triton supports float32, float16 and bfloat16, got {dtype}"
+    try:
+        module = kernels(name)
+    except ImportError as e:
+        return f"{name} is not importable: {e}"
+    unavailable = getattr(module, "UNAVAILABLE", None)
+    if unavailable:
+        return unavailable
+    supports = getattr(module, "why_not", None)
+    return supports(cell, device, dtype, proj_size) if supports else None
+
+
+def choose(backend, cell, device, dtype, proj_size=0):
+    """Resolve ``backend`` (a name or "auto") for a recurrence on ``device``/``dtype``.
+
+    Returns a :class:`Choice`. Raises ValueError for an unknown name and
+    :class:`BackendUnavailable` when a named backend cannot run the case.
+    """
+    check_backend_name(backend)
+    device = torch.device(device)
+    if backend != "auto":
+        reason = why_not(backend, cell, device, dtype, proj_size)
+        if reason:
+            raise BackendUnavailable(f"backend={backend!r} cannot run this input: {reason}")
+        return Choice(backend, "requested explicitly")
+    order = AUTO_ORDER.get(device.type, ("native", "reference"))
+    skipped = []
+    for name in order:
+        reason = why_not(name, cell, device, dtype, proj_size)
+        if reason is None:
+            why = f"auto: first of {list(order)} that runs {cell} on {device.type} {dtype}"
+            return Choice(name, why + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+        skipped.append(f"{name}: {reason}")
+    raise BackendUnavailable("no backend can run this input: " + "; ".join(skipped))

@@ -1,0 +1,195 @@
+"""Functional API: whole recurrences (``rnn_tanh``, ``rnn_relu``, ``lstm``, ``gru``) and single
+steps (``*_cell``), on any backend.
+
+Argument order follows ``torch._VF`` (the functions behind ``torch.nn``), plus a keyword-only
+``backend``. Layers, directions, inter-layer dropout, packing and projection are composed here,
+once, around :func:`fastrnn.autograd.recurrence` (one layer, one direction).
+
+Shapes: L = num_layers, D = 2 if bidirectional else 1, H = hidden_size, P = proj_size or H.
+
+* ``input``: (T, B, I), or (B, T, I) with ``batch_first``; or the data (N, I) of a
+  PackedSequence together with its ``batch_sizes`` (T,).
+* ``hx``: h0 (L*D, B, P); for ``lstm`` a pair (h0, c0) with c0 (L*D, B, H).
+* ``params``: flat list per layer and direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``
+  (``nn.RNNBase._flat_weights``).
+* returns ``(output, h_n)`` (``lstm``: ``(output, h_n, c_n)``) with output (T, B, D*P)
+  ((B, T, D*P) with ``batch_first``; (N, D*P) when packed).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastrnn import backends
+from fastrnn.autograd import recurrence
+from fastrnn.reference import GATES
+
+_DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
+                torch.bfloat16: "BFloat16"}
+
+
+def _dtype_name(dtype):
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def _check_same_dtype(tensor, weight):
+    """The error torch's matmul gives when a state's dtype differs from the weights'."""
+    if tensor.dtype != weight.dtype:
+        raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                           f"{_dtype_name(tensor.dtype)} and {_dtype_name(weight.dtype)}")
+
+
+def input_projection(cell, x, w_ih, b_ih, b_hh):
+    """``xg = x W_ih^T + b_ih + b_hh`` for all steps as one GEMM.
+
+    x: (N, I), w_ih: (G*H, I), biases (G*H,) or None. Returns ``(xg, b_hn)``: xg (N, G*H) and,
+    for GRU with bias, ``b_hn`` (H,), the n-gate part of ``b_hh`` that stays inside ``r ⊙ (…)``.
+    """
+    if b_ih is None:
+        return x @ w_ih.t(), None
+    if cell == "gru":
+        hidden = b_hh.shape[0] // 3
+        bias = b_ih + torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
+        return torch.addmm(bias, x, w_ih.t()), b_hh[2 * hidden:]
+    return torch.addmm(b_ih + b_hh, x, w_ih.t()), None
+
+
+def _layer_params(params, has_biases, num_layers, num_directions):
+    """Split ``params`` into one (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction."""
+    stride = len(params) // (num_layers * num_directions)
+    has_proj = stride == (5 if has_biases else 3)
+    out = []
+    for k in range(num_layers * num_directions):
+        w = params[k * stride:(k + 1) * stride]
+        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
+        out.append((w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None))
+    return out
+
+
+def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train,
+          bidirectional, backend):
+    """Run a stack of layers over packed-layout data on a resolved backend name.
+
+    x: (N, I); batch_sizes: CPU int64 (T,); h0: (L*D, B, P); c0: (L*D, B, H) or None.
+    Returns (output (N, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None).
+    """
+    directions = 2 if bidirectional else 1
+    layers = _layer_params(params, has_biases, num_layers, directions)
+    _check_same_dtype(h0, layers[0][1])
+    if c0 is not None:
+        _check_same_dtype(c0, layers[0][1])
+    layer_input, h_n, c_n = x, [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = layers[k]
+            xg, b_hn = input_projection(cell, layer_input, w_ih, b_ih, b_hh)
+            y, h, c = recurrence(backend, cell, xg, h0[k], None if c0 is None else c0[k],
+                                 w_hh, b_hn, w_hr, batch_sizes, direction == 1)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 1) if directions == 2 else outputs[0]
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, torch.stack(h_n), None if c0 is None else torch.stack(c_n)
+
+
+_VF_NAME = {"rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu", "lstm": "lstm", "gru": "gru"}
+
+
+def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+               batch_first, batch_sizes, backend):
+    h0, c0 = hx if cell == "lstm" else (hx, None)
+    w_hr = _layer_params(params, has_biases, num_layers, 2 if bidirectional else 1)[0][4]
+    choice = backends.choose(backend, cell, params[0].device, params[0].dtype,
+                             proj_size=0 if w_hr is None else w_hr.shape[0])
+    if choice.name == "native":
+        vf = getattr(torch._VF, _VF_NAME[cell])
+        if batch_sizes is None:
+            return vf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+                      batch_first)
+        return vf(input, batch_sizes, hx, params, has_biases, num_layers, dropout, train,
+                  bidirectional)
+    if batch_sizes is None:
+        x = input.transpose(0, 1) if batch_first else input
+        steps, batch = x.shape[0], x.shape[1]
+        if steps == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        sizes = torch.full((steps,), batch, dtype=torch.int64)
+        out, h_n, c_n = stack(cell, x.reshape(steps * batch, x.shape[2]), sizes, h0, c0, params,
+                              has_biases, num_layers, dropout, train, bidirectional, choice.name)
+        out = out.view(steps, batch, out.shape[-1])
+        if batch_first:
+            out = out.transpose(0, 1)
+    else:
+        out, h_n, c_n = stack(cell, input, batch_sizes, h0, c0, params, has_biases, num_layers,
+                              dropout, train, bidirectional, choice.name)
+    return (out, h_n, c_n) if cell == "lstm" else (out, h_n)
+
+
+def _sequence_fn(cell):
+    def fn(input, hx, params, has_biases=True, num_layers=1, dropout=0.0, train=False,
+           bidirectional=False, batch_first=False, *, batch_sizes=None, backend="auto"):
+        return _recurrent(cell, input, hx, list(params), has_biases, num_layers, dropout, train,
+                          bidirectional, batch_first, batch_sizes, backend)
+
+    fn.__name__ = fn.__qualname__ = cell
+    fn.__doc__ = (f"The whole {cell} recurrence (``torch._VF.{cell}`` arguments plus ``backend``)."
+                  " Shapes: see :mod:`fastrnn.functional`.")
+    return fn
+
+
+rnn_tanh = _sequence_fn("rnn_tanh")
+rnn_relu = _sequence_fn("rnn_relu")
+lstm = _sequence_fn("lstm")
+gru = _sequence_fn("gru")
+
+
+def _check_cell_args(input, hx, input_size, hidden_size):
+    """aten's checks of ``*_cell`` arguments, with its messages. hx: list of (B, H) states."""
+    if input.shape[1] != input_size:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {input_size}")
+    for label, h in enumerate(hx):
+        if input.shape[0] != h.shape[0]:
+            raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{label} "
+                               f"batch size {h.shape[0]}")
+        if h.shape[1] != hidden_size:
+            raise RuntimeError(f"hidden{label} has inconsistent hidden_size: got {h.shape[1]}, "
+                               f"expected {hidden_size}")
+
+
+def _cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
+    states = list(hx) if cell == "lstm" else [hx]
+    _check_cell_args(input, states, w_ih.shape[1], w_hh.shape[1])
+    for t in [input] + states:
+        _check_same_dtype(t, w_ih)
+    choice = backends.choose(backend, cell, w_ih.device, w_ih.dtype)
+    if choice.name == "native":
+        return getattr(torch._VF, f"{cell}_cell")(input, hx, w_ih, w_hh, b_ih, b_hh)
+    xg, b_hn = input_projection(cell, input, w_ih, b_ih, b_hh)
+    sizes = torch.tensor([input.shape[0]], dtype=torch.int64)
+    h, _, c = recurrence(choice.name, cell, xg, states[0], states[1] if cell == "lstm" else None,
+                         w_hh, b_hn, None, sizes, False)
+    return (h, c) if cell == "lstm" else h
+
+
+def _cell_fn(cell):
+    def fn(input, hx, w_ih, w_hh, b_ih=None, b_hh=None, *, backend="auto"):
+        return _cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh, backend)
+
+    fn.__name__ = fn.__qualname__ = f"{cell}_cell"
+    fn.__doc__ = (f"One {cell} step (``torch._VF.{cell}_cell`` arguments plus ``backend``): "
+                  "input (B, I), hx (B, H)" + (" pair" if cell == "lstm" else "") +
+                  "; returns h' (B, H)" + (" and c' (B, H)." if cell == "lstm" else "."))
+    return fn
+
+
+rnn_tanh_cell = _cell_fn("rnn_tanh")
+rnn_relu_cell = _cell_fn("rnn_relu")
+lstm_cell = _cell_fn("lstm")
+gru_cell = _cell_fn("gru")
+
+__all__ = ["rnn_tanh", "rnn_relu", "lstm", "gru", "rnn_tanh_cell", "rnn_relu_cell", "lstm_cell",
+           "gru_cell", "input_projection", "stack"]

@@ -1,0 +1,255 @@
+"""Drop-in replacements for torch.nn's RNN, LSTM, GRU and their cells.
+
+Parameters, their names, shapes and init, ``state_dict``, ``repr`` and ``flatten_parameters``
+come from torch. The only new constructor argument is the keyword-only ``backend``
+(``"auto" | "numba" | "triton" | "native" | "reference"``, see :mod:`fastrnn.backends`);
+``module.backend_for(input)`` tells which backend an input will run on, and why.
+
+The sequence modules subclass ``nn.RNNBase``, not ``nn.LSTM``/``nn.GRU``/``nn.RNN``:
+``isinstance(m, nn.RNNBase)`` holds, ``isinstance(m, nn.LSTM)`` does not, because torch.compile's
+Dynamo refuses to compile any module that is an ``nn.RNN``/``nn.GRU``/``nn.LSTM``
+("Attempted to wrap RNN, GRU, or LSTM") while an ``nn.RNNBase`` subclass compiles. The cells
+subclass ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from fastrnn import backends, functional
+
+_CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+class _Recurrent(nn.RNNBase):
+    """The forward shared by :class:`RNN`, :class:`LSTM` and :class:`GRU`.
+
+    input: (T, B, I) ((B, T, I) with batch_first), (T, I) unbatched, or a PackedSequence.
+    hx: (L*D, B, P) ((L*D, P) unbatched); for LSTM a pair (h0, c0 with last dim H).
+    Returns (output, h_n) (LSTM: (output, (h_n, c_n))) exactly as torch.nn does.
+    """
+
+    _torch_class: type[nn.RNNBase]  # the torch.nn class whose forward is the "native" backend
+    _dim_error = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def __init__(self, mode, *args, backend="auto", **kwargs):
+        backends.check_backend_name(backend)
+        super().__init__(mode, *args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+    @property
+    def cell(self):
+        """The recurrence this module runs: "rnn_tanh", "rnn_relu", "lstm" or "gru"."""
+        return _CELL_OF_MODE[self.mode]
+
+    def backend_for(self, input=None):
+        """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this module.
+
+        The choice depends on the module's device and dtype (inputs must match them)."""
+        weight = self._flat_weights[0]
+        return backends.choose(self.backend, self.cell, weight.device, weight.dtype,
+                               self.proj_size)
+
+    def _zero_state(self, batch, input):
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(layers, batch, size, dtype=input.dtype, device=input.device)
+        if self.mode != "LSTM":
+            return h
+        return h, torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype,
+                              device=input.device)
+
+    def _check_hx_dims(self, hx, dims, batched):
+        """torch.nn's check that hx is 3-D for batched and 2-D for unbatched input."""
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if self.mode == "LSTM":
+            if hx[0].dim() != dims or hx[1].dim() != dims:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {dims}-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        elif hx.dim() != dims:
+            raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got "
+                               f"{hx.dim()}-D tensor")
+
+    def forward(self, input, hx=None):
+        choice = self.backend_for(input)
+        if choice.name == "native":
+            return self._torch_class.forward(self, input, hx)
+        self._update_flat_weights()
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched = True
+            hx = (self._zero_state(int(batch_sizes[0]), input) if hx is None
+                  else self.permute_hidden(hx, sorted_indices))
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(self._dim_error.format(name=self._torch_class.__name__,
+                                                        dim=input.dim()))
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is None:
+                hx = self._zero_state(input.size(batch_dim), input)
+            else:
+                self._check_hx_dims(hx, 3 if is_batched else 2, is_batched)
+                if not is_batched:
+                    hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
+        # torch.nn skips this for packed LSTM input and fails later, inside aten; we check here.
+        self.check_forward_args(input, hx, batch_sizes)
+        result = functional._recurrent(
+            self.cell, input, tuple(hx) if is_lstm else hx, self._flat_weights, self.bias,
+            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+            batch_sizes, choice.name)
+        output = result[0]
+        hidden = (result[1], result[2]) if is_lstm else result[1]
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if is_lstm else hidden.squeeze(1)
+        return output, hidden
+
+
+class RNN(_Recurrent):
+    """Drop-in ``torch.nn.RNN`` (Elman RNN, tanh or relu) with a ``backend`` keyword."""
+
+    _torch_class = nn.RNN
+    _dim_error = "{name}: Expected input to be 2D or 3D, got {dim}D tensor instead"
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. "
+                             "Select from 'tanh' or 'relu'.")
+        super().__init__(mode, *args, backend=backend, **kwargs)
+
+
+class LSTM(_Recurrent):
+    """Drop-in ``torch.nn.LSTM`` (with ``proj_size``) with a ``backend`` keyword."""
+
+    _torch_class = nn.LSTM
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        super().__init__("LSTM", *args, backend=backend, **kwargs)
+
+
+class GRU(_Recurrent):
+    """Drop-in ``torch.nn.GRU`` with a ``backend`` keyword."""
+
+    _torch_class = nn.GRU
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, backend=backend, **kwargs)
+
+
+class _Cell:
+    """The forward shared by the cells: input (B, I) or (I,), hx (B, H) or (H,) (LSTM: a pair)."""
+
+    _name: str
+
+    def _init_backend(self, backend):
+        backends.check_backend_name(backend)
+        self.backend = backend
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+    @property
+    def cell(self):
+        if self._name == "RNNCell":
+            return "rnn_relu" if self.nonlinearity == "relu" else "rnn_tanh"
+        return "lstm" if self._name == "LSTMCell" else "gru"
+
+    def backend_for(self, input=None):
+        """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this cell."""
+        return backends.choose(self.backend, self.cell, self.weight_ih.device, self.weight_ih.dtype)
+
+    def forward(self, input, hx=None):
+        choice = self.backend_for(input)
+        if choice.name == "native":
+            return super().forward(input, hx)
+        is_lstm = self._name == "LSTMCell"
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            if is_lstm:
+                for idx, value in enumerate(hx):
+                    if value.dim() not in (1, 2):
+                        raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got "
+                                         f"{value.dim()}D instead")
+            elif hx.dim() not in (1, 2):
+                raise ValueError(f"{self._name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype,
+                                device=input.device)
+            hx = (zeros, zeros) if is_lstm else zeros
+        elif not is_batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if is_lstm else hx.unsqueeze(0)
+        if self._name == "RNNCell" and self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        ret = functional._cell(self.cell, input, tuple(hx) if is_lstm else hx, self.weight_ih,
+                               self.weight_hh, self.bias_ih, self.bias_hh, choice.name)
+        if not is_batched:
+            ret = (ret[0].squeeze(0), ret[1].squeeze(0)) if is_lstm else ret.squeeze(0)
+        return ret
+
+
+class RNNCell(_Cell, nn.RNNCell):
+    """Drop-in ``torch.nn.RNNCell`` with a ``backend`` keyword."""
+
+    _name = "RNNCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
+                 dtype=None, *, backend="auto"):
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype)
+        self._init_backend(backend)
+
+
+class LSTMCell(_Cell, nn.LSTMCell):
+    """Drop-in ``torch.nn.LSTMCell`` with a ``backend`` keyword."""
+
+    _name = "LSTMCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 backend="auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self._init_backend(backend)
+
+
+class GRUCell(_Cell, nn.GRUCell):
+    """Drop-in ``torch.nn.GRUCell`` with a ``backend`` keyword."""
+
+    _name = "GRUCell"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
+                 backend="auto"):
+        super().__init__(input_size, hidden_size, bias, device, dtype)
+        self._init_backend(backend)

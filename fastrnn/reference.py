@@ -1,0 +1,146 @@
+"""The reference backend: every recurrence as a plain, readable per-step PyTorch loop.
+
+It is the oracle of the test suite and the fallback for what no kernel and no ``native`` path
+covers (e.g. double backward). Autograd runs through it; nothing here is hand-differentiated.
+
+Cells and gate order (as torch.nn, ``W_hh`` rows stacked in this order):
+
+* ``rnn_tanh`` / ``rnn_relu``: ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)``
+* ``lstm`` (gates i, f, g, o)::
+
+      i = σ(xg_i + h W_hi^T)      f = σ(xg_f + h W_hf^T)
+      g = tanh(xg_g + h W_hg^T)   o = σ(xg_o + h W_ho^T)
+      c' = f ⊙ c + i ⊙ g          h' = o ⊙ tanh(c')       (then h' = h' W_hr^T with proj_size)
+
+* ``gru`` (gates r, z, n; ``b_hn`` stays inside ``r ⊙ (…)``)::
+
+      r = σ(xg_r + h W_hr^T)      z = σ(xg_z + h W_hz^T)
+      n = tanh(xg_n + r ⊙ (h W_hn^T + b_hn))
+      h' = (1 - z) ⊙ n + z ⊙ h
+
+Here ``xg = x W_ih^T + b_ih + b_hh`` is the input projection of all steps, made by one GEMM before
+the loop (for GRU the ``b_hh`` of the n gate is left out of ``xg`` and passed as ``b_hn``).
+
+This module also implements the **kernel contract** every compute backend (``fastrnn.kernels.*``)
+implements: :func:`recurrence_forward` and :func:`recurrence_backward` (see their docstrings).
+"""
+from __future__ import annotations
+
+import torch
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def cell_step(cell, xg_t, h, c, w_hh, b_hn=None, w_hr=None):
+    """One step of ``cell`` for the rows in ``xg_t``.
+
+    xg_t: (b, G*H) input projection of this step; h: (b, P); c: (b, H) or None (LSTM only);
+    w_hh: (G*H, P); b_hn: (H,) or None (GRU); w_hr: (P, H) or None (LSTM with proj_size).
+    Returns (h', c') with c' None except for LSTM.
+    """
+    hg = h @ w_hh.t()
+    if cell == "rnn_tanh":
+        return torch.tanh(xg_t + hg), None
+    if cell == "rnn_relu":
+        return torch.relu(xg_t + hg), None
+    if cell == "lstm":
+        i, f, g, o = (xg_t + hg).chunk(4, dim=1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        if w_hr is not None:
+            h_new = h_new @ w_hr.t()
+        return h_new, c_new
+    if cell == "gru":
+        x_r, x_z, x_n = xg_t.chunk(3, dim=1)
+        h_r, h_z, h_n = hg.chunk(3, dim=1)
+        if b_hn is not None:
+            h_n = h_n + b_hn
+        r = torch.sigmoid(x_r + h_r)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + r * h_n)
+        return (1 - z) * n + z * h, None
+    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+
+
+def step_offsets(batch_sizes):
+    """Row offset of each step in the packed layout: ``offsets[t] = sum(batch_sizes[:t])``."""
+    offsets = [0]
+    for b in batch_sizes[:-1]:
+        offsets.append(offsets[-1] + b)
+    return offsets
+
+
+def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+    sizes = [int(b) for b in batch_sizes]
+    offsets = step_offsets(sizes)
+    h, c = h0, c0
+    ys = [None] * len(sizes)
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        b, start = sizes[t], offsets[t]
+        h_t, c_t = cell_step(cell, xg[start:start + b], h[:b], None if c is None else c[:b],
+                             w_hh, b_hn, w_hr)
+        ys[t] = h_t
+        # Rows at and beyond b are not active at this step: they keep their state (their last
+        # state going forward; h0 going in reverse, where they have not started yet).
+        h = torch.cat([h_t, h[b:]]) if b < h.shape[0] else h_t
+        if c is not None:
+            c = torch.cat([c_t, c[b:]]) if b < c.shape[0] else c_t
+    y = torch.cat(ys) if ys else xg.new_empty(0, h0.shape[1])
+    return y, h, c
+
+
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+    """Run one layer in one direction over a whole (possibly packed) sequence.
+
+    The kernel contract, shared by every backend:
+
+    * ``xg``: (N, G*H) input projections in the packed layout: step t owns rows
+      ``offsets[t] : offsets[t] + batch_sizes[t]`` (a dense (T, B) input is the case
+      ``batch_sizes = [B] * T``, N = T*B). G = 1 (RNN), 4 (LSTM), 3 (GRU).
+    * ``h0``: (B, P) with B = batch_sizes[0] and P = proj_size or H; ``c0``: (B, H) for LSTM, else None.
+    * ``w_hh``: (G*H, P); ``b_hn``: (H,) for GRU with bias, else None; ``w_hr``: (P, H) or None.
+    * ``batch_sizes``: CPU int64 (T,), non-increasing: rows ``b < batch_sizes[t]`` are active at t.
+    * ``reverse``: run t = T-1 … 0; each sequence is then reversed within its own length.
+
+    Returns ``(y, h_n, c_n, saved)``: y (N, P) outputs in the same packed layout, h_n (B, P) and
+    c_n (B, H) or None the state of each row after its last active step, and ``saved`` a tuple of
+    tensors the backend's :func:`recurrence_backward` needs (backend-defined).
+    All tensors share xg's dtype and device.
+    """
+    with torch.no_grad():
+        y, h_n, c_n = _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+    return y, h_n, c_n, (xg,)
+
+
+def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
+                        batch_sizes, reverse, y, saved):
+    """BPTT for :func:`recurrence_forward` (kernel contract).
+
+    ``grad_y``: (N, P), ``grad_h_n``: (B, P), ``grad_c_n``: (B, H) or None; the other arguments
+    are those given to and returned by the forward. Returns the gradients
+    ``(d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr)``, None where the input was None.
+
+    The reference computes them by re-running the loop under autograd; the kernels hand-write
+    BPTT, reduce weight gradients once after the time loop, and never use atomics.
+    """
+    (xg,) = saved
+    inputs = [xg, h0, c0, w_hh, b_hn, w_hr]
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
+        outs = _sequence(cell, *leaves, batch_sizes, reverse)
+        pairs = [(o, g) for o, g in zip(outs, (grad_y, grad_h_n, grad_c_n)) if o is not None]
+        wrt = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
+                                         allow_unused=True))
+    result = []
+    for t in leaves:
+        g = None if t is None else next(grads)
+        result.append(torch.zeros_like(t) if t is not None and g is None else g)
+    return tuple(result)
+
+
+def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+    """The differentiable reference recurrence: same arguments as :func:`recurrence_forward`,
+    returns ``(y, h_n, c_n)`` with autograd (double backward included) through the loop."""
+    return _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)

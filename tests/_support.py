@@ -1,0 +1,134 @@
+"""Shared helpers of the test suite: backends under test, tolerances, case builders."""
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastrnn
+from fastrnn import backends
+
+# Backends the parity suite runs. A kernel backend that cannot run here is skipped with its reason.
+BACKENDS = ["reference", "native", "numba", "triton"]
+
+# Tolerances per dtype, against torch.nn (and the reference) on the same inputs.
+# float32: a handful of roundings per step over T <= 16 steps and 3 layers stays below 1e-5;
+# float64: same computations, 1e-9 leaves room for kernels' own (non-libm) tanh/sigmoid.
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.float64: dict(atol=1e-9, rtol=1e-9)}
+
+CELL_OF_VARIANT = {"rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu", "lstm": "lstm",
+                   "lstm_proj": "lstm", "gru": "gru"}
+VARIANTS = {  # variant -> (torch.nn class, fastrnn class, extra constructor kwargs)
+    "rnn_tanh": (nn.RNN, fastrnn.RNN, {"nonlinearity": "tanh"}),
+    "rnn_relu": (nn.RNN, fastrnn.RNN, {"nonlinearity": "relu"}),
+    "lstm": (nn.LSTM, fastrnn.LSTM, {}),
+    "lstm_proj": (nn.LSTM, fastrnn.LSTM, {"proj_size": 3}),
+    "gru": (nn.GRU, fastrnn.GRU, {}),
+}
+FORMATS = ["seq_first", "batch_first", "unbatched", "packed_sorted", "packed_unsorted"]
+
+
+def require(backend, cell, dtype, device="cpu"):
+    """Skip (visibly, with the reason) when ``backend`` cannot run this case here."""
+    reason = backends.why_not(backend, cell, torch.device(device), dtype)
+    if reason:
+        pytest.skip(f"{backend}: {reason}")
+
+
+def seed_of(*parts):
+    """A per-case seed: fresh random inputs for every case, reproducible run to run."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def pair(variant, backend, dtype, **kwargs):
+    """A torch.nn module and its fastrnn twin with the same weights."""
+    torch_cls, fast_cls, extra = VARIANTS[variant]
+    kwargs = {**extra, **kwargs}
+    ref = torch_cls(dtype=dtype, **kwargs)
+    mod = fast_cls(dtype=dtype, backend=backend, **kwargs)
+    mod.load_state_dict(ref.state_dict())
+    return ref, mod
+
+
+def flatten(result):
+    """(output, hidden) -> list of tensors (PackedSequence -> its data)."""
+    out, hidden = result
+    out = out.data if isinstance(out, PackedSequence) else out
+    return [out] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
+
+
+def run_and_grad(module, make_input, leaves, hx, weights):
+    """Forward, a weighted-sum loss over every output, backward.
+
+    Returns (outputs, gradients of ``leaves`` then of every parameter)."""
+    for t in leaves:
+        t.grad = None
+    module.zero_grad()
+    outs = flatten(module(make_input(), hx))
+    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    loss.backward()
+    grads = [t.grad for t in leaves] + [p.grad for p in module.parameters()]
+    return outs, grads
+
+
+def assert_all_close(actual, expected, dtype, what):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if e is None:
+            assert a is None, f"{what}[{i}]: expected no gradient"
+            continue
+        assert a is not None, f"{what}[{i}]: gradient missing"
+        torch.testing.assert_close(a, e, **TOL[dtype], msg=lambda m: f"{what}[{i}]: {m}")
+
+
+def make_case(variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, backend,
+              T=5, B=3, I=4, H=6):
+    """Build one parity case: both modules, the input maker, the leaves and hx."""
+    gen = torch.Generator().manual_seed(seed_of(variant, fmt, num_layers, bidirectional, bias,
+                                                with_hx, dtype))
+    torch.manual_seed(seed_of("init", variant, fmt, num_layers, bidirectional, bias, dtype))
+    ref, mod = pair(variant, backend, dtype, input_size=I, hidden_size=H, num_layers=num_layers,
+                    bias=bias, batch_first=fmt == "batch_first", bidirectional=bidirectional)
+    P = ref.proj_size or H
+    D = 2 if bidirectional else 1
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    batch = () if fmt == "unbatched" else (B,)
+    if fmt == "batch_first":
+        x = rand(B, T, I)
+    elif fmt == "unbatched":
+        x = rand(T, I)
+    else:
+        x = rand(T, B, I)
+    x.requires_grad_(True)
+    leaves = [x]
+    hx = None
+    if with_hx:
+        h0 = rand(num_layers * D, *batch, P).requires_grad_(True)
+        leaves.append(h0)
+        hx = h0
+        if variant.startswith("lstm"):
+            c0 = rand(num_layers * D, *batch, H).requires_grad_(True)
+            leaves.append(c0)
+            hx = (h0, c0)
+    if fmt.startswith("packed"):
+        lengths = [T, 3, 2] if fmt == "packed_sorted" else [3, T, 2]
+
+        def make_input():
+            return pack_padded_sequence(x, lengths, enforce_sorted=fmt == "packed_sorted")
+    else:
+        def make_input():
+            return x
+    n_out = {"seq_first": (T, B), "batch_first": (B, T), "unbatched": (T,)}
+    out_rows = sum(lengths) if fmt.startswith("packed") else None
+    out_shape = (out_rows, D * P) if out_rows else (*n_out[fmt], D * P)
+    hid_shape = (num_layers * D, *batch, P)
+    weights = [rand(*out_shape), rand(*hid_shape)]
+    if variant.startswith("lstm"):
+        weights.append(rand(num_layers * D, *batch, H))
+    return ref, mod, make_input, leaves, hx, weights

@@ -1,0 +1,49 @@
+"""Parity with torch.nn: outputs, final states and the gradients of input, h0, c0 and every
+parameter, for every combination of cell × num_layers × bidirectional × bias × proj_size ×
+hx given or not × input format (seq-first, batch_first, unbatched, packed sorted/unsorted) ×
+dtype, on every backend. Kernel backends the machine cannot run are skipped with the reason;
+the Triton interpreter (slow) runs a covering subset.
+"""
+import itertools
+
+import pytest
+import torch
+
+from _support import (BACKENDS, CELL_OF_VARIANT, FORMATS, VARIANTS, assert_all_close, make_case,
+                      require, run_and_grad)
+
+DTYPES = [torch.float32, torch.float64]
+FULL = list(itertools.product(VARIANTS, FORMATS, [1, 2, 3], [False, True], [True, False],
+                              [True, False], DTYPES))
+# Under the CPU interpreter every Triton program runs in Python: a covering subset there (every
+# cell and format, deep+bidirectional+bias+hx and shallow without them), float32 only (the
+# Triton backend has no float64).
+INTERPRETED = [c for c in FULL if c[6] == torch.float32 and
+               (c[2:6] == (2, True, True, True) or c[2:6] == (1, False, False, False))]
+
+
+def _params():
+    for backend in BACKENDS:
+        for case in (INTERPRETED if backend == "triton" else FULL):
+            v, fmt, layers, bidir, bias, hx, dtype = case
+            cid = (f"{backend}-{v}-{fmt}-L{layers}-{'bi' if bidir else 'uni'}-"
+                   f"{'bias' if bias else 'nobias'}-{'hx' if hx else 'nohx'}-{str(dtype)[6:]}")
+            yield pytest.param(backend, *case, id=cid)
+
+
+@pytest.mark.parametrize("backend,variant,fmt,num_layers,bidirectional,bias,with_hx,dtype",
+                         list(_params()))
+def test_parity_with_torch_nn(backend, variant, fmt, num_layers, bidirectional, bias, with_hx,
+                              dtype):
+    require(backend, CELL_OF_VARIANT[variant], dtype)
+    ref, mod, make_input, leaves, hx, weights = make_case(
+        variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, backend)
+    expected_out, expected_grads = run_and_grad(ref, make_input, leaves, hx, weights)
+    out, grads = run_and_grad(mod, make_input, leaves, hx, weights)
+    assert_all_close(out, expected_out, dtype, "outputs")
+    assert_all_close(grads, expected_grads, dtype, "gradients")
+    if fmt.startswith("packed"):
+        packed, expected = mod(make_input(), hx)[0], ref(make_input(), hx)[0]
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            a, e = getattr(packed, field), getattr(expected, field)
+            assert (a is None and e is None) or torch.equal(a, e), field
