@@ -8,8 +8,9 @@ on CUDA and compiled Numba loops on the CPU.
 from fastrnn import backends, functional, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.backends import BackendUnavailable, Choice
+from fastrnn.convert import convert
 from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = "0.1.0"
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Recurrence", "Choice",
-           "BackendUnavailable", "backends", "functional", "reference"]
+           "BackendUnavailable", "convert", "backends", "functional", "reference"]

@@ -45,8 +45,14 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
     """Run one layer/direction on ``backend`` ("reference" or a kernel backend).
 
     Returns ``(y, h_n, c_n)`` (c_n None except for LSTM). The reference runs with autograd
-    through its loop; every kernel backend runs through :class:`Recurrence`.
+    through its loop; every kernel backend runs through :class:`Recurrence`. Under
+    torch.compile every backend runs through the custom op ``fastrnn::recurrence``.
     """
+    if torch.compiler.is_compiling():
+        from fastrnn import ops  # the custom op torch.compile traces; see fastrnn.ops
+        y, h_n, c_n = ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
+                                     b_hn, w_hr)
+        return y, h_n, None if c0 is None else c_n
     if backend == "reference":
         from fastrnn import reference
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)

@@ -16,6 +16,7 @@ it never silently falls back.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -82,6 +83,17 @@ def why_not(name, cell, device, dtype, proj_size=0):
         return unavailable
     supports = getattr(module, "why_not", None)
     return supports(cell, device, dtype, proj_size) if supports else None
+
+
+@functools.lru_cache(maxsize=None)
+def _choose(backend, cell, device, dtype, proj_size):
+    return choose(backend, cell, device, dtype, proj_size)
+
+
+@torch.compiler.assume_constant_result
+def resolve(backend, cell, device, dtype, proj_size=0):
+    """The name :func:`choose` picks, cached per case; a constant to torch.compile."""
+    return _choose(backend, cell, torch.device(device), dtype, proj_size).name
 
 
 def choose(backend, cell, device, dtype, proj_size=0):

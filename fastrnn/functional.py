@@ -103,9 +103,9 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
                batch_first, batch_sizes, backend):
     h0, c0 = hx if cell == "lstm" else (hx, None)
     w_hr = _layer_params(params, has_biases, num_layers, 2 if bidirectional else 1)[0][4]
-    choice = backends.choose(backend, cell, params[0].device, params[0].dtype,
-                             proj_size=0 if w_hr is None else w_hr.shape[0])
-    if choice.name == "native":
+    backend = backends.resolve(backend, cell, params[0].device, params[0].dtype,
+                               0 if w_hr is None else w_hr.shape[0])
+    if backend == "native":
         vf = getattr(torch._VF, _VF_NAME[cell])
         if batch_sizes is None:
             return vf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
@@ -119,13 +119,13 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         sizes = torch.full((steps,), batch, dtype=torch.int64)
         out, h_n, c_n = stack(cell, x.reshape(steps * batch, x.shape[2]), sizes, h0, c0, params,
-                              has_biases, num_layers, dropout, train, bidirectional, choice.name)
+                              has_biases, num_layers, dropout, train, bidirectional, backend)
         out = out.view(steps, batch, out.shape[-1])
         if batch_first:
             out = out.transpose(0, 1)
     else:
         out, h_n, c_n = stack(cell, input, batch_sizes, h0, c0, params, has_biases, num_layers,
-                              dropout, train, bidirectional, choice.name)
+                              dropout, train, bidirectional, backend)
     return (out, h_n, c_n) if cell == "lstm" else (out, h_n)
 
 
@@ -165,12 +165,12 @@ def _cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     _check_cell_args(input, states, w_ih.shape[1], w_hh.shape[1])
     for t in [input] + states:
         _check_same_dtype(t, w_ih)
-    choice = backends.choose(backend, cell, w_ih.device, w_ih.dtype)
-    if choice.name == "native":
+    backend = backends.resolve(backend, cell, w_ih.device, w_ih.dtype)
+    if backend == "native":
         return getattr(torch._VF, f"{cell}_cell")(input, hx, w_ih, w_hh, b_ih, b_hh)
     xg, b_hn = input_projection(cell, input, w_ih, b_ih, b_hh)
     sizes = torch.tensor([input.shape[0]], dtype=torch.int64)
-    h, _, c = recurrence(choice.name, cell, xg, states[0], states[1] if cell == "lstm" else None,
+    h, _, c = recurrence(backend, cell, xg, states[0], states[1] if cell == "lstm" else None,
                          w_hh, b_hn, None, sizes, False)
     return (h, c) if cell == "lstm" else h
 

@@ -76,8 +76,10 @@ class _Recurrent(nn.RNNBase):
                                f"{hx.dim()}-D tensor")
 
     def forward(self, input, hx=None):
-        choice = self.backend_for(input)
-        if choice.name == "native":
+        weight = self._flat_weights[0]
+        backend = backends.resolve(self.backend, self.cell, weight.device, weight.dtype,
+                                   self.proj_size)
+        if backend == "native":
             return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
@@ -107,7 +109,7 @@ class _Recurrent(nn.RNNBase):
         result = functional._recurrent(
             self.cell, input, tuple(hx) if is_lstm else hx, self._flat_weights, self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            batch_sizes, choice.name)
+            batch_sizes, backend)
         output = result[0]
         hidden = (result[1], result[2]) if is_lstm else result[1]
         if packed:
@@ -190,8 +192,9 @@ class _Cell:
         return backends.choose(self.backend, self.cell, self.weight_ih.device, self.weight_ih.dtype)
 
     def forward(self, input, hx=None):
-        choice = self.backend_for(input)
-        if choice.name == "native":
+        backend = backends.resolve(self.backend, self.cell, self.weight_ih.device,
+                                   self.weight_ih.dtype)
+        if backend == "native":
             return super().forward(input, hx)
         is_lstm = self._name == "LSTMCell"
         if input.dim() not in (1, 2):
@@ -216,7 +219,7 @@ class _Cell:
         if self._name == "RNNCell" and self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         ret = functional._cell(self.cell, input, tuple(hx) if is_lstm else hx, self.weight_ih,
-                               self.weight_hh, self.bias_ih, self.bias_hh, choice.name)
+                               self.weight_hh, self.bias_ih, self.bias_hh, backend)
         if not is_batched:
             ret = (ret[0].squeeze(0), ret[1].squeeze(0)) if is_lstm else ret.squeeze(0)
         return ret

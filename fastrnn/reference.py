@@ -126,18 +126,19 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     """
     (xg,) = saved
     inputs = [xg, h0, c0, w_hh, b_hn, w_hr]
-    with torch.enable_grad():
-        leaves = [None if t is None else t.detach().requires_grad_(True) for t in inputs]
-        outs = _sequence(cell, *leaves, batch_sizes, reverse)
-        pairs = [(o, g) for o, g in zip(outs, (grad_y, grad_h_n, grad_c_n)) if o is not None]
-        wrt = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs],
-                                         allow_unused=True))
-    result = []
-    for t in leaves:
-        g = None if t is None else next(grads)
-        result.append(torch.zeros_like(t) if t is not None and g is None else g)
-    return tuple(result)
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def run(*tensors):
+        args = list(inputs)
+        for i, t in zip(present, tensors):
+            args[i] = t
+        y, h_n, c_n = _sequence(cell, *args, batch_sizes, reverse)
+        return (y, h_n) if c_n is None else (y, h_n, c_n)
+
+    outs, vjp = torch.func.vjp(run, *[inputs[i] for i in present])
+    cotangents = (grad_y, grad_h_n) if len(outs) == 2 else (grad_y, grad_h_n, grad_c_n)
+    grads = iter(vjp(cotangents))
+    return tuple(next(grads) if t is not None else None for t in inputs)
 
 
 def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):

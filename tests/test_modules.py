@@ -10,7 +10,8 @@ from torch import nn
 
 import fastrnn
 from fastrnn import Recurrence, backends, reference
-from _support import BACKENDS, TOL, VARIANTS, assert_all_close, pair, require, seed_of
+from _support import (BACKENDS, CELL_OF_VARIANT, TOL, VARIANTS, assert_all_close, pair, require,
+                      seed_of)
 
 CELLS = {"RNNCell": ("rnn_tanh", {}), "RNNCell-relu": ("rnn_relu", {"nonlinearity": "relu"}),
          "LSTMCell": ("lstm", {}), "GRUCell": ("gru", {})}
@@ -131,7 +132,7 @@ def fastrnn_flat(result):
 @pytest.mark.parametrize("backend,variant", [("reference", "lstm"), ("numba", "lstm"),
                                              ("numba", "gru"), ("numba", "rnn_tanh")])
 def test_long_sequence_stays_finite_and_matches(variant, backend):
-    require(backend, variant[:4].rstrip("_"), torch.float32)
+    require(backend, CELL_OF_VARIANT[variant], torch.float32)
     T = 5000
     ref, mod = pair(variant, backend, torch.float32, input_size=3, hidden_size=8)
     x = torch.randn(T, 2, 3, requires_grad=True)
