@@ -60,18 +60,17 @@ def flatten(result):
     return [out] + (list(hidden) if isinstance(hidden, tuple) else [hidden])
 
 
-def run_and_grad(module, make_input, leaves, hx, weights):
-    """Forward, a weighted-sum loss over every output, backward.
-
-    Returns (outputs, gradients of ``leaves`` then of every parameter)."""
-    for t in leaves:
-        t.grad = None
+def run_and_grad(module, leaves, build, weights):
+    """Forward on ``build(leaves) -> (input, hx)``, a weighted-sum loss over every output,
+    backward. Returns (outputs, gradients of ``leaves`` then of every parameter), on the CPU."""
+    device = next(module.parameters()).device
+    leaves = [t.detach().to(device).requires_grad_(True) for t in leaves]
     module.zero_grad()
-    outs = flatten(module(make_input(), hx))
-    loss = sum((o * w).sum() for o, w in zip(outs, weights))
+    outs = flatten(module(*build(leaves)))
+    loss = sum((o * w.to(device)).sum() for o, w in zip(outs, weights))
     loss.backward()
     grads = [t.grad for t in leaves] + [p.grad for p in module.parameters()]
-    return outs, grads
+    return [o.cpu() for o in outs], [None if g is None else g.cpu() for g in grads]
 
 
 def assert_all_close(actual, expected, dtype, what):
@@ -86,7 +85,7 @@ def assert_all_close(actual, expected, dtype, what):
 
 def make_case(variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, backend,
               T=5, B=3, I=4, H=6):
-    """Build one parity case: both modules, the input maker, the leaves and hx."""
+    """One parity case on the CPU: (torch module, fastrnn module, leaves, build, weights)."""
     gen = torch.Generator().manual_seed(seed_of(variant, fmt, num_layers, bidirectional, bias,
                                                 with_hx, dtype))
     torch.manual_seed(seed_of("init", variant, fmt, num_layers, bidirectional, bias, dtype))
@@ -105,25 +104,21 @@ def make_case(variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, bac
         x = rand(T, I)
     else:
         x = rand(T, B, I)
-    x.requires_grad_(True)
     leaves = [x]
-    hx = None
     if with_hx:
-        h0 = rand(num_layers * D, *batch, P).requires_grad_(True)
-        leaves.append(h0)
-        hx = h0
+        leaves.append(rand(num_layers * D, *batch, P))
         if variant.startswith("lstm"):
-            c0 = rand(num_layers * D, *batch, H).requires_grad_(True)
-            leaves.append(c0)
-            hx = (h0, c0)
-    if fmt.startswith("packed"):
-        lengths = [T, 3, 2] if fmt == "packed_sorted" else [3, T, 2]
+            leaves.append(rand(num_layers * D, *batch, H))
+    lengths = [T, 3, 2] if fmt == "packed_sorted" else [3, T, 2]
 
-        def make_input():
-            return pack_padded_sequence(x, lengths, enforce_sorted=fmt == "packed_sorted")
-    else:
-        def make_input():
-            return x
+    def build(tensors):
+        """(input, hx) of the module from the leaves (x, [h0, [c0]])."""
+        x, *state = tensors
+        hx = (tuple(state) if len(state) == 2 else state[0]) if state else None
+        if fmt.startswith("packed"):
+            x = pack_padded_sequence(x, lengths, enforce_sorted=fmt == "packed_sorted")
+        return x, hx
+
     n_out = {"seq_first": (T, B), "batch_first": (B, T), "unbatched": (T,)}
     out_rows = sum(lengths) if fmt.startswith("packed") else None
     out_shape = (out_rows, D * P) if out_rows else (*n_out[fmt], D * P)
@@ -131,4 +126,4 @@ def make_case(variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, bac
     weights = [rand(*out_shape), rand(*hid_shape)]
     if variant.startswith("lstm"):
         weights.append(rand(num_layers * D, *batch, H))
-    return ref, mod, make_input, leaves, hx, weights
+    return ref, mod, leaves, build, weights
