@@ -173,8 +173,9 @@ class _Cell:
 
     _name: str
 
-    def _init_backend(self, backend):
+    def __init__(self, *args, backend="auto", **kwargs):
         backends.check_backend_name(backend)
+        super().__init__(*args, **kwargs)
         self.backend = backend
 
     def extra_repr(self):
@@ -226,33 +227,18 @@ class _Cell:
 
 
 class RNNCell(_Cell, nn.RNNCell):
-    """Drop-in ``torch.nn.RNNCell`` with a ``backend`` keyword."""
+    """Drop-in ``torch.nn.RNNCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "RNNCell"
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None,
-                 dtype=None, *, backend="auto"):
-        super().__init__(input_size, hidden_size, bias, nonlinearity, device, dtype)
-        self._init_backend(backend)
-
 
 class LSTMCell(_Cell, nn.LSTMCell):
-    """Drop-in ``torch.nn.LSTMCell`` with a ``backend`` keyword."""
+    """Drop-in ``torch.nn.LSTMCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "LSTMCell"
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 backend="auto"):
-        super().__init__(input_size, hidden_size, bias, device, dtype)
-        self._init_backend(backend)
-
 
 class GRUCell(_Cell, nn.GRUCell):
-    """Drop-in ``torch.nn.GRUCell`` with a ``backend`` keyword."""
+    """Drop-in ``torch.nn.GRUCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "GRUCell"
-
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *,
-                 backend="auto"):
-        super().__init__(input_size, hidden_size, bias, device, dtype)
-        self._init_backend(backend)
