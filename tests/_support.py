@@ -31,9 +31,9 @@ VARIANTS = {  # variant -> (torch.nn class, fastrnn class, extra constructor kwa
 FORMATS = ["seq_first", "batch_first", "unbatched", "packed_sorted", "packed_unsorted"]
 
 
-def require(backend, cell, dtype, device="cpu"):
+def require(backend, cell, dtype, device="cpu", proj_size=0):
     """Skip (visibly, with the reason) when ``backend`` cannot run this case here."""
-    reason = backends.why_not(backend, cell, torch.device(device), dtype)
+    reason = backends.why_not(backend, cell, torch.device(device), dtype, proj_size)
     if reason:
         pytest.skip(f"{backend}: {reason}")
 

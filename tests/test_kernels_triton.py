@@ -1,0 +1,197 @@
+"""Parity of the Triton kernels (fastrnn.kernels.triton_gpu) with the reference recurrence.
+
+Without CUDA the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set by
+conftest.py before triton is imported) on CPU tensors, at small shapes. The oracle is
+``Recurrence.apply("reference", ...)`` run in float64 on the same (dtype-rounded) inputs, its
+results then cast to the tested dtype. Both strategies are tested: ``fused`` (weights on-chip,
+one launch) and ``step`` (hidden dimension split across programs, one launch per step), the
+latter forced at small H with 16-unit tiles so that H spans several blocks.
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+from fastrnn import backends, reference
+from fastrnn.autograd import Recurrence
+
+tg = pytest.importorskip("fastrnn.kernels.triton_gpu")
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+if not HAS_CUDA and not INTERPRETED:
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+# Tolerances: |triton - reference| <= TOL * max(1, max|reference|), per tensor.
+# float32 under the interpreter: float32 arithmetic vs float64 -> 1e-5. float16 (eps 9.8e-4)
+# and bfloat16 (eps 7.8e-3): h is rounded to the input dtype before each product and outputs
+# are rounded once -> a few eps over T <= 16 steps.
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+# On a GPU at full size (H up to 520, T = 64): float32 products are tf32x3 (~1e-6 relative each)
+# summed over up to 520 terms -> 1e-4; 16-bit dtypes round h or the gate gradients every step.
+TOL_CUDA = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DENSE = [4] * 6                 # B = 4, T = 6
+PACKED = [5, 5, 4, 2, 2, 1, 1]  # non-increasing batch sizes, T = 7
+HIDDEN = 24                     # not a power of two: exercises the masks
+STEP_TILES = dict(block_h=16, block_k=16)
+
+
+def make_inputs(cell, hidden, sizes, seed=0, with_bias=True):
+    """float64 inputs of one layer: xg (N, G*H), h0 (B, H), c0 (B, H) or None,
+    w_hh (G*H, H), b_hn (H,) or None."""
+    gen = torch.Generator().manual_seed(seed)
+    G = reference.GATES[cell]
+    B, N = sizes[0], sum(sizes)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    xg = rand(N, G * hidden, scale=0.5)
+    h0 = rand(B, hidden, scale=0.5)
+    c0 = rand(B, hidden, scale=0.5) if cell == "lstm" else None
+    w_hh = rand(G * hidden, hidden, scale=hidden ** -0.5)
+    b_hn = rand(hidden, scale=0.1) if cell == "gru" and with_bias else None
+    return [xg, h0, c0, w_hh, b_hn]
+
+
+def run(backend, cell, sizes, reverse, inputs, out_grads):
+    """Forward and backward through Recurrence.apply; returns (outputs, input gradients)."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    outs = Recurrence.apply(backend, cell, torch.tensor(sizes), reverse, *leaves, None)
+    torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, out_grads)])
+    return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
+
+
+def assert_close(actual, expected, tol, what):
+    assert actual.dtype == expected.dtype, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3g}"
+
+
+def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL, seed=0,
+                 with_bias=True, step_tiles=STEP_TILES):
+    inputs64 = make_inputs(cell, hidden, sizes, seed, with_bias)
+    inputs = [None if t is None else t.to(DEVICE, dtype) for t in inputs64]
+    # The oracle sees exactly the dtype-rounded inputs, computes in float64, then casts.
+    oracle_inputs = [None if t is None else t.double() for t in inputs]
+    gen = torch.Generator().manual_seed(seed + 1)
+    n_out = 3 if cell == "lstm" else 2
+    shapes = [(sum(sizes), hidden), (sizes[0], hidden), (sizes[0], hidden)][:n_out]
+    out_grads = [torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE) for s in shapes]
+    ref_outs, ref_grads = run("reference", cell, sizes, reverse, oracle_inputs, out_grads)
+    tiles = step_tiles if strategy == "step" else {}
+    forced = tg.forced_strategy(strategy, **tiles) if strategy else contextlib.nullcontext()
+    with forced:
+        outs, grads = run("triton", cell, sizes, reverse, inputs, out_grads)
+    tol = tols[dtype]
+    for name, a, e in zip(("y", "h_n", "c_n"), outs, ref_outs):
+        assert_close(a, e.to(dtype), tol, name)
+    for name, a, e in zip(("d_xg", "d_h0", "d_c0", "d_w_hh", "d_b_hn"), grads, ref_grads):
+        assert (a is None) == (e is None), name
+        if a is not None:
+            assert_close(a, e.to(dtype), tol, name)
+
+
+@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", tg.CELLS)
+def test_parity(cell, reverse, layout, dtype, strategy):
+    """Outputs and all gradients match the float64 reference (bfloat16 under the interpreter
+    multiplies in float32: a bf16 x bf16 tl.dot is broken there, see the module docstring)."""
+    check_parity(cell, DENSE if layout == "dense" else PACKED, reverse, dtype, strategy)
+
+
+@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_several_batch_blocks(cell, strategy):
+    """B = 19 > BLOCK_B: several batch programs, the last one partly masked."""
+    sizes = [19, 19, 17, 16, 3, 1]
+    check_parity(cell, sizes, False, torch.float32, strategy, hidden=20, seed=3)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_fused_second_bucket(cell):
+    """H = 40 runs the H_PAD = 64 fused kernels (the larger buckets share the code)."""
+    check_parity(cell, PACKED, True, torch.float16, "fused", hidden=40, seed=5)
+
+
+@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+def test_gru_without_bias(strategy):
+    check_parity("gru", PACKED, True, torch.float32, strategy, with_bias=False, seed=4)
+
+
+@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+def test_lstm_c_n_unused(strategy):
+    """d_c0 when only y and h_n carry gradients (c_n's gradient materialises as zeros)."""
+    inputs = [None if t is None else t.float().to(DEVICE) for t in make_inputs("lstm", 16, PACKED)]
+    grads = {}
+    for backend in ("reference", "triton"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs[:4]]
+        with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+            y, h_n, _ = Recurrence.apply(backend, "lstm", torch.tensor(PACKED), False,
+                                         *leaves, None, None)
+            (y.sum() + h_n.square().sum()).backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, a, e in zip(("d_xg", "d_h0", "d_c0", "d_w_hh"), grads["triton"], grads["reference"]):
+        assert_close(a, e, TOL[torch.float32], name)
+
+
+def test_backward_is_deterministic():
+    """Same inputs, same gradients bit for bit (no atomics; one GEMM for the weights)."""
+    inputs = [None if t is None else t.float().to(DEVICE) for t in make_inputs("gru", 24, PACKED)]
+    out_grads = [torch.ones(sum(PACKED), 24, device=DEVICE),
+                 torch.ones(PACKED[0], 24, device=DEVICE)]
+    first = run("triton", "gru", PACKED, False, inputs, out_grads)
+    second = run("triton", "gru", PACKED, False, inputs, out_grads)
+    for a, b in zip(first[1], second[1]):
+        if a is not None:
+            assert torch.equal(a, b)
+
+
+def test_select_config_strategies():
+    """Small H runs fused, H beyond FUSED_MAX_HIDDEN runs step; every choice is in CONFIGS."""
+    for cell in tg.CELLS:
+        for name, dtype in tg.DTYPES.items():
+            for direction in ("forward", "backward"):
+                limit = tg.FUSED_MAX_HIDDEN[(direction, cell, name)]
+                small = tg.select_config(direction, cell, dtype, 1)
+                at_limit = tg.select_config(direction, cell, dtype, limit)
+                beyond = tg.select_config(direction, cell, dtype, limit + 1)
+                assert small.strategy == at_limit.strategy == "fused"
+                assert at_limit.h_pad >= limit and small.h_pad >= 16
+                assert beyond.strategy == "step"
+                assert {small, at_limit, beyond} <= set(tg.CONFIGS)
+    with pytest.raises(ValueError):
+        tg.select_config("forward", "lstm", torch.float16, max(tg.FUSED_BUCKETS) + 1, "fused")
+    # Packed tensors of 2**31 elements or more leave the int32-indexed fused kernels.
+    rows = -(-tg.FUSED_MAX_ELEMENTS // (tg.STASH["lstm"] * 32))  # ceil
+    assert tg.select_config("forward", "lstm", torch.float16, 32, rows=rows - 1).strategy == "fused"
+    assert tg.select_config("forward", "lstm", torch.float16, 32, rows=rows).strategy == "step"
+
+
+def test_why_not():
+    assert tg.why_not("lstm", torch.device(DEVICE), torch.float32, 8) is not None
+    assert tg.why_not("gru", torch.device(DEVICE), torch.float64, 0) is not None
+    assert tg.why_not("gru", torch.device(DEVICE), torch.float16, 0) is None
+    assert backends.choose("triton", "gru", DEVICE, torch.float16).name == "triton"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: full-size kernels on the GPU")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell", tg.CELLS)
+def test_parity_cuda_full_size(cell, dtype):
+    """Every shipped strategy at full size on the GPU: the largest fused H and a step-strategy H,
+    B = 64 (4 batch programs), T = 64, packed, both directions."""
+    sizes = [64] * 40 + [48] * 16 + [5] * 8
+    limits = [tg.fused_max_hidden(d, cell, dtype) for d in ("forward", "backward")]
+    for hidden in sorted({*limits, 4 * max(limits) + 8}):
+        for reverse in (False, True):
+            check_parity(cell, sizes, reverse, dtype, None, hidden=hidden, tols=TOL_CUDA)
