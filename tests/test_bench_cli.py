@@ -1,0 +1,137 @@
+"""The benchmark CLI (fastrnn/bench.py) on a tiny grid, its grids, and the ONNX Runtime baseline's
+weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastrnn import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cpu_grids_match_the_issue():
+    full = bench.build_grid("full", "cpu")
+    dense = [c for c in full if not c.packed]
+    assert {c.seq_len for c in dense} == {50, 200, 1000}
+    assert {c.batch for c in dense} == {1, 8, 64}
+    assert {c.hidden for c in dense} == {32, 128, 512}
+    assert len(dense) == 3 * 3 * 3 * 3 * 2  # T × B × H × cells × modes
+    assert {c.cell for c in full} == {"rnn", "lstm", "gru"}
+    assert any(c.packed for c in full)
+    quick = bench.build_grid("quick", "cpu")
+    assert any(c.hidden == 512 for c in quick) and any(c.packed for c in quick)
+    assert len({c.id for c in quick}) == len(quick)
+
+
+def test_cuda_grids():
+    full = [c for c in bench.build_grid("full", "cuda") if not c.packed]
+    assert {c.seq_len for c in full} == {64, 256, 1024}
+    assert {c.batch for c in full} == {1, 8, 32, 128}
+    assert {c.hidden for c in full} == {64, 128, 256, 512, 768}
+    assert {c.dtype for c in full} == {"float32", "bfloat16"}
+    assert len(full) == 3 * 4 * 5 * 2 * 3 * 2
+    only = bench.build_grid("quick", "cuda", cells=["lstm"], modes=["training"], dtypes=["bfloat16"])
+    assert {(c.cell, c.mode, c.dtype) for c in only} == {("lstm", "training", "bfloat16")}
+
+
+def _gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_bench_imports_and_its_grid_is_sized():
+    gpu_bench = _gpu_bench()
+    cases = gpu_bench.cases()
+    assert {c.dtype for c in cases} == {"float32", "bfloat16"}
+    assert {c.mode for c in cases} == {"inference", "training"}
+    assert {c.seq_len for c in cases} == {64, 256, 1024}
+    assert any(c.packed for c in cases)
+    # < 10 minutes: at most ~2 s per case on average, and a hard stop before 10 minutes
+    assert len(cases) <= 400
+    args = bench.parser().parse_args(gpu_bench.DEFAULT_ARGS)
+    assert args.device == "cuda" and args.grid == "gpu10" and args.max_minutes < 10
+    assert bench._csv(args.backends, bench.KERNEL_BACKENDS, "backends") == ["triton", "native"]
+
+
+def test_flops_counts_packed_rows():
+    dense = bench.Case("lstm", 10, 4, 8, "inference")
+    assert dense.flops() == 2 * 10 * 4 * 4 * 8 * 16
+    assert bench.Case("lstm", 10, 4, 8, "training").flops() == 3 * dense.flops()
+    packed = bench.Case("gru", 40, 5, 8, "inference", packed=True)
+    lengths = packed.lengths()
+    assert lengths[0] == 40 and (lengths[:-1] >= lengths[1:]).all() and lengths.min() >= 10
+    assert packed.flops() == 2 * int(lengths.sum()) * 3 * 8 * 16
+
+
+needs_ort = pytest.mark.skipif(bench.onnxruntime_missing() is not None,
+                               reason=f"ONNX Runtime baseline: {bench.onnxruntime_missing()}")
+
+
+@needs_ort
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("cell", bench.CELLS)
+def test_onnx_node_matches_torch(cell, packed):
+    case = bench.Case(cell, 12, 5, 16, "inference", packed=packed)
+    x, _, lengths = bench._inputs(case, torch.device("cpu"))
+    module = bench._torch_module(case, "cpu")
+    run, output, error = bench.onnx_runner(case, module, x, lengths)  # raises if > 1e-5
+    assert error <= bench.ONNX_TOLERANCE
+    assert output().shape == (12, 5, 16)
+
+
+@needs_ort
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_onnx_check_catches_a_wrong_gate_order(cell, monkeypatch):
+    monkeypatch.setitem(bench.ONNX_GATE_ORDER, cell, list(range(bench.GATES[cell])))  # torch order
+    case = bench.Case(cell, 12, 5, 16, "inference")
+    x, _, lengths = bench._inputs(case, torch.device("cpu"))
+    with pytest.raises(bench.OnnxMismatch):
+        bench.onnx_runner(case, bench._torch_module(case, "cpu"), x, lengths)
+
+
+def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--tiny", "--backends", "native,reference", "--repeats", "3", "--no-progress",
+              "--out", str(out)]
+    assert bench.main(common + ["--cells", "lstm,gru"]) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["machine"]["cpu_count"] and report["machine"]["versions"]["torch"]
+    assert report["gemm_peak"]["gflops"] > 0
+    assert "comparison" not in report
+    ids = {c["id"] for c in report["cases"]}
+    assert "gru-T16-B3-H16-training-float32-packed" in ids
+    for c in report["cases"]:
+        res = c["results"]
+        assert res["torch"]["status"] == "ok" and res["torch"]["median_s"] > 0
+        assert res["fastrnn-native"]["status"] == "ok", res["fastrnn-native"]
+        assert len(res["fastrnn-native"]["times_s"]) == 3
+        assert c["ratios"]["fastrnn-native"]["torch"] > 0
+        assert res["fastrnn-reference"]["max_abs_err"] < 1e-4
+        ort = res["onnxruntime"]
+        if c["case"]["mode"] == "training":
+            assert ort["status"] == "skipped"
+        elif bench.onnxruntime_missing() is None:
+            assert ort["status"] == "ok" and ort["max_abs_err"] <= bench.ONNX_TOLERANCE
+        if c["case"]["packed"]:
+            assert res["cell-loop"]["status"] == "skipped"
+    md = (out / "results.md").read_text()
+    assert "| T | B | H |" in md and "fastrnn-reference ×torch.nn" in md
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "time_lstm_training_float32.png" in pngs
+    assert "speedup_fastrnn-reference_inference_float32.png" in pngs
+    assert all((out / p).stat().st_size > 10_000 for p in pngs)
+
+    # second run into the same folder: compared case by case with the first
+    assert bench.main(common + ["--cells", "gru", "--modes", "inference"]) == 0
+    second = json.loads((out / "results.json").read_text())
+    assert (out / "results.previous.json").exists()
+    rows = second["comparison"]
+    assert {r["impl"] for r in rows} >= {"torch", "fastrnn-native", "fastrnn-reference"}
+    assert all(r["case"].startswith("gru-") and r["previous_s"] > 0 for r in rows)
+    assert "Change against the previous run" in (out / "results.md").read_text()
+    assert "change against the previous run" in capsys.readouterr().err
