@@ -10,7 +10,8 @@ native     torch.nn's own implementation (oneDNN/aten on CPU, cuDNN on GPU)
 reference  readable per-step PyTorch (:mod:`fastrnn.reference`), autograd through the loop
 ========== ================================================================================
 
-``auto`` takes the first backend of ``AUTO_ORDER[device type]`` that can run the input.
+``auto`` takes the first backend of ``AUTO_ORDER[device type]`` (``AUTO_ORDER_STEP`` for the
+cells) that can run the input.
 A backend named explicitly that cannot run the input raises :class:`BackendUnavailable`;
 it never silently falls back.
 """
@@ -25,6 +26,11 @@ import torch
 
 BACKENDS = ("auto", "numba", "triton", "native", "reference")
 AUTO_ORDER = {"cpu": ("numba", "native", "reference"), "cuda": ("triton", "native", "reference")}
+# A cell is a single step: there is no time loop to fuse, and torch's one fused cell op beats the
+# per-call cost of a kernel backend (measured on the 2-core CPU: numba 0.23-0.45x torch for
+# RNNCell/LSTMCell/GRUCell at B <= 64, H <= 256). So auto prefers native there.
+AUTO_ORDER_STEP = {"cpu": ("native", "numba", "reference"),
+                   "cuda": ("native", "triton", "reference")}
 KERNEL_MODULES = {"numba": "fastrnn.kernels.numba_cpu", "triton": "fastrnn.kernels.triton_gpu"}
 
 
@@ -86,18 +92,19 @@ def why_not(name, cell, device, dtype, proj_size=0):
 
 
 @functools.lru_cache(maxsize=None)
-def _choose(backend, cell, device, dtype, proj_size):
-    return choose(backend, cell, device, dtype, proj_size)
+def _choose(backend, cell, device, dtype, proj_size, step):
+    return choose(backend, cell, device, dtype, proj_size, step)
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend, cell, device, dtype, proj_size=0):
+def resolve(backend, cell, device, dtype, proj_size=0, step=False):
     """The name :func:`choose` picks, cached per case; a constant to torch.compile."""
-    return _choose(backend, cell, torch.device(device), dtype, proj_size).name
+    return _choose(backend, cell, torch.device(device), dtype, proj_size, step).name
 
 
-def choose(backend, cell, device, dtype, proj_size=0):
-    """Resolve ``backend`` (a name or "auto") for a recurrence on ``device``/``dtype``.
+def choose(backend, cell, device, dtype, proj_size=0, step=False):
+    """Resolve ``backend`` (a name or "auto") for a recurrence on ``device``/``dtype``
+    (``step=True``: a single cell step, see ``AUTO_ORDER_STEP``).
 
     Returns a :class:`Choice`. Raises ValueError for an unknown name and
     :class:`BackendUnavailable` when a named backend cannot run the case.
@@ -109,12 +116,13 @@ def choose(backend, cell, device, dtype, proj_size=0):
         if reason:
             raise BackendUnavailable(f"backend={backend!r} cannot run this input: {reason}")
         return Choice(backend, "requested explicitly")
-    order = AUTO_ORDER.get(device.type, ("native", "reference"))
+    order = (AUTO_ORDER_STEP if step else AUTO_ORDER).get(device.type, ("native", "reference"))
     skipped = []
     for name in order:
         reason = why_not(name, cell, device, dtype, proj_size)
         if reason is None:
-            why = f"auto: first of {list(order)} that runs {cell} on {device.type} {dtype}"
+            what = f"a {cell} cell step" if step else cell
+            why = f"auto: first of {list(order)} that runs {what} on {device.type} {dtype}"
             return Choice(name, why + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
         skipped.append(f"{name}: {reason}")
     raise BackendUnavailable("no backend can run this input: " + "; ".join(skipped))

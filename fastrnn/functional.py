@@ -165,7 +165,7 @@ def _cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     _check_cell_args(input, states, w_ih.shape[1], w_hh.shape[1])
     for t in [input] + states:
         _check_same_dtype(t, w_ih)
-    backend = backends.resolve(backend, cell, w_ih.device, w_ih.dtype)
+    backend = backends.resolve(backend, cell, w_ih.device, w_ih.dtype, step=True)
     if backend == "native":
         return getattr(torch._VF, f"{cell}_cell")(input, hx, w_ih, w_hh, b_ih, b_hh)
     xg, b_hn = input_projection(cell, input, w_ih, b_ih, b_hh)

@@ -190,11 +190,12 @@ class _Cell:
 
     def backend_for(self, input=None):
         """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this cell."""
-        return backends.choose(self.backend, self.cell, self.weight_ih.device, self.weight_ih.dtype)
+        return backends.choose(self.backend, self.cell, self.weight_ih.device, self.weight_ih.dtype,
+                               step=True)
 
     def forward(self, input, hx=None):
         backend = backends.resolve(self.backend, self.cell, self.weight_ih.device,
-                                   self.weight_ih.dtype)
+                                   self.weight_ih.dtype, step=True)
         if backend == "native":
             return super().forward(input, hx)
         is_lstm = self._name == "LSTMCell"

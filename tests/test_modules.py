@@ -238,3 +238,10 @@ def test_functional_api_matches_vf():
     actual = fastrnn.functional.lstm(x, hx, ref._flat_weights, True, 2, 0.0, False, True, True,
                                      backend="reference")
     assert_all_close(list(actual), list(expected), torch.float32, "functional.lstm")
+
+
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_auto_runs_single_cell_steps_on_torchs_fused_cell_op(name):
+    choice = getattr(fastrnn, name)(3, 4).backend_for()
+    assert choice.name == "native" and "cell step" in choice.reason
+    assert getattr(fastrnn, name)(3, 4, backend="reference").backend_for().name == "reference"
