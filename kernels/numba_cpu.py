@@ -1,0 +1,823 @@
+"""Numba CPU kernels: the whole time loop of rnn_tanh / rnn_relu / lstm (optionally projected) / gru,
+forward and hand-written BPTT, compiled with Numba (float32 and float64).
+
+Implements the kernel contract of :mod:`fastrnn.reference` (:func:`recurrence_forward`,
+:func:`recurrence_backward`). Layout and design:
+
+* Packed layout throughout: step t owns rows ``offsets[t] : offsets[t] + batch_sizes[t]`` of xg / y;
+  at step t only the rows ``b < batch_sizes[t]`` are computed (no padding, no masks). The loop runs
+  over the steps in *processing order* (``T-1 … 0`` when ``reverse``); the state buffers ``h``/``c``
+  (B, ·) always hold each row's latest state, so inactive rows keep theirs.
+* Rows are independent sequences, so threads split the **batch rows**, and each thread runs the
+  whole time loop for its rows: one hand-off per call, no barrier per step. The loops are compiled
+  ``nogil`` and run on the calling thread plus a small pool of Python threads
+  (``torch.get_num_threads()`` in all). Only large problems use two threads (see
+  :data:`PARALLEL_MIN_WORK`).
+* The recurrent matmul of each step, ``acc[rows] += h[rows] @ W`` (W pre-transposed to (K, N)),
+  is one call per thread and step of the Fortran BLAS ``sgemm_``/``dgemm_`` that torch exports
+  (MKL on x86), called **from the compiled loop** through its address (no Python per step; the
+  address is a runtime argument, so the loops stay cacheable), with MKL's thread-local thread
+  count set to 1 so threads never multiply. Where torch exports no BLAS, a Numba micro-kernel
+  takes over: register-blocked (4 rows x 4 k per pass, vectorized over the output columns),
+  column-tiled so a weight tile stays in L2 across row groups.
+* Gate math is fused after the matmul of each row group. float32 uses a branch-free rational tanh
+  (Eigen's) that vectorizes (there is no SVML); float64 uses the exact ``np.tanh`` / ``np.exp``.
+* Forward saves only what BPTT needs: activated gates (LSTM i,f,g,o; GRU r,z,n and the n-gate's
+  recurrent part ``h W_hn^T + b_hn``) and, for LSTM, the cell states. RNN saves nothing (its
+  derivative is read from y). Weight gradients are reduced once after the backward loop, as GEMMs
+  over all steps (``torch.mm``), in a fixed order: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1}
+
+# Floating-point contraction (FMA) only: no reassociation, no finite-math assumptions, so results do
+# not depend on vector width and NaN/inf propagate as in torch.
+_FASTMATH = {"contract"}
+# error_model="numpy": float division by zero gives inf/nan instead of raising, which keeps the
+# ZeroDivisionError branch out of the gate loops so they vectorize.
+_JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
+
+# Below this many multiply-adds in the whole recurrent matmul (T*B*G*H*P) a call runs on one thread.
+# Measured here: right after a torch op, torch's OpenMP workers keep spinning for milliseconds and
+# delay a second thread of ours by about that much, so a second thread only pays off for kernels
+# of tens of milliseconds (LSTM T=200 B=8 H=128, 1e8 multiply-adds, ran slower on two threads).
+PARALLEL_MIN_WORK = 250_000_000
+# Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
+ROW_GROUP = 4
+# Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
+# stream through it.
+WEIGHT_TILE_BYTES = 1 << 20
+
+
+# --------------------------------------------------------------------------- activations
+def _tanh(x):
+    """tanh for jitted code: fast rational approximation in float32, exact in float64."""
+    raise NotImplementedError  # replaced by the overload below inside jitted code
+
+
+def _sigmoid(x):
+    """sigmoid for jitted code: via the float32 tanh in float32, exact in float64."""
+    raise NotImplementedError
+
+
+_F32 = np.float32
+# Eigen's float32 tanh: odd/even polynomial ratio on x clamped to [-c, c] (where it reaches 1).
+_T_CLAMP = _F32(7.90531110763549805)
+_A1, _A3, _A5, _A7 = _F32(4.89352455891786e-03), _F32(6.37261928875436e-04), \
+    _F32(1.48572235717979e-05), _F32(5.12229709037114e-08)
+_A9, _A11, _A13 = _F32(-8.60467152213735e-11), _F32(2.00018790482477e-13), \
+    _F32(-2.76076847742355e-16)
+_B0, _B2, _B4, _B6 = _F32(4.89352518554385e-03), _F32(2.26843463243900e-03), \
+    _F32(1.18534705686654e-04), _F32(1.19825839466702e-06)
+_HALF32 = _F32(0.5)
+_TINY32 = _F32(0.0004)
+
+
+def _tanh_f32(x):
+    ax = x if x >= 0 else -x
+    xc = x if x < _T_CLAMP else _T_CLAMP
+    xc = xc if xc > -_T_CLAMP else -_T_CLAMP
+    x2 = xc * xc
+    p = x2 * _A13 + _A11
+    p = x2 * p + _A9
+    p = x2 * p + _A7
+    p = x2 * p + _A5
+    p = x2 * p + _A3
+    p = x2 * p + _A1
+    p = xc * p
+    q = x2 * _B6 + _B4
+    q = x2 * q + _B2
+    q = x2 * q + _B0
+    r = p / q
+    return x if ax < _TINY32 else r
+
+
+@overload(_tanh, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
+def _tanh_overload(x):
+    if x == types.float32:
+        return _tanh_f32
+    return lambda x: np.tanh(x)
+
+
+@overload(_sigmoid, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
+def _sigmoid_overload(x):
+    if x == types.float32:
+        def sigmoid_f32(x):
+            return _HALF32 * _tanh(_HALF32 * x) + _HALF32
+        return sigmoid_f32
+    return lambda x: 1.0 / (1.0 + np.exp(-x))
+
+
+# --------------------------------------------------------------------------- BLAS from compiled code
+def _find_blas():
+    """Addresses of the Fortran ``sgemm_``/``dgemm_`` torch links (MKL on x86 builds) and
+    MKL's ``mkl_set_num_threads_local``, or None where torch exports no such symbols."""
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        lib = ctypes.CDLL(path)
+        addresses = {dt: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                     for dt, name in ((np.float32, "sgemm_"), (np.float64, "dgemm_"))}
+        set_threads = lib.mkl_set_num_threads_local
+    except (OSError, AttributeError):
+        return None, None
+    # The exported symbol is MKL's Fortran interface (same address as the trailing-underscore
+    # name): the thread count is passed by reference.
+    set_threads.argtypes, set_threads.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
+
+    def set_threads_local(count):
+        return set_threads(ctypes.byref(ctypes.c_int(count)))
+    return addresses, set_threads_local
+
+
+_GEMM, _MKL_SET_THREADS_LOCAL = _find_blas()
+# Use BLAS gemm (called from the compiled loop: no Python per step) for the recurrent matmul where
+# torch exports it; the Numba micro-kernel below is the fallback.
+USE_BLAS = _GEMM is not None
+
+
+@intrinsic
+def _call_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """Call the Fortran gemm at address ``fn`` with 13 pointer arguments (all int64 addresses).
+    The address is a runtime value, so functions using this stay cacheable."""
+    sig = types.void(*([types.int64] * 14))
+
+    def codegen(context, builder, signature, args):
+        ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [ptr] * 13)
+        callee = builder.inttoptr(args[0], fnty.as_pointer())
+        builder.call(callee, [builder.inttoptr(x, ptr) for x in args[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(**_JIT)
+def _gemm_rows(gemm, acc, ai, a, bi, nrows, w):
+    """acc[ai:ai+nrows, :N] += a[bi:bi+nrows, :K] @ w (w: (K, N)) through the Fortran gemm at
+    address ``gemm``: column-major, so it computes acc^T += w^T a^T with no transposes."""
+    k_total, n_total = w.shape
+    ints = np.empty(6, np.int32)
+    ints[0], ints[1], ints[2] = n_total, nrows, k_total
+    ints[3], ints[4], ints[5] = n_total, a.shape[1], acc.shape[1]
+    trans = np.empty(1, np.uint8)
+    trans[0] = 78  # 'N'
+    one = np.ones(1, w.dtype)
+    ip = np.int64(ints.ctypes.data)
+    item = np.int64(4)
+    _call_gemm(gemm, np.int64(trans.ctypes.data), np.int64(trans.ctypes.data), ip, ip + item,
+               ip + 2 * item, np.int64(one.ctypes.data), np.int64(w.ctypes.data), ip + 3 * item,
+               np.int64(a.ctypes.data) + np.int64(bi * a.strides[0]), ip + 4 * item,
+               np.int64(one.ctypes.data), np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
+               ip + 5 * item)
+
+
+# --------------------------------------------------------------------------- matmul micro-kernels
+@njit(**_JIT)
+def _copy(dst, src):
+    """dst[:] = src for 1-D arrays, as a plain loop (numba's slice assignment checks for overlap
+    and may allocate a temporary)."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(**_JIT)
+def _rows4(acc, ai, a, bi, w, j0, j1):
+    """acc[ai+r, j0:j1] += a[bi+r, :K] @ w[:K, j0:j1] for r = 0..3 (w: (K, N))."""
+    k_total = w.shape[0]
+    n = j1 - j0
+    c0, c1, c2, c3 = acc[ai, j0:j1], acc[ai + 1, j0:j1], acc[ai + 2, j0:j1], acc[ai + 3, j0:j1]
+    x0, x1, x2, x3 = a[bi], a[bi + 1], a[bi + 2], a[bi + 3]
+    k = 0
+    while k + 4 <= k_total:
+        a00, a01, a02, a03 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
+        a10, a11, a12, a13 = x1[k], x1[k + 1], x1[k + 2], x1[k + 3]
+        a20, a21, a22, a23 = x2[k], x2[k + 1], x2[k + 2], x2[k + 3]
+        a30, a31, a32, a33 = x3[k], x3[k + 1], x3[k + 2], x3[k + 3]
+        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
+        for j in range(n):
+            v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+            c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+            c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+            c2[j] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+            c3[j] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+        k += 4
+    while k < k_total:
+        a00, a10, a20, a30 = x0[k], x1[k], x2[k], x3[k]
+        w0 = w[k, j0:j1]
+        for j in range(n):
+            v0 = w0[j]
+            c0[j] += a00 * v0
+            c1[j] += a10 * v0
+            c2[j] += a20 * v0
+            c3[j] += a30 * v0
+        k += 1
+
+
+@njit(**_JIT)
+def _rows2(acc, ai, a, bi, w, j0, j1):
+    """acc[ai+r, j0:j1] += a[bi+r, :K] @ w[:K, j0:j1] for r = 0, 1."""
+    k_total = w.shape[0]
+    n = j1 - j0
+    c0, c1 = acc[ai, j0:j1], acc[ai + 1, j0:j1]
+    x0, x1 = a[bi], a[bi + 1]
+    k = 0
+    while k + 4 <= k_total:
+        a00, a01, a02, a03 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
+        a10, a11, a12, a13 = x1[k], x1[k + 1], x1[k + 2], x1[k + 3]
+        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
+        for j in range(n):
+            v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
+            c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+            c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+        k += 4
+    while k < k_total:
+        a00, a10 = x0[k], x1[k]
+        w0 = w[k, j0:j1]
+        for j in range(n):
+            v0 = w0[j]
+            c0[j] += a00 * v0
+            c1[j] += a10 * v0
+        k += 1
+
+
+@njit(**_JIT)
+def _rows1(acc, ai, a, bi, w, j0, j1):
+    """acc[ai, j0:j1] += a[bi, :K] @ w[:K, j0:j1]."""
+    k_total = w.shape[0]
+    n = j1 - j0
+    c0 = acc[ai, j0:j1]
+    x0 = a[bi]
+    k = 0
+    while k + 4 <= k_total:
+        a00, a01, a02, a03 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
+        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
+        for j in range(n):
+            c0[j] += a00 * w0[j] + a01 * w1[j] + a02 * w2[j] + a03 * w3[j]
+        k += 4
+    while k < k_total:
+        a00 = x0[k]
+        w0 = w[k, j0:j1]
+        for j in range(n):
+            c0[j] += a00 * w0[j]
+        k += 1
+
+
+@njit(**_JIT)
+def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm):
+    """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
+    ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N).
+
+    ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group), or 0 for the
+    Numba micro-kernel, column-tiled so one (K, tile) slice of w stays in cache across all the
+    thread's row groups."""
+    if gemm != 0:
+        g0 = tid * group
+        while g0 < rows:
+            g1 = min(g0 + group, rows)
+            _gemm_rows(gemm, acc, acc_base + g0, a, a_base + g0, g1 - g0, w)
+            g0 += nthreads * group
+        return
+    k_total, n_total = w.shape
+    tile = WEIGHT_TILE_BYTES // max(1, k_total * w.itemsize)
+    tile = max(64, tile - tile % 16)
+    for j0 in range(0, n_total, tile):
+        j1 = min(n_total, j0 + tile)
+        g0 = tid * group
+        while g0 < rows:
+            g1 = min(g0 + group, rows)
+            b = g0
+            while b + 4 <= g1:
+                _rows4(acc, acc_base + b, a, a_base + b, w, j0, j1)
+                b += 4
+            if b + 2 <= g1:
+                _rows2(acc, acc_base + b, a, a_base + b, w, j0, j1)
+                b += 2
+            if b < g1:
+                _rows1(acc, acc_base + b, a, a_base + b, w, j0, j1)
+            g0 += nthreads * group
+
+
+# --------------------------------------------------------------------------- forward loops
+# Arguments shared by all loops: ``order`` (T,) steps in processing order, ``offsets``/``sizes``
+# (T,) packed row offset and batch size of each step; (tid, nthreads, group) pick this thread's rows.
+
+@njit(**_JIT)
+def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, acc, order, offsets, sizes):
+    hidden = h.shape[1]
+    for p in range(order.shape[0]):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                _copy(acc[b], xg[off + b])
+            g0 += nthreads * group
+        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                ab, hb, yb = acc[b], h[b], y[off + b]
+                if relu:
+                    for u in range(hidden):
+                        v = ab[u]
+                        v = 0 if v <= 0 else v  # NaN passes through, as in torch.relu
+                        hb[u] = v
+                        yb[u] = v
+                else:
+                    for u in range(hidden):
+                        v = _tanh(ab[u])
+                        hb[u] = v
+                        yb[u] = v
+            g0 += nthreads * group
+
+
+@njit(**_JIT)
+def _lstm_forward_thread(tid, nthreads, group, gemm, xg, h, c, w_t, wr_t, has_proj, y, gates, c_all,
+                         acc, m, order, offsets, sizes):
+    hidden = c.shape[1]
+    for p in range(order.shape[0]):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                _copy(acc[b], xg[off + b])
+            g0 += nthreads * group
+        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                ab, cb, gb, cab = acc[b], c[b], gates[off + b], c_all[off + b]
+                a_i, a_f = ab[:hidden], ab[hidden:2 * hidden]
+                a_g, a_o = ab[2 * hidden:3 * hidden], ab[3 * hidden:]
+                g_i, g_f = gb[:hidden], gb[hidden:2 * hidden]
+                g_g, g_o = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
+                out = m[b] if has_proj else h[b]
+                for u in range(hidden):
+                    i = _sigmoid(a_i[u])
+                    f = _sigmoid(a_f[u])
+                    g = _tanh(a_g[u])
+                    o = _sigmoid(a_o[u])
+                    c_new = f * cb[u] + i * g
+                    cb[u] = c_new
+                    cab[u] = c_new
+                    g_i[u] = i
+                    g_f[u] = f
+                    g_g[u] = g
+                    g_o[u] = o
+                    out[u] = o * _tanh(c_new)
+                if has_proj:
+                    h[b, :] = 0
+                else:
+                    _copy(y[off + b], h[b])
+            g0 += nthreads * group
+        if has_proj:
+            _matmul_rows(h, 0, m, 0, wr_t, tid, nthreads, group, rows, gemm)
+            g0 = tid * group
+            while g0 < rows:
+                for b in range(g0, min(g0 + group, rows)):
+                    _copy(y[off + b], h[b])
+                g0 += nthreads * group
+
+
+@njit(**_JIT)
+def _gru_forward_thread(tid, nthreads, group, gemm, xg, h, w_t, b_hn, y, gates, acc, order, offsets,
+                        sizes):
+    hidden = h.shape[1]
+    for p in range(order.shape[0]):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                acc[b, :] = 0
+            g0 += nthreads * group
+        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                ab, xb, hb, gb = acc[b], xg[off + b], h[b], gates[off + b]
+                a_r, a_z, a_n = ab[:hidden], ab[hidden:2 * hidden], ab[2 * hidden:]
+                x_r, x_z, x_n = xb[:hidden], xb[hidden:2 * hidden], xb[2 * hidden:]
+                g_r, g_z = gb[:hidden], gb[hidden:2 * hidden]
+                g_n, g_hn = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
+                for u in range(hidden):
+                    r = _sigmoid(x_r[u] + a_r[u])
+                    z = _sigmoid(x_z[u] + a_z[u])
+                    hn = a_n[u] + b_hn[u]
+                    n = _tanh(x_n[u] + r * hn)
+                    h_new = n + z * (hb[u] - n)
+                    g_r[u] = r
+                    g_z[u] = z
+                    g_n[u] = n
+                    g_hn[u] = hn
+                    hb[u] = h_new
+                _copy(y[off + b], h[b])
+            g0 += nthreads * group
+
+
+# --------------------------------------------------------------------------- backward loops
+# ``prev`` (N,): packed row of each row's previous state in processing order, or -1 - b when it is
+# the initial state h0[b] / c0[b]. ``dh``/``dc`` (B, ·) carry the gradient w.r.t. each row's current
+# state; on entry grad_h_n / grad_c_n, on exit d_h0 / d_c0.
+
+@njit(**_JIT)
+def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_xg, order, offsets,
+                         sizes):
+    hidden = dh.shape[1]
+    for p in range(order.shape[0] - 1, -1, -1):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                yb, gyb, dhb, dxb = y[off + b], grad_y[off + b], dh[b], d_xg[off + b]
+                if relu:
+                    for u in range(hidden):
+                        dxb[u] = (dhb[u] + gyb[u]) if yb[u] > 0 else 0
+                else:
+                    for u in range(hidden):
+                        dxb[u] = (dhb[u] + gyb[u]) * (1 - yb[u] * yb[u])
+                dhb[:] = 0
+            g0 += nthreads * group
+        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
+
+
+@njit(**_JIT)
+def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_proj, gates, c_all, dh, dc,
+                          dm, d_xg, dy_all, m_all, prev, order, offsets, sizes):
+    hidden = dc.shape[1]
+    for p in range(order.shape[0] - 1, -1, -1):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        if has_proj:
+            # dh_total = carry + grad_y, kept per packed row for d_w_hr; dm = dh_total @ w_hr.
+            g0 = tid * group
+            while g0 < rows:
+                for b in range(g0, min(g0 + group, rows)):
+                    dyb, gyb, dhb = dy_all[off + b], grad_y[off + b], dh[b]
+                    for q in range(dhb.shape[0]):
+                        dyb[q] = dhb[q] + gyb[q]
+                    dm[b, :] = 0
+                g0 += nthreads * group
+            _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm)
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                gb, cb, dcb, dxb = gates[off + b], c_all[off + b], dc[b], d_xg[off + b]
+                pr = prev[off + b]
+                cp = c_all[pr] if pr >= 0 else c0[-1 - pr]
+                dmb = dm[b]
+                if not has_proj:
+                    gyb, dhb = grad_y[off + b], dh[b]
+                    for u in range(hidden):
+                        dmb[u] = dhb[u] + gyb[u]
+                mb = m_all[off + b]
+                g_i, g_f = gb[:hidden], gb[hidden:2 * hidden]
+                g_g, g_o = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
+                d_i, d_f = dxb[:hidden], dxb[hidden:2 * hidden]
+                d_g, d_o = dxb[2 * hidden:3 * hidden], dxb[3 * hidden:]
+                for u in range(hidden):
+                    i = g_i[u]
+                    f = g_f[u]
+                    g = g_g[u]
+                    o = g_o[u]
+                    tc = _tanh(cb[u])
+                    d_out = dmb[u]
+                    d_c = dcb[u] + d_out * o * (1 - tc * tc)
+                    d_i[u] = d_c * g * i * (1 - i)
+                    d_f[u] = d_c * cp[u] * f * (1 - f)
+                    d_g[u] = d_c * i * (1 - g * g)
+                    d_o[u] = d_out * tc * o * (1 - o)
+                    dcb[u] = d_c * f
+                    if has_proj:
+                        mb[u] = o * tc
+                dh[b, :] = 0
+            g0 += nthreads * group
+        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
+
+
+@njit(**_JIT)
+def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh, d_xg, d_hg, prev,
+                         order, offsets, sizes):
+    hidden = dh.shape[1]
+    for p in range(order.shape[0] - 1, -1, -1):
+        t = order[p]
+        rows, off = sizes[t], offsets[t]
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                gb, gyb, dhb = gates[off + b], grad_y[off + b], dh[b]
+                dxb, dgb = d_xg[off + b], d_hg[off + b]
+                pr = prev[off + b]
+                hp = y[pr] if pr >= 0 else h0[-1 - pr]
+                g_r, g_z = gb[:hidden], gb[hidden:2 * hidden]
+                g_n, g_hn = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
+                dx_r, dx_z, dx_n = dxb[:hidden], dxb[hidden:2 * hidden], dxb[2 * hidden:]
+                dg_r, dg_z, dg_n = dgb[:hidden], dgb[hidden:2 * hidden], dgb[2 * hidden:]
+                for u in range(hidden):
+                    r = g_r[u]
+                    z = g_z[u]
+                    n = g_n[u]
+                    hn = g_hn[u]
+                    d_h = dhb[u] + gyb[u]
+                    d_n = d_h * (1 - z) * (1 - n * n)
+                    d_r = d_n * hn * r * (1 - r)
+                    d_z = d_h * (hp[u] - n) * z * (1 - z)
+                    dx_r[u] = d_r
+                    dx_z[u] = d_z
+                    dx_n[u] = d_n
+                    dg_r[u] = d_r
+                    dg_z[u] = d_z
+                    dg_n[u] = d_n * r
+                    dhb[u] = d_h * z
+            g0 += nthreads * group
+        _matmul_rows(dh, 0, d_hg, off, w, tid, nthreads, group, rows, gemm)
+
+
+@njit(**_JIT)
+def _previous_rows(order, offsets, sizes, prev):
+    """prev[offsets[t] + b] = packed row of row b's state before step t (the row it had at the
+    previous step in processing order), or -1 - b where that is the initial state."""
+    for p in range(order.shape[0]):
+        t = order[p]
+        off = offsets[t]
+        if p == 0:
+            for b in range(sizes[t]):
+                prev[off + b] = -1 - b
+        else:
+            tp = order[p - 1]
+            for b in range(sizes[t]):
+                prev[off + b] = offsets[tp] + b if b < sizes[tp] else -1 - b
+
+
+@njit(**_JIT)
+def _gather_rows(src, init, prev, out):
+    """out[n] = src[prev[n]] if prev[n] >= 0 else init[-1 - prev[n]] (out: (N, P))."""
+    for n in range(prev.shape[0]):
+        pr = prev[n]
+        _copy(out[n], src[pr] if pr >= 0 else init[-1 - pr])
+
+
+# --------------------------------------------------------------------------- launchers
+def why_not(cell, device, dtype, proj_size=0):
+    """Why this backend cannot run ``cell`` on ``device``/``dtype``, or None if it can."""
+    if cell not in CELLS:
+        return f"unknown cell {cell!r}; expected one of {CELLS}"
+    if torch.device(device).type != "cpu":
+        return f"numba runs on CPU tensors only, got a {torch.device(device).type} tensor"
+    if dtype not in (torch.float32, torch.float64):
+        return f"numba supports float32 and float64, got {dtype}"
+    if proj_size and cell != "lstm":
+        return f"proj_size is supported for lstm only, got {cell}"
+    return None
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _run(loop, nthreads, group, gemm, *args):
+    """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1: tid 0 on the
+    calling thread, the others on a persistent pool of Python threads (the loops are compiled
+    ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no barrier per
+    step). With BLAS, each thread's gemm calls run single-threaded (MKL's thread-local setting),
+    so threads never multiply."""
+    global _POOL
+    if nthreads == 1:
+        _run_one(loop, 0, 1, group, gemm, args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < nthreads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="fastrnn-numba")
+        pool = _POOL
+    futures = [pool.submit(_run_one, loop, tid, nthreads, group, gemm, args)
+               for tid in range(1, nthreads)]
+    try:
+        _run_one(loop, 0, nthreads, group, gemm, args)
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _run_one(loop, tid, nthreads, group, gemm, args):
+    if gemm and _MKL_SET_THREADS_LOCAL is not None:
+        previous = _MKL_SET_THREADS_LOCAL(1)
+        try:
+            loop(tid, nthreads, group, gemm, *args)
+        finally:
+            _MKL_SET_THREADS_LOCAL(previous)
+    else:
+        loop(tid, nthreads, group, gemm, *args)
+
+
+def _gemm_address(dtype):
+    """Address of the BLAS gemm for ``dtype`` (torch dtype) when :data:`USE_BLAS`, else 0."""
+    if not USE_BLAS:
+        return 0
+    return _GEMM[np.float32 if dtype == torch.float32 else np.float64]
+
+
+def _alloc(shape, dtype):
+    """Uninitialized float buffer for outputs and scratch: every element is written before it is
+    read (tests replace this with a NaN-filled allocator to prove it)."""
+    return np.empty(shape, dtype)
+
+
+def _owned(tensor):
+    """A C-contiguous numpy array owning a copy of ``tensor`` (a state the loop updates in place)."""
+    return tensor.detach().clone(memory_format=torch.contiguous_format).numpy()
+
+
+def _array(tensor):
+    """A C-contiguous numpy view (zero copy when already contiguous) of a CPU tensor."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _schedule(batch_sizes, reverse, batch, work):
+    """(order, offsets, sizes) as int64 numpy arrays (T,), and (nthreads, group) for the row split.
+
+    Checks the batch sizes (the loops index without bounds checks): non-increasing, the first equal
+    to ``batch``, none negative."""
+    sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
+    steps = sizes.shape[0]
+    if sizes.ndim != 1 or (steps and (sizes[0] != batch or sizes[-1] < 0
+                                      or (steps > 1 and (np.diff(sizes) > 0).any()))):
+        raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
+                         f"(rows of h0), got {sizes.tolist()}")
+    offsets = np.zeros(steps, np.int64)
+    if steps > 1:
+        np.cumsum(sizes[:-1], out=offsets[1:])
+    order = np.arange(steps - 1, -1, -1, dtype=np.int64) if reverse else np.arange(steps, dtype=np.int64)
+    threads = min(torch.get_num_threads(), os.cpu_count() or 1)
+    if threads < 2 or batch < 2 or work < PARALLEL_MIN_WORK:
+        return order, offsets, sizes, 1, max(1, batch)
+    # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups of
+    # ROW_GROUP rows dealt round-robin, which balances packed batches.
+    group = (ROW_GROUP if batch >= ROW_GROUP * threads and not USE_BLAS
+             else -(-batch // threads))
+    threads = min(threads, -(-batch // group))
+    return order, offsets, sizes, threads, group
+
+
+def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes):
+    """Shapes and dtypes of the forward arguments (the loops index without bounds checks)."""
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+    if xg.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"numba kernels support float32 and float64, got {xg.dtype}")
+    for name, t in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn), ("w_hr", w_hr)):
+        if t is not None and t.dtype != xg.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {xg.dtype} like xg")
+        if t is not None and t.device.type != "cpu":
+            raise ValueError(f"numba kernels run on CPU tensors, {name} is on {t.device}")
+    if (cell == "lstm") != (c0 is not None):
+        raise ValueError("c0 is required for lstm and must be None otherwise")
+    if w_hr is not None and cell != "lstm":
+        raise ValueError("w_hr (projection) is supported for lstm only")
+    gates = GATES[cell]
+    if w_hh.dim() != 2 or w_hh.shape[0] % gates:
+        raise ValueError(f"w_hh must be ({gates}*H, P), got {tuple(w_hh.shape)}")
+    hidden, proj = w_hh.shape[0] // gates, w_hh.shape[1]
+    batch = h0.shape[0]
+    expected = {"xg": (xg, (int(sizes.sum()), gates * hidden)), "h0": (h0, (batch, proj)),
+                "c0": (c0, (batch, hidden)), "b_hn": (b_hn, (hidden,)),
+                "w_hr": (w_hr, (proj, hidden))}
+    if w_hr is None and cell == "lstm" and proj != hidden:
+        raise ValueError(f"w_hh is {tuple(w_hh.shape)}: P != H needs w_hr")
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+    """One layer, one direction, whole (possibly packed) sequence (kernel contract of
+    :func:`fastrnn.reference.recurrence_forward`).
+
+    xg: (N, G*H); h0: (B, P); c0: (B, H) (lstm) or None; w_hh: (G*H, P); b_hn: (H,) (gru) or None;
+    w_hr: (P, H) (lstm with projection) or None; batch_sizes: int64 (T,), non-increasing, B =
+    batch_sizes[0], N = sum(batch_sizes). float32 or float64 CPU tensors, all of one dtype.
+
+    Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
+    () for rnn_*, (gates (N, 4H) = i, f, g, o after activation; c (N, H) cell state after each
+    step) for lstm, (gates (N, 4H) = r, z, n, h W_hn^T + b_hn) for gru.
+    """
+    batch, proj = h0.shape
+    work = xg.shape[0] * w_hh.shape[0] * proj
+    order, offsets, sizes, nthreads, group = _schedule(batch_sizes, reverse, batch, work)
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes)
+    gemm = _gemm_address(xg.dtype)
+    hidden = w_hh.shape[0] // GATES[cell]
+    xg_a = _array(xg)
+    dtype = xg_a.dtype
+    h = _owned(h0)
+    y = _alloc((xg_a.shape[0], proj), dtype)
+    w_t = _array(w_hh.t())
+    acc = _alloc((batch, w_hh.shape[0]), dtype)
+    c_n, saved = None, ()
+    if cell in CELL_CODES:
+        relu = cell == "rnn_relu"
+        _run(_rnn_forward_thread, nthreads, group, gemm, relu, xg_a, h, w_t, y, acc, order, offsets, sizes)
+    elif cell == "lstm":
+        c = _owned(c0)
+        gates = _alloc((xg_a.shape[0], 4 * hidden), dtype)
+        c_all = _alloc((xg_a.shape[0], hidden), dtype)
+        has_proj = w_hr is not None
+        wr_t = _array(w_hr.t()) if has_proj else np.zeros((0, 0), dtype)
+        m = _alloc((batch, hidden), dtype) if has_proj else np.zeros((0, 0), dtype)
+        args = (xg_a, h, c, w_t, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes)
+        _run(_lstm_forward_thread, nthreads, group, gemm, *args)
+        c_n = torch.from_numpy(c)
+        saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
+    else:
+        b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
+        gates = _alloc((xg_a.shape[0], 4 * hidden), dtype)
+        args = (xg_a, h, w_t, b, y, gates, acc, order, offsets, sizes)
+        _run(_gru_forward_thread, nthreads, group, gemm, *args)
+        saved = (torch.from_numpy(gates),)
+    return torch.from_numpy(y), torch.from_numpy(h), c_n, saved
+
+
+def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
+                        batch_sizes, reverse, y, saved):
+    """Hand-written BPTT for :func:`recurrence_forward` (kernel contract of
+    :func:`fastrnn.reference.recurrence_backward`).
+
+    grad_y: (N, P); grad_h_n: (B, P); grad_c_n: (B, H) or None (None is read as zeros for lstm);
+    the rest as given to / returned by :func:`recurrence_forward`. Returns
+    ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
+    d_w_hr (P, H) or None)``. Weight gradients are reduced once, after the time loop, as GEMMs.
+    """
+    hidden = w_hh.shape[0] // GATES[cell]
+    batch, proj = h0.shape
+    n_rows = grad_y.shape[0]
+    gy = _array(grad_y)
+    dtype = gy.dtype
+    y_a = _array(y)
+    w = _array(w_hh)
+    dh = _owned(grad_h_n)
+    d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
+    work = n_rows * w_hh.shape[0] * proj
+    order, offsets, sizes, nthreads, group = _schedule(batch_sizes, reverse, batch, work)
+    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, sizes)
+    gemm = _gemm_address(grad_y.dtype)
+    expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
+                "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
+    expected.update({f"saved[{i}]": (t, (n_rows, 4 * hidden if i == 0 else hidden))
+                     for i, t in enumerate(saved)})
+    for name, (t, shape) in expected.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
+            raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
+    d_xg_t, d_xg = d_xg, d_xg.numpy()
+    prev = np.empty(n_rows, np.int64)
+    _previous_rows(order, offsets, sizes, prev)
+    h_prev = _alloc((n_rows, proj), dtype)
+    _gather_rows(y_a, _array(h0), prev, h_prev)
+    h_prev_t = torch.from_numpy(h_prev)
+    d_c0 = d_b_hn = d_w_hr = None
+    if cell in CELL_CODES:
+        relu = cell == "rnn_relu"
+        args = (relu, gy, y_a, w, dh, d_xg, order, offsets, sizes)
+        _run(_rnn_backward_thread, nthreads, group, gemm, *args)
+        d_w_hh = torch.mm(d_xg_t.t(), h_prev_t)
+    elif cell == "lstm":
+        gates, c_all = (_array(s) for s in saved)
+        dc = (np.zeros((batch, hidden), dtype) if grad_c_n is None
+              else _owned(grad_c_n))
+        has_proj = w_hr is not None
+        empty = np.zeros((0, 0), dtype)
+        wr = _array(w_hr) if has_proj else empty
+        dm = _alloc((batch, hidden), dtype)
+        dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
+        m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
+        args = (gy, _array(c0), w, wr, has_proj, gates, c_all, dh, dc, dm, d_xg, dy_all, m_all,
+                prev, order, offsets, sizes)
+        _run(_lstm_backward_thread, nthreads, group, gemm, *args)
+        d_w_hh = torch.mm(d_xg_t.t(), h_prev_t)
+        d_c0 = torch.from_numpy(dc)
+        if has_proj:
+            d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
+    else:
+        (gates,) = (_array(s) for s in saved)
+        d_hg = _alloc((n_rows, 3 * hidden), dtype)
+        args = (gy, _array(h0), y_a, w, gates, dh, d_xg, d_hg, prev, order, offsets, sizes)
+        _run(_gru_backward_thread, nthreads, group, gemm, *args)
+        d_hg_t = torch.from_numpy(d_hg)
+        d_w_hh = torch.mm(d_hg_t.t(), h_prev_t)
+        if b_hn is not None:
+            d_b_hn = d_hg_t[:, 2 * hidden:].sum(0)
+    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr

@@ -1,0 +1,236 @@
+"""The Numba CPU kernels against the reference recurrence: outputs, every gradient, gradcheck,
+determinism, long sequences.
+
+Every case draws fresh random inputs. Buffers the kernels allocate are NaN-filled during these tests
+(``numba_cpu._alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fastrnn import backends, reference
+from fastrnn.autograd import Recurrence
+from fastrnn.kernels import numba_cpu
+
+# Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
+# the matmul in another order than torch; float64 uses exact tanh/exp.
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
+
+# (cell, proj_size > 0, with b_hn)
+VARIANTS = {
+    "rnn_tanh": ("rnn_tanh", False, False),
+    "rnn_relu": ("rnn_relu", False, False),
+    "lstm": ("lstm", False, False),
+    "lstm_proj": ("lstm", True, False),
+    "gru": ("gru", False, True),
+    "gru_no_bias": ("gru", False, False),
+}
+
+TWO_THREADS = min(torch.get_num_threads(), os.cpu_count() or 1) >= 2
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    def alloc(shape, dtype):
+        return np.full(shape, np.nan, dtype)
+    monkeypatch.setattr(numba_cpu, "_alloc", alloc)
+
+
+@pytest.fixture(params=["serial", "parallel"])
+def threading(request, monkeypatch):
+    """Run the single-threaded path, or force the row-parallel path even for small shapes."""
+    if request.param == "parallel":
+        if not TWO_THREADS:
+            pytest.skip("needs torch.get_num_threads() >= 2 and 2 CPUs")
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0)
+    else:
+        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", float("inf"))
+    return request.param
+
+
+@pytest.fixture(params=["blas", "microkernel"])
+def matmul(request, monkeypatch):
+    """The recurrent matmul through BLAS gemm (where torch exports it) or the Numba micro-kernel."""
+    if request.param == "blas" and not numba_cpu.USE_BLAS:
+        pytest.skip("torch exports no BLAS gemm here")
+    monkeypatch.setattr(numba_cpu, "USE_BLAS", request.param == "blas")
+    return request.param
+
+
+def fresh_generator():
+    """A generator with a fresh seed, printed so that a failing case can be replayed."""
+    seed = torch.seed()
+    print(f"seed = {seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def ragged_batch_sizes(steps, batch, generator):
+    """Non-increasing batch sizes of `batch` sequences of random lengths in [1, steps], the longest
+    `steps` long and the shortest 1 long, so the batch shrinks at least once."""
+    lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+    lengths[0], lengths[-1] = steps, 1
+    sizes = (lengths[None, :] > torch.arange(steps)[:, None]).sum(1)
+    assert sizes[0] == batch and sizes[-1] < batch
+    return sizes.to(torch.int64)
+
+
+def make_inputs(variant, dtype, steps, batch, hidden, packed, generator, proj=None):
+    """Random (xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes) for one layer/direction."""
+    cell, has_proj, has_bhn = VARIANTS[variant]
+    gates = reference.GATES[cell]
+    p = (proj or max(1, hidden // 2)) if has_proj else hidden
+    sizes = (ragged_batch_sizes(steps, batch, generator) if packed
+             else torch.full((steps,), batch, dtype=torch.int64))
+    n = int(sizes.sum())
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).requires_grad_()
+
+    xg = rand(n, gates * hidden)
+    h0 = rand(batch, p)
+    c0 = rand(batch, hidden) if cell == "lstm" else None
+    w_hh = rand(gates * hidden, p, scale=p ** -0.5)
+    b_hn = rand(hidden) if has_bhn else None
+    w_hr = rand(p, hidden, scale=hidden ** -0.5) if has_proj else None
+    return cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes
+
+
+def assert_close(actual, expected, dtype, what):
+    assert actual.shape == expected.shape, what
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
+    g = fresh_generator()
+    cell, inputs, sizes = make_inputs(variant, dtype, steps=7, batch=9, hidden=12, packed=packed,
+                                      generator=g)
+    xg, h0, c0, w_hh, b_hn, w_hr = inputs
+
+    # Forward kernel alone, against the reference forward.
+    y, h_n, c_n, _ = numba_cpu.recurrence_forward(cell, *inputs, sizes, reverse)
+    y_ref, h_ref, c_ref, _ = reference.recurrence_forward(cell, *inputs, sizes, reverse)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(h_n, h_ref, dtype, "h_n")
+    if cell == "lstm":
+        assert_close(c_n, c_ref, dtype, "c_n")
+    else:
+        assert c_n is None
+
+    # Gradients through the autograd Function, against the reference backend.
+    wrt = [t for t in inputs if t is not None]
+    outs = Recurrence.apply("numba", cell, sizes, reverse, *inputs)
+    outs_ref = Recurrence.apply("reference", cell, sizes, reverse, *inputs)
+    upstream = [torch.randn(o.shape, generator=g, dtype=dtype) for o in outs]
+    grads = torch.autograd.grad(outs, wrt, upstream)
+    grads_ref = torch.autograd.grad(outs_ref, wrt, upstream)
+    names = [n for n, t in zip(("xg", "h0", "c0", "w_hh", "b_hn", "w_hr"), inputs) if t is not None]
+    for name, got, want in zip(names, grads, grads_ref):
+        assert_close(got, want, dtype, f"d_{name}")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradcheck_float64(variant, matmul):
+    g = fresh_generator()
+    for packed, reverse in ((False, False), (True, True)):
+        cell, inputs, sizes = make_inputs(variant, torch.float64, steps=4, batch=3, hidden=3,
+                                          packed=packed, generator=g, proj=2)
+        present = [i for i, t in enumerate(inputs) if t is not None]
+
+        def run(*tensors):
+            args = list(inputs)
+            for i, t in zip(present, tensors):
+                args[i] = t
+            return Recurrence.apply("numba", cell, sizes, reverse, *args)
+
+        assert torch.autograd.gradcheck(run, [inputs[i] for i in present])
+
+
+def test_backward_is_bitwise_deterministic(matmul, threading):
+    g = fresh_generator()
+    for variant in ("lstm", "lstm_proj", "gru"):
+        cell, inputs, sizes = make_inputs(variant, torch.float32, steps=12, batch=16, hidden=64,
+                                          packed=True, generator=g)
+        wrt = [t for t in inputs if t is not None]
+        runs = []
+        for _ in range(2):
+            outs = Recurrence.apply("numba", cell, sizes, False, *inputs)
+            upstream = [torch.ones_like(o) for o in outs]
+            runs.append(list(outs) + list(torch.autograd.grad(outs, wrt, upstream)))
+        for first, second in zip(*runs):
+            assert torch.equal(first, second)
+
+
+def test_long_sequence_stays_finite():
+    g = fresh_generator()
+    cell, inputs, sizes = make_inputs("lstm", torch.float32, steps=5000, batch=2, hidden=16,
+                                      packed=False, generator=g)
+    wrt = [t for t in inputs if t is not None]
+    y, h_n, c_n = Recurrence.apply("numba", cell, sizes, False, *inputs)
+    grads = torch.autograd.grad((y, h_n, c_n), wrt, [torch.ones_like(t) for t in (y, h_n, c_n)])
+    for t in (y, h_n, c_n, *grads):
+        assert torch.isfinite(t).all()
+    assert y.abs().max() <= 1  # h = o * tanh(c)
+    assert torch.equal(h_n, y[-2:])
+
+
+def test_non_contiguous_inputs():
+    g = fresh_generator()
+    dtype = torch.float64
+    cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes = make_inputs(
+        "lstm", dtype, steps=5, batch=4, hidden=6, packed=True, generator=g)
+    h0_nc = h0.detach().t().contiguous().t().requires_grad_()
+    c0_nc = c0.detach().t().contiguous().t().requires_grad_()
+    w_nc = w_hh.detach().t().contiguous().t().requires_grad_()
+    assert not h0_nc.is_contiguous() and not w_nc.is_contiguous()
+    outs = Recurrence.apply("numba", cell, sizes, True, xg, h0_nc, c0_nc, w_nc, None, None)
+    outs_ref = Recurrence.apply("reference", cell, sizes, True, xg, h0, c0, w_hh, None, None)
+    # Upstream gradients as non-contiguous views too.
+    upstream = [torch.randn(o.shape[::-1], generator=g, dtype=dtype).t() for o in outs]
+    for got, want in zip(outs, outs_ref):
+        assert_close(got, want, dtype, "output")
+    grads = torch.autograd.grad(outs, (xg, h0_nc, c0_nc, w_nc), upstream)
+    grads_ref = torch.autograd.grad(outs_ref, (xg, h0, c0, w_hh), upstream)
+    for got, want in zip(grads, grads_ref):
+        assert_close(got, want, dtype, "gradient")
+
+
+def test_saved_tensors_are_small():
+    """Forward saves at most the activated gates and cell states (RNN: nothing)."""
+    g = fresh_generator()
+    for variant, per_row in (("rnn_tanh", 0), ("lstm", 5), ("gru", 4)):
+        cell, inputs, sizes = make_inputs(variant, torch.float32, steps=6, batch=3, hidden=8,
+                                          packed=True, generator=g)
+        *_, saved = numba_cpu.recurrence_forward(cell, *inputs, sizes, False)
+        assert sum(t.numel() for t in saved) == per_row * 8 * int(sizes.sum())
+
+
+def test_dispatcher_offers_numba():
+    assert not getattr(numba_cpu, "UNAVAILABLE", None)
+    for variant in VARIANTS:
+        cell, has_proj, _ = VARIANTS[variant]
+        choice = backends.choose("numba", cell, "cpu", torch.float32, proj_size=2 if has_proj else 0)
+        assert choice.name == "numba"
+    assert numba_cpu.why_not("lstm", torch.device("cpu"), torch.float16, 0) is not None
+    assert numba_cpu.why_not("gru", torch.device("cpu"), torch.float32, 4) is not None
+
+
+def test_rejects_inconsistent_arguments():
+    """The loops index without bounds checks, so bad sizes must be refused before they run."""
+    g = fresh_generator()
+    cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes = make_inputs(
+        "lstm", torch.float32, steps=5, batch=4, hidden=6, packed=True, generator=g)
+    growing = sizes.flip(0)
+    with pytest.raises(ValueError, match="non-increasing"):
+        numba_cpu.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, growing, False)
+    with pytest.raises(ValueError, match="xg must have shape"):
+        numba_cpu.recurrence_forward(cell, xg[1:], h0, c0, w_hh, b_hn, w_hr, sizes, False)
+    with pytest.raises(ValueError, match="c0 must have shape"):
+        numba_cpu.recurrence_forward(cell, xg, h0, c0[:, 1:], w_hh, b_hn, w_hr, sizes, False)
+    with pytest.raises(TypeError, match="dtype"):
+        numba_cpu.recurrence_forward(cell, xg, h0.double(), c0, w_hh, b_hn, w_hr, sizes, False)
