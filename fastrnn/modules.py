@@ -22,7 +22,21 @@ from fastrnn import backends, functional
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
 
-class _Recurrent(nn.RNNBase):
+class _Backend:
+    """The ``backend`` keyword of every fastrnn module: checked, stored, shown in repr when not
+    "auto". Everything else goes to the torch.nn parent unchanged."""
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        backends.check_backend_name(backend)
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+
+class _Recurrent(_Backend, nn.RNNBase):
     """The forward shared by :class:`RNN`, :class:`LSTM` and :class:`GRU`.
 
     input: (T, B, I) ((B, T, I) with batch_first), (T, I) unbatched, or a PackedSequence.
@@ -32,15 +46,6 @@ class _Recurrent(nn.RNNBase):
 
     _torch_class: type[nn.RNNBase]  # the torch.nn class whose forward is the "native" backend
     _dim_error = "{name}: Expected input to be 2D or 3D, got {dim}D instead"
-
-    def __init__(self, mode, *args, backend="auto", **kwargs):
-        backends.check_backend_name(backend)
-        super().__init__(mode, *args, **kwargs)
-        self.backend = backend
-
-    def extra_repr(self):
-        s = super().extra_repr()
-        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
     @property
     def cell(self):
@@ -168,19 +173,10 @@ class GRU(_Recurrent):
         super().__init__("GRU", *args, backend=backend, **kwargs)
 
 
-class _Cell:
+class _Cell(_Backend):
     """The forward shared by the cells: input (B, I) or (I,), hx (B, H) or (H,) (LSTM: a pair)."""
 
     _name: str
-
-    def __init__(self, *args, backend="auto", **kwargs):
-        backends.check_backend_name(backend)
-        super().__init__(*args, **kwargs)
-        self.backend = backend
-
-    def extra_repr(self):
-        s = super().extra_repr()
-        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
 
     @property
     def cell(self):
