@@ -96,9 +96,6 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
     return layer_input, torch.stack(h_n), None if c0 is None else torch.stack(c_n)
 
 
-_VF_NAME = {"rnn_tanh": "rnn_tanh", "rnn_relu": "rnn_relu", "lstm": "lstm", "gru": "gru"}
-
-
 def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                batch_first, batch_sizes, backend):
     h0, c0 = hx if cell == "lstm" else (hx, None)
@@ -106,7 +103,7 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
     backend = backends.resolve(backend, cell, params[0].device, params[0].dtype,
                                0 if w_hr is None else w_hr.shape[0])
     if backend == "native":
-        vf = getattr(torch._VF, _VF_NAME[cell])
+        vf = getattr(torch._VF, cell)  # torch's own function of the same name
         if batch_sizes is None:
             return vf(input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                       batch_first)
