@@ -56,5 +56,11 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
     if backend == "reference":
         from fastrnn import reference
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+    tensors = (xg, h0, c0, w_hh, b_hn, w_hr)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        # No backward will follow: the kernel need not keep anything for it.
+        y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
+            cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False)
+        return y, h_n, c_n
     out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr)
     return out if len(out) == 3 else (out[0], out[1], None)

@@ -90,7 +90,7 @@ def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
     return y, h, c
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
     """Run one layer in one direction over a whole (possibly packed) sequence.
 
     The kernel contract, shared by every backend:
@@ -102,6 +102,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
     * ``w_hh``: (G*H, P); ``b_hn``: (H,) for GRU with bias, else None; ``w_hr``: (P, H) or None.
     * ``batch_sizes``: CPU int64 (T,), non-increasing: rows ``b < batch_sizes[t]`` are active at t.
     * ``reverse``: run t = T-1 … 0; each sequence is then reversed within its own length.
+    * ``save``: False when no backward will follow (inference); a backend may then skip saving
+      and return ``saved = ()``.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P) outputs in the same packed layout, h_n (B, P) and
     c_n (B, H) or None the state of each row after its last active step, and ``saved`` a tuple of

@@ -64,13 +64,18 @@ WEIGHT_TILE_BYTES = 1 << 20
 
 
 # --------------------------------------------------------------------------- activations
+# There is no SVML in Numba here, so np.tanh / np.exp are scalar library calls that keep a loop
+# from vectorizing (float64 LSTM gates: 8 ns an element). Both dtypes use branch-free formulas
+# instead, which LLVM vectorizes; NaN propagates as in torch, +-inf saturate.
 def _tanh(x):
-    """tanh for jitted code: fast rational approximation in float32, exact in float64."""
+    """tanh for jitted code: Eigen's rational approximation in float32 (~2e-7), float64 through
+    expm1 (error ~1e-16)."""
     raise NotImplementedError  # replaced by the overload below inside jitted code
 
 
 def _sigmoid(x):
-    """sigmoid for jitted code: via the float32 tanh in float32, exact in float64."""
+    """sigmoid for jitted code: 0.5 tanh(x/2) + 0.5 in float32; 1 / (1 + e^-x) through expm1
+    in float64 (full relative precision, also for x << 0)."""
     raise NotImplementedError
 
 
@@ -89,8 +94,9 @@ _TINY32 = _F32(0.0004)
 
 def _tanh_f32(x):
     ax = x if x >= 0 else -x
-    xc = x if x < _T_CLAMP else _T_CLAMP
-    xc = xc if xc > -_T_CLAMP else -_T_CLAMP
+    # clamps written so that NaN passes through (a comparison with NaN is false)
+    xc = _T_CLAMP if x > _T_CLAMP else x
+    xc = -_T_CLAMP if xc < -_T_CLAMP else xc
     x2 = xc * xc
     p = x2 * _A13 + _A11
     p = x2 * p + _A9
@@ -106,11 +112,60 @@ def _tanh_f32(x):
     return x if ax < _TINY32 else r
 
 
+@intrinsic
+def _f64_from_bits(typingctx, bits):
+    """The float64 whose IEEE-754 bits are the int64 ``bits`` (one bitcast: vectorizes)."""
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+    return types.float64(types.int64), codegen
+
+
+_LOG2E = 1.4426950408889634
+_LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # Cody-Waite split
+# 1/k! for k = 13 … 2: Taylor series of expm1(r) - r on |r| <= ln2/2 (remainder < 1e-17 r)
+_EXPM1_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, k + 1, dtype=np.float64)))
+                      for k in range(13, 1, -1))
+_C13, _C12, _C11, _C10, _C9, _C8, _C7, _C6, _C5, _C4, _C3, _C2 = _EXPM1_TAYLOR
+
+
+@njit(**_JIT)
+def _expm1_neg_f64(y):
+    """e^y - 1 for y <= 0 (y < -708 is read as -708, where e^y is already below 3e-308), to
+    ~1 ulp of the result; NaN gives NaN."""
+    y = -708.0 if y < -708.0 else y
+    n = np.floor(y * _LOG2E + 0.5)
+    n = n if n <= 0.0 else 0.0  # NaN -> 0 (the result is NaN through r anyway)
+    r = (y - n * _LN2_HI) - n * _LN2_LO
+    q = r * _C13 + _C12
+    q = r * q + _C11
+    q = r * q + _C10
+    q = r * q + _C9
+    q = r * q + _C8
+    q = r * q + _C7
+    q = r * q + _C6
+    q = r * q + _C5
+    q = r * q + _C4
+    q = r * q + _C3
+    q = r * q + _C2
+    q = r + r * r * q  # expm1(r)
+    scale = _f64_from_bits((np.int64(n) + 1023) << 52)  # 2^n
+    return scale * q + (scale - 1.0)  # 2^n (1 + q) - 1, exact in q when n = 0
+
+
+def _tanh_f64(x):
+    e = _expm1_neg_f64(-2.0 * (x if x >= 0 else -x))
+    t = -e / (2.0 + e)
+    return t if x >= 0 else -t
+
+
+def _sigmoid_f64(x):
+    e = _expm1_neg_f64(x if x <= 0 else -x)  # e^-|x| - 1
+    return (1.0 / (2.0 + e)) if x >= 0 else (1.0 + e) / (2.0 + e)
+
+
 @overload(_tanh, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
 def _tanh_overload(x):
-    if x == types.float32:
-        return _tanh_f32
-    return lambda x: np.tanh(x)
+    return _tanh_f32 if x == types.float32 else _tanh_f64
 
 
 @overload(_sigmoid, jit_options=dict(fastmath=_FASTMATH, error_model="numpy"))
@@ -119,7 +174,7 @@ def _sigmoid_overload(x):
         def sigmoid_f32(x):
             return _HALF32 * _tanh(_HALF32 * x) + _HALF32
         return sigmoid_f32
-    return lambda x: 1.0 / (1.0 + np.exp(-x))
+    return _sigmoid_f64
 
 
 # --------------------------------------------------------------------------- BLAS from compiled code
@@ -186,14 +241,6 @@ def _gemm_rows(gemm, acc, ai, a, bi, nrows, w):
 
 
 # --------------------------------------------------------------------------- matmul micro-kernels
-@njit(**_JIT)
-def _copy(dst, src):
-    """dst[:] = src for 1-D arrays, as a plain loop (numba's slice assignment checks for overlap
-    and may allocate a temporary)."""
-    for j in range(dst.shape[0]):
-        dst[j] = src[j]
-
-
 @njit(**_JIT)
 def _rows4(acc, ai, a, bi, w, j0, j1):
     """acc[ai+r, j0:j1] += a[bi+r, :K] @ w[:K, j0:j1] for r = 0..3 (w: (K, N))."""
@@ -311,123 +358,161 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm):
             g0 += nthreads * group
 
 
+# --------------------------------------------------------------------------- pointwise row helpers
+# Each helper loops over one row and writes one array, so LLVM vectorizes it with at most a few
+# runtime alias checks (a loop writing many arrays needs more checks than LLVM allows and stays
+# scalar: that was 4x slower on the LSTM gates).
+
+@njit(**_JIT)
+def _copy(dst, src):
+    """dst[:] = src for 1-D arrays, as a plain loop (numba's slice assignment checks for overlap
+    and may allocate a temporary)."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(**_JIT)
+def _sigmoid_rows(a):
+    """a[:] = sigmoid(a) in place."""
+    for j in range(a.shape[0]):
+        a[j] = _sigmoid(a[j])
+
+
+@njit(**_JIT)
+def _tanh_rows(a):
+    """a[:] = tanh(a) in place."""
+    for j in range(a.shape[0]):
+        a[j] = _tanh(a[j])
+
+
+@njit(**_JIT)
+def _thread_rows(tid, nthreads, group, batch):
+    """The batch rows of thread ``tid``, ascending: groups of ``group`` rows dealt round-robin over
+    ``nthreads``. At a step with ``rows`` active rows, a thread's active rows are a prefix."""
+    count = 0
+    for b in range(batch):
+        if (b // group) % nthreads == tid:
+            count += 1
+    mine = np.empty(count, np.int64)
+    count = 0
+    for b in range(batch):
+        if (b // group) % nthreads == tid:
+            mine[count] = b
+            count += 1
+    return mine
+
+
 # --------------------------------------------------------------------------- forward loops
 # Arguments shared by all loops: ``order`` (T,) steps in processing order, ``offsets``/``sizes``
 # (T,) packed row offset and batch size of each step; (tid, nthreads, group) pick this thread's rows.
+# ``save``: keep what backward needs (training); False for inference, where the pre-activations
+# go to the per-row scratch ``acc`` instead of the saved ``gates``.
 
 @njit(**_JIT)
-def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, acc, order, offsets, sizes):
-    hidden = h.shape[1]
+def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, offsets, sizes):
+    mine = _thread_rows(tid, nthreads, group, h.shape[0])
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                _copy(acc[b], xg[off + b])
-            g0 += nthreads * group
-        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                ab, hb, yb = acc[b], h[b], y[off + b]
-                if relu:
-                    for u in range(hidden):
-                        v = ab[u]
-                        v = 0 if v <= 0 else v  # NaN passes through, as in torch.relu
-                        hb[u] = v
-                        yb[u] = v
-                else:
-                    for u in range(hidden):
-                        v = _tanh(ab[u])
-                        hb[u] = v
-                        yb[u] = v
-            g0 += nthreads * group
+        for b in mine:
+            if b >= rows:
+                break
+            _copy(y[off + b], xg[off + b])
+        _matmul_rows(y, off, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        for b in mine:
+            if b >= rows:
+                break
+            yb = y[off + b]
+            if relu:
+                for u in range(yb.shape[0]):
+                    v = yb[u]
+                    yb[u] = 0 if v <= 0 else v  # NaN passes through, as in torch.relu
+            else:
+                _tanh_rows(yb)
+            _copy(h[b], yb)
 
 
 @njit(**_JIT)
-def _lstm_forward_thread(tid, nthreads, group, gemm, xg, h, c, w_t, wr_t, has_proj, y, gates, c_all,
-                         acc, m, order, offsets, sizes):
-    hidden = c.shape[1]
+def _lstm_cell(a, c, out):
+    """Given pre-activations a = (i, f, g, o) (4H,) of one row: activate a in place, c[:] = f c + i g,
+    out[:] = o tanh(c)."""
+    hidden = c.shape[0]
+    _sigmoid_rows(a[:2 * hidden])
+    _tanh_rows(a[2 * hidden:3 * hidden])
+    _sigmoid_rows(a[3 * hidden:])
+    for u in range(hidden):
+        c[u] = a[hidden + u] * c[u] + a[u] * a[2 * hidden + u]
+    for u in range(hidden):
+        out[u] = a[3 * hidden + u] * _tanh(c[u])
+
+
+@njit(**_JIT)
+def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, has_proj, y, gates,
+                         c_all, acc, m, order, offsets, sizes):
+    mine = _thread_rows(tid, nthreads, group, h.shape[0])
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                _copy(acc[b], xg[off + b])
-            g0 += nthreads * group
-        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                ab, cb, gb, cab = acc[b], c[b], gates[off + b], c_all[off + b]
-                a_i, a_f = ab[:hidden], ab[hidden:2 * hidden]
-                a_g, a_o = ab[2 * hidden:3 * hidden], ab[3 * hidden:]
-                g_i, g_f = gb[:hidden], gb[hidden:2 * hidden]
-                g_g, g_o = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
-                out = m[b] if has_proj else h[b]
-                for u in range(hidden):
-                    i = _sigmoid(a_i[u])
-                    f = _sigmoid(a_f[u])
-                    g = _tanh(a_g[u])
-                    o = _sigmoid(a_o[u])
-                    c_new = f * cb[u] + i * g
-                    cb[u] = c_new
-                    cab[u] = c_new
-                    g_i[u] = i
-                    g_f[u] = f
-                    g_g[u] = g
-                    g_o[u] = o
-                    out[u] = o * _tanh(c_new)
-                if has_proj:
-                    h[b, :] = 0
-                else:
-                    _copy(y[off + b], h[b])
-            g0 += nthreads * group
+        a, base = (gates, off) if save else (acc, 0)
+        for b in mine:
+            if b >= rows:
+                break
+            _copy(a[base + b], xg[off + b])
+        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        for b in mine:
+            if b >= rows:
+                break
+            out = m[b] if has_proj else y[off + b]
+            _lstm_cell(a[base + b], c[b], out)
+            if save:
+                _copy(c_all[off + b], c[b])
+            if has_proj:
+                y[off + b, :] = 0
+            else:
+                _copy(h[b], out)
         if has_proj:
-            _matmul_rows(h, 0, m, 0, wr_t, tid, nthreads, group, rows, gemm)
-            g0 = tid * group
-            while g0 < rows:
-                for b in range(g0, min(g0 + group, rows)):
-                    _copy(y[off + b], h[b])
-                g0 += nthreads * group
+            _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm)
+            for b in mine:
+                if b >= rows:
+                    break
+                _copy(h[b], y[off + b])
 
 
 @njit(**_JIT)
-def _gru_forward_thread(tid, nthreads, group, gemm, xg, h, w_t, b_hn, y, gates, acc, order, offsets,
-                        sizes):
+def _gru_cell(a, x, h, out):
+    """Given a = (h W_hr^T, h W_hz^T, h W_hn^T + b_hn, ·) (4H,) of one row and its input projection
+    x (3H,): a becomes the saved (r, z, hn, n); out[:] = n + z (h - n)."""
+    hidden = h.shape[0]
+    for j in range(2 * hidden):
+        a[j] = _sigmoid(a[j] + x[j])
+    for u in range(hidden):
+        a[3 * hidden + u] = _tanh(x[2 * hidden + u] + a[u] * a[2 * hidden + u])
+    for u in range(hidden):
+        n = a[3 * hidden + u]
+        out[u] = n + a[hidden + u] * (h[u] - n)
+
+
+@njit(**_JIT)
+def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, gates, acc, order,
+                        offsets, sizes):
     hidden = h.shape[1]
+    mine = _thread_rows(tid, nthreads, group, h.shape[0])
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                acc[b, :] = 0
-            g0 += nthreads * group
-        _matmul_rows(acc, 0, h, 0, w_t, tid, nthreads, group, rows, gemm)
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                ab, xb, hb, gb = acc[b], xg[off + b], h[b], gates[off + b]
-                a_r, a_z, a_n = ab[:hidden], ab[hidden:2 * hidden], ab[2 * hidden:]
-                x_r, x_z, x_n = xb[:hidden], xb[hidden:2 * hidden], xb[2 * hidden:]
-                g_r, g_z = gb[:hidden], gb[hidden:2 * hidden]
-                g_n, g_hn = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
-                for u in range(hidden):
-                    r = _sigmoid(x_r[u] + a_r[u])
-                    z = _sigmoid(x_z[u] + a_z[u])
-                    hn = a_n[u] + b_hn[u]
-                    n = _tanh(x_n[u] + r * hn)
-                    h_new = n + z * (hb[u] - n)
-                    g_r[u] = r
-                    g_z[u] = z
-                    g_n[u] = n
-                    g_hn[u] = hn
-                    hb[u] = h_new
-                _copy(y[off + b], h[b])
-            g0 += nthreads * group
+        a, base = (gates, off) if save else (acc, 0)
+        for b in mine:
+            if b >= rows:
+                break
+            ab = a[base + b]
+            ab[:2 * hidden] = 0
+            _copy(ab[2 * hidden:3 * hidden], b_hn)
+        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        for b in mine:
+            if b >= rows:
+                break
+            _gru_cell(a[base + b], xg[off + b], h[b], y[off + b])
+            _copy(h[b], y[off + b])
 
 
 # --------------------------------------------------------------------------- backward loops
@@ -438,114 +523,126 @@ def _gru_forward_thread(tid, nthreads, group, gemm, xg, h, w_t, b_hn, y, gates, 
 @njit(**_JIT)
 def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_xg, order, offsets,
                          sizes):
-    hidden = dh.shape[1]
+    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                yb, gyb, dhb, dxb = y[off + b], grad_y[off + b], dh[b], d_xg[off + b]
-                if relu:
-                    for u in range(hidden):
-                        dxb[u] = (dhb[u] + gyb[u]) if yb[u] > 0 else 0
-                else:
-                    for u in range(hidden):
-                        dxb[u] = (dhb[u] + gyb[u]) * (1 - yb[u] * yb[u])
-                dhb[:] = 0
-            g0 += nthreads * group
+        for b in mine:
+            if b >= rows:
+                break
+            yb, gyb, dhb, dxb = y[off + b], grad_y[off + b], dh[b], d_xg[off + b]
+            if relu:
+                for u in range(dxb.shape[0]):
+                    dxb[u] = (dhb[u] + gyb[u]) if yb[u] > 0 else 0
+            else:
+                for u in range(dxb.shape[0]):
+                    dxb[u] = (dhb[u] + gyb[u]) * (1 - yb[u] * yb[u])
+            dhb[:] = 0
         _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
 
 
 @njit(**_JIT)
-def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_proj, gates, c_all, dh, dc,
-                          dm, d_xg, dy_all, m_all, prev, order, offsets, sizes):
-    hidden = dc.shape[1]
+def _lstm_cell_backward(gates, c, c_prev, d_out, dc, d_a, tc):
+    """BPTT through one LSTM step of one row. gates: activated (i, f, g, o) (4H,); c, c_prev (H,)
+    cell state after / before the step; d_out (H,) gradient w.r.t. o tanh(c); dc (H,) gradient
+    w.r.t. c, updated in place to the gradient w.r.t. c_prev; d_a (4H,) receives the gradient
+    w.r.t. the pre-activations; tc (H,) receives tanh(c)."""
+    hidden = c.shape[0]
+    g_i, g_f = gates[:hidden], gates[hidden:2 * hidden]
+    g_g, g_o = gates[2 * hidden:3 * hidden], gates[3 * hidden:]
+    d_i, d_f = d_a[:hidden], d_a[hidden:2 * hidden]
+    d_g, d_o = d_a[2 * hidden:3 * hidden], d_a[3 * hidden:]
+    for u in range(hidden):
+        tc[u] = _tanh(c[u])
+    for u in range(hidden):
+        dc[u] += d_out[u] * g_o[u] * (1 - tc[u] * tc[u])
+    for u in range(hidden):
+        d_o[u] = d_out[u] * tc[u] * g_o[u] * (1 - g_o[u])
+    for u in range(hidden):
+        d_i[u] = dc[u] * g_g[u] * g_i[u] * (1 - g_i[u])
+    for u in range(hidden):
+        d_f[u] = dc[u] * c_prev[u] * g_f[u] * (1 - g_f[u])
+    for u in range(hidden):
+        d_g[u] = dc[u] * g_i[u] * (1 - g_g[u] * g_g[u])
+    for u in range(hidden):
+        dc[u] *= g_f[u]
+
+
+@njit(**_JIT)
+def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_proj, gates, c_all, dh,
+                          dc, dm, d_xg, dy_all, m_all, tc, prev, order, offsets, sizes):
+    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
+        for b in mine:
+            if b >= rows:
+                break
+            # the gradient w.r.t. this step's output: carry + grad_y (kept per packed row for
+            # d_w_hr with a projection, then dm = (carry + grad_y) @ w_hr)
+            dyb = dy_all[off + b] if has_proj else dm[b]
+            gyb, dhb = grad_y[off + b], dh[b]
+            for q in range(dyb.shape[0]):
+                dyb[q] = dhb[q] + gyb[q]
+            if has_proj:
+                dm[b, :] = 0
         if has_proj:
-            # dh_total = carry + grad_y, kept per packed row for d_w_hr; dm = dh_total @ w_hr.
-            g0 = tid * group
-            while g0 < rows:
-                for b in range(g0, min(g0 + group, rows)):
-                    dyb, gyb, dhb = dy_all[off + b], grad_y[off + b], dh[b]
-                    for q in range(dhb.shape[0]):
-                        dyb[q] = dhb[q] + gyb[q]
-                    dm[b, :] = 0
-                g0 += nthreads * group
             _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm)
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                gb, cb, dcb, dxb = gates[off + b], c_all[off + b], dc[b], d_xg[off + b]
-                pr = prev[off + b]
-                cp = c_all[pr] if pr >= 0 else c0[-1 - pr]
-                dmb = dm[b]
-                if not has_proj:
-                    gyb, dhb = grad_y[off + b], dh[b]
-                    for u in range(hidden):
-                        dmb[u] = dhb[u] + gyb[u]
-                mb = m_all[off + b]
-                g_i, g_f = gb[:hidden], gb[hidden:2 * hidden]
-                g_g, g_o = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
-                d_i, d_f = dxb[:hidden], dxb[hidden:2 * hidden]
-                d_g, d_o = dxb[2 * hidden:3 * hidden], dxb[3 * hidden:]
-                for u in range(hidden):
-                    i = g_i[u]
-                    f = g_f[u]
-                    g = g_g[u]
-                    o = g_o[u]
-                    tc = _tanh(cb[u])
-                    d_out = dmb[u]
-                    d_c = dcb[u] + d_out * o * (1 - tc * tc)
-                    d_i[u] = d_c * g * i * (1 - i)
-                    d_f[u] = d_c * cp[u] * f * (1 - f)
-                    d_g[u] = d_c * i * (1 - g * g)
-                    d_o[u] = d_out * tc * o * (1 - o)
-                    dcb[u] = d_c * f
-                    if has_proj:
-                        mb[u] = o * tc
-                dh[b, :] = 0
-            g0 += nthreads * group
+        for b in mine:
+            if b >= rows:
+                break
+            pr = prev[off + b]
+            cp = c_all[pr] if pr >= 0 else c0[-1 - pr]
+            tcb = m_all[off + b] if has_proj else tc[b]
+            _lstm_cell_backward(gates[off + b], c_all[off + b], cp, dm[b], dc[b], d_xg[off + b], tcb)
+            if has_proj:  # m = o tanh(c), the projection's input, for d_w_hr
+                g_o = gates[off + b, 3 * tcb.shape[0]:]
+                for u in range(tcb.shape[0]):
+                    tcb[u] *= g_o[u]
+            dh[b, :] = 0
         _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
+
+
+@njit(**_JIT)
+def _gru_cell_backward(gates, h_prev, d_h, d_a, d_hg):
+    """BPTT through one GRU step of one row. gates: saved (r, z, hn, n) (4H,); h_prev (H,); d_h (H,)
+    gradient w.r.t. the new state, updated in place to the gradient w.r.t. h_prev through z; d_a
+    (3H,) receives the gradient w.r.t. the pre-activations (r, z, n); d_hg (3H,) the gradient
+    w.r.t. (h W_hr^T, h W_hz^T, h W_hn^T + b_hn)."""
+    hidden = h_prev.shape[0]
+    g_r, g_z = gates[:hidden], gates[hidden:2 * hidden]
+    g_hn, g_n = gates[2 * hidden:3 * hidden], gates[3 * hidden:]
+    d_r, d_z, d_n = d_a[:hidden], d_a[hidden:2 * hidden], d_a[2 * hidden:]
+    for u in range(hidden):
+        d_n[u] = d_h[u] * (1 - g_z[u]) * (1 - g_n[u] * g_n[u])
+    for u in range(hidden):
+        d_r[u] = d_n[u] * g_hn[u] * g_r[u] * (1 - g_r[u])
+    for u in range(hidden):
+        d_z[u] = d_h[u] * (h_prev[u] - g_n[u]) * g_z[u] * (1 - g_z[u])
+    _copy(d_hg[:2 * hidden], d_a[:2 * hidden])
+    dg_n = d_hg[2 * hidden:]
+    for u in range(hidden):
+        dg_n[u] = d_n[u] * g_r[u]
+    for u in range(hidden):
+        d_h[u] *= g_z[u]
 
 
 @njit(**_JIT)
 def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh, d_xg, d_hg, prev,
                          order, offsets, sizes):
-    hidden = dh.shape[1]
+    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        g0 = tid * group
-        while g0 < rows:
-            for b in range(g0, min(g0 + group, rows)):
-                gb, gyb, dhb = gates[off + b], grad_y[off + b], dh[b]
-                dxb, dgb = d_xg[off + b], d_hg[off + b]
-                pr = prev[off + b]
-                hp = y[pr] if pr >= 0 else h0[-1 - pr]
-                g_r, g_z = gb[:hidden], gb[hidden:2 * hidden]
-                g_n, g_hn = gb[2 * hidden:3 * hidden], gb[3 * hidden:]
-                dx_r, dx_z, dx_n = dxb[:hidden], dxb[hidden:2 * hidden], dxb[2 * hidden:]
-                dg_r, dg_z, dg_n = dgb[:hidden], dgb[hidden:2 * hidden], dgb[2 * hidden:]
-                for u in range(hidden):
-                    r = g_r[u]
-                    z = g_z[u]
-                    n = g_n[u]
-                    hn = g_hn[u]
-                    d_h = dhb[u] + gyb[u]
-                    d_n = d_h * (1 - z) * (1 - n * n)
-                    d_r = d_n * hn * r * (1 - r)
-                    d_z = d_h * (hp[u] - n) * z * (1 - z)
-                    dx_r[u] = d_r
-                    dx_z[u] = d_z
-                    dx_n[u] = d_n
-                    dg_r[u] = d_r
-                    dg_z[u] = d_z
-                    dg_n[u] = d_n * r
-                    dhb[u] = d_h * z
-            g0 += nthreads * group
+        for b in mine:
+            if b >= rows:
+                break
+            dhb, gyb = dh[b], grad_y[off + b]
+            for u in range(dhb.shape[0]):
+                dhb[u] += gyb[u]
+            pr = prev[off + b]
+            hp = y[pr] if pr >= 0 else h0[-1 - pr]
+            _gru_cell_backward(gates[off + b], hp, dhb, d_xg[off + b], d_hg[off + b])
         _matmul_rows(dh, 0, d_hg, off, w, tid, nthreads, group, rows, gemm)
 
 
@@ -704,7 +801,7 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
     """One layer, one direction, whole (possibly packed) sequence (kernel contract of
     :func:`fastrnn.reference.recurrence_forward`).
 
@@ -713,8 +810,9 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
     batch_sizes[0], N = sum(batch_sizes). float32 or float64 CPU tensors, all of one dtype.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
-    () for rnn_*, (gates (N, 4H) = i, f, g, o after activation; c (N, H) cell state after each
-    step) for lstm, (gates (N, 4H) = r, z, n, h W_hn^T + b_hn) for gru.
+    () for rnn_* and whenever ``save`` is False (no backward follows); (gates (N, 4H) = i, f, g, o
+    after activation; c (N, H) cell state after each step) for lstm; (gates (N, 4H) = r, z,
+    h W_hn^T + b_hn, n) for gru.
     """
     batch, proj = h0.shape
     work = xg.shape[0] * w_hh.shape[0] * proj
@@ -724,32 +822,36 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
     hidden = w_hh.shape[0] // GATES[cell]
     xg_a = _array(xg)
     dtype = xg_a.dtype
+    n_rows = xg_a.shape[0]
     h = _owned(h0)
-    y = _alloc((xg_a.shape[0], proj), dtype)
+    y = _alloc((n_rows, proj), dtype)
     w_t = _array(w_hh.t())
-    acc = _alloc((batch, w_hh.shape[0]), dtype)
     c_n, saved = None, ()
+    schedule = (order, offsets, sizes)
     if cell in CELL_CODES:
-        relu = cell == "rnn_relu"
-        _run(_rnn_forward_thread, nthreads, group, gemm, relu, xg_a, h, w_t, y, acc, order, offsets, sizes)
-    elif cell == "lstm":
+        _run(_rnn_forward_thread, nthreads, group, gemm, cell == "rnn_relu", xg_a, h, w_t, y,
+             *schedule)
+        return torch.from_numpy(y), torch.from_numpy(h), None, ()
+    # Pre-activations go straight into the saved gates when training, else into a scratch row per
+    # batch row.
+    gates = _alloc((n_rows if save else 0, 4 * hidden), dtype)
+    acc = _alloc((0 if save else batch, 4 * hidden), dtype)
+    if cell == "lstm":
         c = _owned(c0)
-        gates = _alloc((xg_a.shape[0], 4 * hidden), dtype)
-        c_all = _alloc((xg_a.shape[0], hidden), dtype)
+        c_all = _alloc((n_rows if save else 0, hidden), dtype)
         has_proj = w_hr is not None
         wr_t = _array(w_hr.t()) if has_proj else np.zeros((0, 0), dtype)
-        m = _alloc((batch, hidden), dtype) if has_proj else np.zeros((0, 0), dtype)
-        args = (xg_a, h, c, w_t, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes)
-        _run(_lstm_forward_thread, nthreads, group, gemm, *args)
+        m = _alloc((batch if has_proj else 0, hidden), dtype)
+        _run(_lstm_forward_thread, nthreads, group, gemm, save, xg_a, h, c, w_t, wr_t, has_proj,
+             y, gates, c_all, acc, m, *schedule)
         c_n = torch.from_numpy(c)
         saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
     else:
         b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
-        gates = _alloc((xg_a.shape[0], 4 * hidden), dtype)
-        args = (xg_a, h, w_t, b, y, gates, acc, order, offsets, sizes)
-        _run(_gru_forward_thread, nthreads, group, gemm, *args)
+        _run(_gru_forward_thread, nthreads, group, gemm, save, xg_a, h, w_t, b, y, gates, acc,
+             *schedule)
         saved = (torch.from_numpy(gates),)
-    return torch.from_numpy(y), torch.from_numpy(h), c_n, saved
+    return torch.from_numpy(y), torch.from_numpy(h), c_n, saved if save else ()
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
@@ -804,8 +906,9 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         dm = _alloc((batch, hidden), dtype)
         dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
         m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
+        tc = _alloc((0 if has_proj else batch, hidden), dtype)
         args = (gy, _array(c0), w, wr, has_proj, gates, c_all, dh, dc, dm, d_xg, dy_all, m_all,
-                prev, order, offsets, sizes)
+                tc, prev, order, offsets, sizes)
         _run(_lstm_backward_thread, nthreads, group, gemm, *args)
         d_w_hh = torch.mm(d_xg_t.t(), h_prev_t)
         d_c0 = torch.from_numpy(dc)

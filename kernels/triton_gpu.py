@@ -721,13 +721,14 @@ def _check(cell, xg, w_hr):
         raise ValueError(reason)
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
     """One layer, one direction, a whole (possibly packed) sequence on the GPU.
 
     xg: (N, G*H); h0: (B, H); c0: (B, H) (lstm) or None; w_hh: (G*H, H); b_hn: (H,) or None
     (gru); w_hr must be None; batch_sizes: CPU int64 (T,). All floating tensors share xg's dtype
     (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or None,
-    saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See :mod:`fastrnn.reference`.
+    saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See :mod:`fastrnn.reference`. ``save`` is
+    accepted for the contract; the kernels always write the stash.
     """
     _check(cell, xg, w_hr)
     N = xg.shape[0]
