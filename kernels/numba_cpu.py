@@ -11,8 +11,8 @@ Implements the kernel contract of :mod:`fastrnn.reference` (:func:`recurrence_fo
 * Rows are independent sequences, so threads split the **batch rows**, and each thread runs the
   whole time loop for its rows: one hand-off per call, no barrier per step. The loops are compiled
   ``nogil`` and run on the calling thread plus a small pool of Python threads
-  (``torch.get_num_threads()`` in all). Only large problems use two threads (see
-  :data:`PARALLEL_MIN_WORK`).
+  (``torch.get_num_threads()`` in all). Only large batches use two loop threads; mid-size steps
+  use one loop thread whose BLAS calls use torch's threads (see :data:`PARALLEL_MIN_WORK`).
 * The recurrent matmul of each step, ``acc[rows] += h[rows] @ W`` (W pre-transposed to (K, N)),
   is one call per thread and step of the Fortran BLAS ``sgemm_``/``dgemm_`` that torch exports
   (MKL on x86), called **from the compiled loop** through its address (no Python per step; the
@@ -20,12 +20,14 @@ Implements the kernel contract of :mod:`fastrnn.reference` (:func:`recurrence_fo
   count set to 1 so threads never multiply. Where torch exports no BLAS, a Numba micro-kernel
   takes over: register-blocked (4 rows x 4 k per pass, vectorized over the output columns),
   column-tiled so a weight tile stays in L2 across row groups.
-* Gate math is fused after the matmul of each row group. float32 uses a branch-free rational tanh
-  (Eigen's) that vectorizes (there is no SVML); float64 uses the exact ``np.tanh`` / ``np.exp``.
-* Forward saves only what BPTT needs: activated gates (LSTM i,f,g,o; GRU r,z,n and the n-gate's
-  recurrent part ``h W_hn^T + b_hn``) and, for LSTM, the cell states. RNN saves nothing (its
-  derivative is read from y). Weight gradients are reduced once after the backward loop, as GEMMs
-  over all steps (``torch.mm``), in a fixed order: deterministic, no atomics.
+* Gate math is fused after the matmul of each row group, as short loops that each write one
+  array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there
+  is no SVML): float32 Eigen's rational tanh, float64 an expm1 of its own (error ~1e-16).
+* Forward saves only what BPTT needs, and nothing under inference (``save=False``): activated
+  gates (LSTM i,f,g,o; GRU r,z, the n-gate's recurrent part ``h W_hn^T + b_hn``, n) and, for LSTM,
+  the cell states. RNN saves nothing (its derivative is read from y). Weight gradients are reduced
+  once after the backward loop, as GEMMs over all steps (``torch.mm``), in a fixed order:
+  deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -51,11 +54,19 @@ _FASTMATH = {"contract"}
 # ZeroDivisionError branch out of the gate loops so they vectorize.
 _JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
 
-# Below this many multiply-adds in the whole recurrent matmul (T*B*G*H*P) a call runs on one thread.
-# Measured here: right after a torch op, torch's OpenMP workers keep spinning for milliseconds and
-# delay a second thread of ours by about that much, so a second thread only pays off for kernels
-# of tens of milliseconds (LSTM T=200 B=8 H=128, 1e8 multiply-adds, ran slower on two threads).
+# How a call uses torch.get_num_threads() threads (measured on the 2-core machine, module calls,
+# where torch's OpenMP workers keep spinning for milliseconds after the input projection and slow
+# down a thread of ours on the other core):
+# * split the batch rows over threads of ours (each runs the whole time loop for its rows) when the
+#   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
+#   multiply-adds (T*B*G*H*P) in all: it paid off from LSTM T=200 B=64 H=128 on;
+# * else run one loop thread and let its per-step BLAS call use torch's threads (MKL runs them on
+#   torch's own OpenMP team) when one step has at least BLAS_PARALLEL_MIN_STEP_WORK multiply-adds
+#   (B*G*H*P): LSTM B=1 H=512 2.0x, B=8 H=512 1.5x faster than one thread; smaller steps lost;
+# * else one thread.
+PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
+BLAS_PARALLEL_MIN_STEP_WORK = 1_000_000
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
@@ -686,40 +697,55 @@ def why_not(cell, device, dtype, proj_size=0):
 
 _POOL = None
 _POOL_LOCK = threading.Lock()
+# CPUs this process may run on (the affinity mask, as torch counts them).
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(loop, nthreads, group, gemm, *args):
-    """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1: tid 0 on the
-    calling thread, the others on a persistent pool of Python threads (the loops are compiled
-    ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no barrier per
-    step). With BLAS, each thread's gemm calls run single-threaded (MKL's thread-local setting),
-    so threads never multiply."""
+class _Plan(NamedTuple):
+    """How one call runs: the steps (``order``, ``offsets``, ``sizes``: int64 (T,)) and the threads
+    (``nthreads`` loop threads splitting the rows in groups of ``group``; ``blas_threads`` threads
+    for each BLAS call)."""
+
+    order: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    nthreads: int
+    group: int
+    blas_threads: int
+
+
+def _run(loop, plan, gemm, *args):
+    """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
+    on the calling thread, the others on a persistent pool of Python threads (the loops are
+    compiled ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no
+    barrier per step). Each thread's BLAS calls use ``plan.blas_threads`` threads (MKL's
+    thread-local setting), so threads never multiply."""
     global _POOL
+    nthreads, group = plan.nthreads, plan.group
     if nthreads == 1:
-        _run_one(loop, 0, 1, group, gemm, args)
+        _run_one(loop, 0, plan, gemm, args)
         return
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < nthreads - 1:
             _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="fastrnn-numba")
         pool = _POOL
-    futures = [pool.submit(_run_one, loop, tid, nthreads, group, gemm, args)
-               for tid in range(1, nthreads)]
+    futures = [pool.submit(_run_one, loop, tid, plan, gemm, args) for tid in range(1, nthreads)]
     try:
-        _run_one(loop, 0, nthreads, group, gemm, args)
+        _run_one(loop, 0, plan, gemm, args)
     finally:
         for future in futures:
             future.result()
 
 
-def _run_one(loop, tid, nthreads, group, gemm, args):
+def _run_one(loop, tid, plan, gemm, args):
     if gemm and _MKL_SET_THREADS_LOCAL is not None:
-        previous = _MKL_SET_THREADS_LOCAL(1)
+        previous = _MKL_SET_THREADS_LOCAL(plan.blas_threads)
         try:
-            loop(tid, nthreads, group, gemm, *args)
+            loop(tid, plan.nthreads, plan.group, gemm, *args)
         finally:
             _MKL_SET_THREADS_LOCAL(previous)
     else:
-        loop(tid, nthreads, group, gemm, *args)
+        loop(tid, plan.nthreads, plan.group, gemm, *args)
 
 
 def _gemm_address(dtype):
@@ -745,30 +771,49 @@ def _array(tensor):
     return tensor.detach().contiguous().numpy()
 
 
-def _schedule(batch_sizes, reverse, batch, work):
-    """(order, offsets, sizes) as int64 numpy arrays (T,), and (nthreads, group) for the row split.
+@njit(**_JIT)
+def _plan_steps(sizes, batch, reverse):
+    """(ok, order, offsets) of batch sizes (T,): ok when they are non-increasing, none negative and
+    the first equals ``batch``; order (T,) the steps in processing order; offsets (T,) the packed
+    row offset of each step."""
+    steps = sizes.shape[0]
+    order = np.empty(steps, np.int64)
+    offsets = np.empty(steps, np.int64)
+    ok = steps == 0 or sizes[0] == batch
+    total = 0
+    for t in range(steps):
+        if sizes[t] < 0 or (t > 0 and sizes[t] > sizes[t - 1]):
+            ok = False
+        offsets[t] = total
+        total += sizes[t]
+        order[t] = steps - 1 - t if reverse else t
+    return ok, order, offsets
+
+
+def _schedule(batch_sizes, reverse, batch, row_work):
+    """The :class:`_Plan` of a call whose recurrent matmul costs ``row_work`` multiply-adds per
+    row and step (G*H*P).
 
     Checks the batch sizes (the loops index without bounds checks): non-increasing, the first equal
     to ``batch``, none negative."""
-    sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
-    steps = sizes.shape[0]
-    if sizes.ndim != 1 or (steps and (sizes[0] != batch or sizes[-1] < 0
-                                      or (steps > 1 and (np.diff(sizes) > 0).any()))):
+    if isinstance(batch_sizes, torch.Tensor) and batch_sizes.dtype == torch.int64:
+        sizes = batch_sizes.contiguous().numpy()
+    else:
+        sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
+    ok, order, offsets = _plan_steps(sizes.reshape(-1), batch, reverse)
+    if sizes.ndim != 1 or not ok:
         raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
                          f"(rows of h0), got {sizes.tolist()}")
-    offsets = np.zeros(steps, np.int64)
-    if steps > 1:
-        np.cumsum(sizes[:-1], out=offsets[1:])
-    order = np.arange(steps - 1, -1, -1, dtype=np.int64) if reverse else np.arange(steps, dtype=np.int64)
-    threads = min(torch.get_num_threads(), os.cpu_count() or 1)
-    if threads < 2 or batch < 2 or work < PARALLEL_MIN_WORK:
-        return order, offsets, sizes, 1, max(1, batch)
-    # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups of
-    # ROW_GROUP rows dealt round-robin, which balances packed batches.
-    group = (ROW_GROUP if batch >= ROW_GROUP * threads and not USE_BLAS
-             else -(-batch // threads))
-    threads = min(threads, -(-batch // group))
-    return order, offsets, sizes, threads, group
+    threads = min(torch.get_num_threads(), _CPUS)
+    work = (int(offsets[-1] + sizes[-1]) if len(sizes) else 0) * row_work
+    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and work >= PARALLEL_MIN_WORK:
+        # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
+        # of ROW_GROUP rows dealt round-robin, which balances packed batches.
+        group = (ROW_GROUP if batch >= ROW_GROUP * threads and not USE_BLAS
+                 else -(-batch // threads))
+        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1)
+    blas_threads = threads if batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK else 1
+    return _Plan(order, offsets, sizes, 1, max(1, batch), blas_threads)
 
 
 def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes):
@@ -815,9 +860,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     h W_hn^T + b_hn, n) for gru.
     """
     batch, proj = h0.shape
-    work = xg.shape[0] * w_hh.shape[0] * proj
-    order, offsets, sizes, nthreads, group = _schedule(batch_sizes, reverse, batch, work)
-    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes)
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.sizes)
     gemm = _gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // GATES[cell]
     xg_a = _array(xg)
@@ -825,11 +869,13 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     n_rows = xg_a.shape[0]
     h = _owned(h0)
     y = _alloc((n_rows, proj), dtype)
+    # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
+    # per step (B=8, H=128) than this one copy per call.
     w_t = _array(w_hh.t())
     c_n, saved = None, ()
-    schedule = (order, offsets, sizes)
+    schedule = plan[:3]
     if cell in CELL_CODES:
-        _run(_rnn_forward_thread, nthreads, group, gemm, cell == "rnn_relu", xg_a, h, w_t, y,
+        _run(_rnn_forward_thread, plan, gemm, cell == "rnn_relu", xg_a, h, w_t, y,
              *schedule)
         return torch.from_numpy(y), torch.from_numpy(h), None, ()
     # Pre-activations go straight into the saved gates when training, else into a scratch row per
@@ -842,13 +888,13 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         has_proj = w_hr is not None
         wr_t = _array(w_hr.t()) if has_proj else np.zeros((0, 0), dtype)
         m = _alloc((batch if has_proj else 0, hidden), dtype)
-        _run(_lstm_forward_thread, nthreads, group, gemm, save, xg_a, h, c, w_t, wr_t, has_proj,
+        _run(_lstm_forward_thread, plan, gemm, save, xg_a, h, c, w_t, wr_t, has_proj,
              y, gates, c_all, acc, m, *schedule)
         c_n = torch.from_numpy(c)
         saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
     else:
         b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
-        _run(_gru_forward_thread, nthreads, group, gemm, save, xg_a, h, w_t, b, y, gates, acc,
+        _run(_gru_forward_thread, plan, gemm, save, xg_a, h, w_t, b, y, gates, acc,
              *schedule)
         saved = (torch.from_numpy(gates),)
     return torch.from_numpy(y), torch.from_numpy(h), c_n, saved if save else ()
@@ -873,8 +919,8 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     w = _array(w_hh)
     dh = _owned(grad_h_n)
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
-    work = n_rows * w_hh.shape[0] * proj
-    order, offsets, sizes, nthreads, group = _schedule(batch_sizes, reverse, batch, work)
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
+    order, offsets, sizes = plan[:3]
     _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, sizes)
     gemm = _gemm_address(grad_y.dtype)
     expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
@@ -894,7 +940,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     if cell in CELL_CODES:
         relu = cell == "rnn_relu"
         args = (relu, gy, y_a, w, dh, d_xg, order, offsets, sizes)
-        _run(_rnn_backward_thread, nthreads, group, gemm, *args)
+        _run(_rnn_backward_thread, plan, gemm, *args)
         d_w_hh = torch.mm(d_xg_t.t(), h_prev_t)
     elif cell == "lstm":
         gates, c_all = (_array(s) for s in saved)
@@ -909,7 +955,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         tc = _alloc((0 if has_proj else batch, hidden), dtype)
         args = (gy, _array(c0), w, wr, has_proj, gates, c_all, dh, dc, dm, d_xg, dy_all, m_all,
                 tc, prev, order, offsets, sizes)
-        _run(_lstm_backward_thread, nthreads, group, gemm, *args)
+        _run(_lstm_backward_thread, plan, gemm, *args)
         d_w_hh = torch.mm(d_xg_t.t(), h_prev_t)
         d_c0 = torch.from_numpy(dc)
         if has_proj:
@@ -918,7 +964,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         (gates,) = (_array(s) for s in saved)
         d_hg = _alloc((n_rows, 3 * hidden), dtype)
         args = (gy, _array(h0), y_a, w, gates, dh, d_xg, d_hg, prev, order, offsets, sizes)
-        _run(_gru_backward_thread, nthreads, group, gemm, *args)
+        _run(_gru_backward_thread, plan, gemm, *args)
         d_hg_t = torch.from_numpy(d_hg)
         d_w_hh = torch.mm(d_hg_t.t(), h_prev_t)
         if b_hn is not None:

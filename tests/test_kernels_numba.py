@@ -38,15 +38,17 @@ def nan_filled_buffers(monkeypatch):
     monkeypatch.setattr(numba_cpu, "_alloc", alloc)
 
 
-@pytest.fixture(params=["serial", "parallel"])
+@pytest.fixture(params=["serial", "rows", "blas-threads"])
 def threading(request, monkeypatch):
-    """Run the single-threaded path, or force the row-parallel path even for small shapes."""
-    if request.param == "parallel":
-        if not TWO_THREADS:
-            pytest.skip("needs torch.get_num_threads() >= 2 and 2 CPUs")
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0)
-    else:
-        monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", float("inf"))
+    """Run on one thread; or force, even for small shapes, the row split over threads of ours, or
+    one loop thread whose BLAS calls use torch's threads."""
+    if request.param != "serial" and not TWO_THREADS:
+        pytest.skip("needs torch.get_num_threads() >= 2 and 2 CPUs")
+    rows = request.param == "rows"
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_BATCH", 0 if rows else float("inf"))
+    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0 if rows else float("inf"))
+    blas = request.param == "blas-threads"
+    monkeypatch.setattr(numba_cpu, "BLAS_PARALLEL_MIN_STEP_WORK", 0 if blas else float("inf"))
     return request.param
 
 
