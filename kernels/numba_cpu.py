@@ -40,7 +40,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -231,17 +232,33 @@ def _call_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb, be
     return sig, codegen
 
 
+@intrinsic
+def _stack_array(typingctx, size, dtype):
+    """A pointer to ``size`` (a literal int) uninitialized elements of ``dtype`` on the calling
+    function's stack: scratch without a heap allocation (wrap it with ``numba.carray``)."""
+    if not isinstance(size, types.IntegerLiteral):
+        return None
+    count, item = size.literal_value, dtype.dtype
+
+    def codegen(context, builder, signature, args):
+        return cgutils.alloca_once(builder, context.get_value_type(item),
+                                   size=context.get_constant(types.intp, count))
+    return types.CPointer(item)(size, dtype), codegen
+
+
 @njit(**_JIT)
 def _gemm_rows(gemm, acc, ai, a, bi, nrows, w):
     """acc[ai:ai+nrows, :N] += a[bi:bi+nrows, :K] @ w (w: (K, N)) through the Fortran gemm at
-    address ``gemm``: column-major, so it computes acc^T += w^T a^T with no transposes."""
+    address ``gemm``: column-major, so it computes acc^T += w^T a^T with no transposes. The
+    by-reference scalars live on the stack (a heap allocation per step cost 0.1 µs each)."""
     k_total, n_total = w.shape
-    ints = np.empty(6, np.int32)
+    ints = carray(_stack_array(6, np.int32), 6)
     ints[0], ints[1], ints[2] = n_total, nrows, k_total
     ints[3], ints[4], ints[5] = n_total, a.shape[1], acc.shape[1]
-    trans = np.empty(1, np.uint8)
+    trans = carray(_stack_array(1, np.uint8), 1)
     trans[0] = 78  # 'N'
-    one = np.ones(1, w.dtype)
+    one = carray(_stack_array(1, w.dtype), 1)
+    one[0] = 1
     ip = np.int64(ints.ctypes.data)
     item = np.int64(4)
     _call_gemm(gemm, np.int64(trans.ctypes.data), np.int64(trans.ctypes.data), ip, ip + item,
@@ -704,7 +721,7 @@ _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 class _Plan(NamedTuple):
     """How one call runs: the steps (``order``, ``offsets``, ``sizes``: int64 (T,)) and the threads
     (``nthreads`` loop threads splitting the rows in groups of ``group``; ``blas_threads`` threads
-    for each BLAS call)."""
+    for each BLAS call, 0 for MKL's global setting, which is torch's thread count)."""
 
     order: np.ndarray
     offsets: np.ndarray
@@ -712,6 +729,7 @@ class _Plan(NamedTuple):
     nthreads: int
     group: int
     blas_threads: int
+    rows: int  # N = sum(sizes), rows of the packed layout
 
 
 def _run(loop, plan, gemm, *args):
@@ -738,7 +756,7 @@ def _run(loop, plan, gemm, *args):
 
 
 def _run_one(loop, tid, plan, gemm, args):
-    if gemm and _MKL_SET_THREADS_LOCAL is not None:
+    if gemm and plan.blas_threads and _MKL_SET_THREADS_LOCAL is not None:
         previous = _MKL_SET_THREADS_LOCAL(plan.blas_threads)
         try:
             loop(tid, plan.nthreads, plan.group, gemm, *args)
@@ -805,27 +823,31 @@ def _schedule(batch_sizes, reverse, batch, row_work):
         raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
                          f"(rows of h0), got {sizes.tolist()}")
     threads = min(torch.get_num_threads(), _CPUS)
-    work = (int(offsets[-1] + sizes[-1]) if len(sizes) else 0) * row_work
-    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and work >= PARALLEL_MIN_WORK:
+    rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
+    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
         group = (ROW_GROUP if batch >= ROW_GROUP * threads and not USE_BLAS
                  else -(-batch // threads))
-        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1)
-    blas_threads = threads if batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK else 1
-    return _Plan(order, offsets, sizes, 1, max(1, batch), blas_threads)
+        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows)
+    # MKL's global thread count is torch's: leave it (0) for a single thread or a large step.
+    one = threads == 1 or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK
+    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if one else 1, rows)
 
 
-def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes):
-    """Shapes and dtypes of the forward arguments (the loops index without bounds checks)."""
+def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows):
+    """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
+    ``n_rows`` = sum(batch_sizes)."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
-    if xg.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"numba kernels support float32 and float64, got {xg.dtype}")
-    for name, t in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn), ("w_hr", w_hr)):
-        if t is not None and t.dtype != xg.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {xg.dtype} like xg")
-        if t is not None and t.device.type != "cpu":
+    dtype = xg.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
+    for name, t in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn),
+                    ("w_hr", w_hr)):
+        if t is not None and t.dtype is not dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
+        if t is not None and not t.is_cpu:
             raise ValueError(f"numba kernels run on CPU tensors, {name} is on {t.device}")
     if (cell == "lstm") != (c0 is not None):
         raise ValueError("c0 is required for lstm and must be None otherwise")
@@ -835,14 +857,13 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes):
     if w_hh.dim() != 2 or w_hh.shape[0] % gates:
         raise ValueError(f"w_hh must be ({gates}*H, P), got {tuple(w_hh.shape)}")
     hidden, proj = w_hh.shape[0] // gates, w_hh.shape[1]
-    batch = h0.shape[0]
-    expected = {"xg": (xg, (int(sizes.sum()), gates * hidden)), "h0": (h0, (batch, proj)),
-                "c0": (c0, (batch, hidden)), "b_hn": (b_hn, (hidden,)),
-                "w_hr": (w_hr, (proj, hidden))}
     if w_hr is None and cell == "lstm" and proj != hidden:
         raise ValueError(f"w_hh is {tuple(w_hh.shape)}: P != H needs w_hr")
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
+    batch = h0.shape[0]
+    for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
+                           ("c0", c0, (batch, hidden)), ("b_hn", b_hn, (hidden,)),
+                           ("w_hr", w_hr, (proj, hidden))):
+        if t is not None and t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
@@ -861,7 +882,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     """
     batch, proj = h0.shape
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
-    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.sizes)
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows)
     gemm = _gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // GATES[cell]
     xg_a = _array(xg)
@@ -921,7 +942,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
     order, offsets, sizes = plan[:3]
-    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, sizes)
+    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows)
     gemm = _gemm_address(grad_y.dtype)
     expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
                 "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
