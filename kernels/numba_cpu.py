@@ -247,24 +247,27 @@ def _stack_array(typingctx, size, dtype):
 
 
 @njit(**_JIT)
-def _gemm_rows(gemm, acc, ai, a, bi, nrows, w):
-    """acc[ai:ai+nrows, :N] += a[bi:bi+nrows, :K] @ w (w: (K, N)) through the Fortran gemm at
-    address ``gemm``: column-major, so it computes acc^T += w^T a^T with no transposes. The
-    by-reference scalars live on the stack (a heap allocation per step cost 0.1 µs each)."""
+def _gemm_rows(gemm, acc, ai, a, bi, nrows, w, overwrite):
+    """acc[ai:ai+nrows, :N] (+)= a[bi:bi+nrows, :K] @ w (w: (K, N); ``overwrite``: =, acc is not
+    read) through the Fortran gemm at address ``gemm``: column-major, so it computes
+    acc^T += w^T a^T with no transposes. The by-reference scalars live on the stack (a heap
+    allocation per step cost 0.1 µs each)."""
     k_total, n_total = w.shape
     ints = carray(_stack_array(6, np.int32), 6)
     ints[0], ints[1], ints[2] = n_total, nrows, k_total
     ints[3], ints[4], ints[5] = n_total, a.shape[1], acc.shape[1]
     trans = carray(_stack_array(1, np.uint8), 1)
     trans[0] = 78  # 'N'
-    one = carray(_stack_array(1, w.dtype), 1)
+    one = carray(_stack_array(2, w.dtype), 2)
     one[0] = 1
+    one[1] = 0 if overwrite else 1  # beta
     ip = np.int64(ints.ctypes.data)
     item = np.int64(4)
     _call_gemm(gemm, np.int64(trans.ctypes.data), np.int64(trans.ctypes.data), ip, ip + item,
                ip + 2 * item, np.int64(one.ctypes.data), np.int64(w.ctypes.data), ip + 3 * item,
                np.int64(a.ctypes.data) + np.int64(bi * a.strides[0]), ip + 4 * item,
-               np.int64(one.ctypes.data), np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
+               np.int64(one.ctypes.data) + np.int64(w.itemsize),
+               np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
                ip + 5 * item)
 
 
@@ -352,9 +355,10 @@ def _rows1(acc, ai, a, bi, w, j0, j1):
 
 
 @njit(**_JIT)
-def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm):
+def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, overwrite):
     """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
-    ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N).
+    ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N), or ``=``
+    when ``overwrite`` (acc's old values are not read).
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group), or 0 for the
     Numba micro-kernel, column-tiled so one (K, tile) slice of w stays in cache across all the
@@ -363,10 +367,16 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm):
         g0 = tid * group
         while g0 < rows:
             g1 = min(g0 + group, rows)
-            _gemm_rows(gemm, acc, acc_base + g0, a, a_base + g0, g1 - g0, w)
+            _gemm_rows(gemm, acc, acc_base + g0, a, a_base + g0, g1 - g0, w, overwrite)
             g0 += nthreads * group
         return
     k_total, n_total = w.shape
+    if overwrite:
+        g0 = tid * group
+        while g0 < rows:
+            for b in range(g0, min(g0 + group, rows)):
+                acc[acc_base + b, :n_total] = 0
+            g0 += nthreads * group
     tile = WEIGHT_TILE_BYTES // max(1, k_total * w.itemsize)
     tile = max(64, tile - tile % 16)
     for j0 in range(0, n_total, tile):
@@ -400,17 +410,17 @@ def _copy(dst, src):
 
 
 @njit(**_JIT)
-def _sigmoid_rows(a):
-    """a[:] = sigmoid(a) in place."""
+def _sigmoid_rows(a, x):
+    """a[:] = sigmoid(a + x) in place."""
     for j in range(a.shape[0]):
-        a[j] = _sigmoid(a[j])
+        a[j] = _sigmoid(a[j] + x[j])
 
 
 @njit(**_JIT)
-def _tanh_rows(a):
-    """a[:] = tanh(a) in place."""
+def _tanh_rows(a, x):
+    """a[:] = tanh(a + x) in place."""
     for j in range(a.shape[0]):
-        a[j] = _tanh(a[j])
+        a[j] = _tanh(a[j] + x[j])
 
 
 @njit(**_JIT)
@@ -442,32 +452,28 @@ def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, 
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
+        _matmul_rows(y, off, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
-            _copy(y[off + b], xg[off + b])
-        _matmul_rows(y, off, h, 0, w_t, tid, nthreads, group, rows, gemm)
-        for b in mine:
-            if b >= rows:
-                break
-            yb = y[off + b]
+            yb, xb = y[off + b], xg[off + b]
             if relu:
                 for u in range(yb.shape[0]):
-                    v = yb[u]
+                    v = yb[u] + xb[u]
                     yb[u] = 0 if v <= 0 else v  # NaN passes through, as in torch.relu
             else:
-                _tanh_rows(yb)
+                _tanh_rows(yb, xb)
             _copy(h[b], yb)
 
 
 @njit(**_JIT)
-def _lstm_cell(a, c, out):
-    """Given pre-activations a = (i, f, g, o) (4H,) of one row: activate a in place, c[:] = f c + i g,
-    out[:] = o tanh(c)."""
+def _lstm_cell(a, x, c, out):
+    """Given the recurrent part a and the input projection x (4H,) of one row's pre-activations
+    (i, f, g, o): a becomes the activated gates, c[:] = f c + i g, out[:] = o tanh(c)."""
     hidden = c.shape[0]
-    _sigmoid_rows(a[:2 * hidden])
-    _tanh_rows(a[2 * hidden:3 * hidden])
-    _sigmoid_rows(a[3 * hidden:])
+    _sigmoid_rows(a[:2 * hidden], x[:2 * hidden])
+    _tanh_rows(a[2 * hidden:3 * hidden], x[2 * hidden:3 * hidden])
+    _sigmoid_rows(a[3 * hidden:], x[3 * hidden:])
     for u in range(hidden):
         c[u] = a[hidden + u] * c[u] + a[u] * a[2 * hidden + u]
     for u in range(hidden):
@@ -482,24 +488,18 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, 
         t = order[p]
         rows, off = sizes[t], offsets[t]
         a, base = (gates, off) if save else (acc, 0)
-        for b in mine:
-            if b >= rows:
-                break
-            _copy(a[base + b], xg[off + b])
-        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm)
+        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
             out = m[b] if has_proj else y[off + b]
-            _lstm_cell(a[base + b], c[b], out)
+            _lstm_cell(a[base + b], xg[off + b], c[b], out)
             if save:
                 _copy(c_all[off + b], c[b])
-            if has_proj:
-                y[off + b, :] = 0
-            else:
+            if not has_proj:
                 _copy(h[b], out)
         if has_proj:
-            _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm)
+            _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm, True)
             for b in mine:
                 if b >= rows:
                     break
@@ -507,12 +507,14 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, 
 
 
 @njit(**_JIT)
-def _gru_cell(a, x, h, out):
-    """Given a = (h W_hr^T, h W_hz^T, h W_hn^T + b_hn, ·) (4H,) of one row and its input projection
-    x (3H,): a becomes the saved (r, z, hn, n); out[:] = n + z (h - n)."""
+def _gru_cell(a, x, b_hn, h, out):
+    """Given a = (h W_hr^T, h W_hz^T, h W_hn^T, ·) (4H,) of one row and its input projection
+    x (3H,): a becomes the saved (r, z, hn = h W_hn^T + b_hn, n); out[:] = n + z (h - n)."""
     hidden = h.shape[0]
-    for j in range(2 * hidden):
-        a[j] = _sigmoid(a[j] + x[j])
+    _sigmoid_rows(a[:2 * hidden], x[:2 * hidden])
+    hn = a[2 * hidden:3 * hidden]
+    for u in range(hidden):
+        hn[u] += b_hn[u]
     for u in range(hidden):
         a[3 * hidden + u] = _tanh(x[2 * hidden + u] + a[u] * a[2 * hidden + u])
     for u in range(hidden):
@@ -529,17 +531,11 @@ def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, g
         t = order[p]
         rows, off = sizes[t], offsets[t]
         a, base = (gates, off) if save else (acc, 0)
+        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
-            ab = a[base + b]
-            ab[:2 * hidden] = 0
-            _copy(ab[2 * hidden:3 * hidden], b_hn)
-        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm)
-        for b in mine:
-            if b >= rows:
-                break
-            _gru_cell(a[base + b], xg[off + b], h[b], y[off + b])
+            _gru_cell(a[base + b], xg[off + b], b_hn, h[b], y[off + b])
             _copy(h[b], y[off + b])
 
 
@@ -565,8 +561,7 @@ def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_x
             else:
                 for u in range(dxb.shape[0]):
                     dxb[u] = (dhb[u] + gyb[u]) * (1 - yb[u] * yb[u])
-            dhb[:] = 0
-        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
+        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
 
 
 @njit(**_JIT)
@@ -612,10 +607,8 @@ def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_pro
             gyb, dhb = grad_y[off + b], dh[b]
             for q in range(dyb.shape[0]):
                 dyb[q] = dhb[q] + gyb[q]
-            if has_proj:
-                dm[b, :] = 0
         if has_proj:
-            _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm)
+            _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
@@ -627,8 +620,7 @@ def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_pro
                 g_o = gates[off + b, 3 * tcb.shape[0]:]
                 for u in range(tcb.shape[0]):
                     tcb[u] *= g_o[u]
-            dh[b, :] = 0
-        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm)
+        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
 
 
 @njit(**_JIT)
@@ -671,7 +663,7 @@ def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh
             pr = prev[off + b]
             hp = y[pr] if pr >= 0 else h0[-1 - pr]
             _gru_cell_backward(gates[off + b], hp, dhb, d_xg[off + b], d_hg[off + b])
-        _matmul_rows(dh, 0, d_hg, off, w, tid, nthreads, group, rows, gemm)
+        _matmul_rows(dh, 0, d_hg, off, w, tid, nthreads, group, rows, gemm, False)
 
 
 @njit(**_JIT)
