@@ -396,31 +396,34 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, 
             g0 += nthreads * group
 
 
-# --------------------------------------------------------------------------- pointwise row helpers
-# Each helper loops over one row and writes one array, so LLVM vectorizes it with at most a few
-# runtime alias checks (a loop writing many arrays needs more checks than LLVM allows and stays
-# scalar: that was 4x slower on the LSTM gates).
+# --------------------------------------------------------------------------- time loops
+# How the pointwise work is written (each choice measured here, LSTM/GRU rows of H = 32 … 128):
+# * rows are indexed in the 2-D arrays (``a[r, j]``), never taken as row views: a view costs a
+#   reference-count increment and decrement per row (atomics), which was 6x the LSTM backward's
+#   arithmetic at H = 32;
+# * each loop writes one array and never reads the array it writes at another offset, so LLVM
+#   vectorizes it with a few runtime alias checks (a loop writing several arrays stayed scalar,
+#   4x slower on the LSTM gates);
+# * constants are of the array's dtype (``_one``): an int literal would promote float32 to float64.
+#
+# Arguments shared by the loops: ``order`` (T,) steps in processing order, ``offsets``/``sizes``
+# (T,) packed row offset and batch size of each step; (tid, nthreads, group) pick this thread's
+# rows. Forward: ``save`` keeps what backward needs (training); without it (inference) the
+# pre-activations go to the per-row scratch ``acc`` instead of the saved ``gates``.
+# Backward: ``prev`` (N,) is the packed row of each row's previous state in processing order, or
+# -1 - b when it is the initial state h0[b] / c0[b]; ``dh``/``dc`` (B, ·) carry the gradient
+# w.r.t. each row's current state: on entry grad_h_n / grad_c_n, on exit d_h0 / d_c0.
 
-@njit(**_JIT)
-def _copy(dst, src):
-    """dst[:] = src for 1-D arrays, as a plain loop (numba's slice assignment checks for overlap
-    and may allocate a temporary)."""
-    for j in range(dst.shape[0]):
-        dst[j] = src[j]
+def _one(a):
+    """1 in the dtype of array ``a``, for jitted code."""
+    raise NotImplementedError  # replaced by the overload below inside jitted code
 
 
-@njit(**_JIT)
-def _sigmoid_rows(a, x):
-    """a[:] = sigmoid(a + x) in place."""
-    for j in range(a.shape[0]):
-        a[j] = _sigmoid(a[j] + x[j])
-
-
-@njit(**_JIT)
-def _tanh_rows(a, x):
-    """a[:] = tanh(a + x) in place."""
-    for j in range(a.shape[0]):
-        a[j] = _tanh(a[j] + x[j])
+@overload(_one, jit_options=dict(fastmath=_FASTMATH))
+def _one_overload(a):
+    if a.dtype == types.float32:
+        return lambda a: np.float32(1)
+    return lambda a: np.float64(1)
 
 
 @njit(**_JIT)
@@ -440,14 +443,10 @@ def _thread_rows(tid, nthreads, group, batch):
     return mine
 
 
-# --------------------------------------------------------------------------- forward loops
-# Arguments shared by all loops: ``order`` (T,) steps in processing order, ``offsets``/``sizes``
-# (T,) packed row offset and batch size of each step; (tid, nthreads, group) pick this thread's rows.
-# ``save``: keep what backward needs (training); False for inference, where the pre-activations
-# go to the per-row scratch ``acc`` instead of the saved ``gates``.
-
 @njit(**_JIT)
 def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, offsets, sizes):
+    hidden = h.shape[1]
+    zero = _one(y) - _one(y)
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
     for p in range(order.shape[0]):
         t = order[p]
@@ -456,34 +455,24 @@ def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, 
         for b in mine:
             if b >= rows:
                 break
-            yb, xb = y[off + b], xg[off + b]
+            q = off + b
             if relu:
-                for u in range(yb.shape[0]):
-                    v = yb[u] + xb[u]
-                    yb[u] = 0 if v <= 0 else v  # NaN passes through, as in torch.relu
+                for u in range(hidden):
+                    v = y[q, u] + xg[q, u]
+                    y[q, u] = zero if v <= zero else v  # NaN passes through, as in torch.relu
             else:
-                _tanh_rows(yb, xb)
-            _copy(h[b], yb)
-
-
-@njit(**_JIT)
-def _lstm_cell(a, x, c, out):
-    """Given the recurrent part a and the input projection x (4H,) of one row's pre-activations
-    (i, f, g, o): a becomes the activated gates, c[:] = f c + i g, out[:] = o tanh(c)."""
-    hidden = c.shape[0]
-    _sigmoid_rows(a[:2 * hidden], x[:2 * hidden])
-    _tanh_rows(a[2 * hidden:3 * hidden], x[2 * hidden:3 * hidden])
-    _sigmoid_rows(a[3 * hidden:], x[3 * hidden:])
-    for u in range(hidden):
-        c[u] = a[hidden + u] * c[u] + a[u] * a[2 * hidden + u]
-    for u in range(hidden):
-        out[u] = a[3 * hidden + u] * _tanh(c[u])
+                for u in range(hidden):
+                    y[q, u] = _tanh(y[q, u] + xg[q, u])
+            for u in range(hidden):
+                h[b, u] = y[q, u]
 
 
 @njit(**_JIT)
 def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, has_proj, y, gates,
                          c_all, acc, m, order, offsets, sizes):
+    hidden = c.shape[1]
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
+    out = m if has_proj else y  # o tanh(c): the projection's input, or the output itself
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
@@ -492,39 +481,37 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, 
         for b in mine:
             if b >= rows:
                 break
-            out = m[b] if has_proj else y[off + b]
-            _lstm_cell(a[base + b], xg[off + b], c[b], out)
+            r, q = base + b, off + b
+            o = b if has_proj else q
+            for j in range(2 * hidden):  # i, f
+                a[r, j] = _sigmoid(a[r, j] + xg[q, j])
+            for u in range(hidden):  # g (a loop from a nonzero start stayed scalar: 8x slower)
+                a[r, 2 * hidden + u] = _tanh(a[r, 2 * hidden + u] + xg[q, 2 * hidden + u])
+            for u in range(hidden):  # o
+                a[r, 3 * hidden + u] = _sigmoid(a[r, 3 * hidden + u] + xg[q, 3 * hidden + u])
+            for u in range(hidden):
+                c[b, u] = a[r, hidden + u] * c[b, u] + a[r, u] * a[r, 2 * hidden + u]
+            for u in range(hidden):
+                out[o, u] = a[r, 3 * hidden + u] * _tanh(c[b, u])
             if save:
-                _copy(c_all[off + b], c[b])
+                for u in range(hidden):
+                    c_all[q, u] = c[b, u]
             if not has_proj:
-                _copy(h[b], out)
+                for u in range(hidden):
+                    h[b, u] = y[q, u]
         if has_proj:
             _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm, True)
             for b in mine:
                 if b >= rows:
                     break
-                _copy(h[b], y[off + b])
-
-
-@njit(**_JIT)
-def _gru_cell(a, x, b_hn, h, out):
-    """Given a = (h W_hr^T, h W_hz^T, h W_hn^T, ·) (4H,) of one row and its input projection
-    x (3H,): a becomes the saved (r, z, hn = h W_hn^T + b_hn, n); out[:] = n + z (h - n)."""
-    hidden = h.shape[0]
-    _sigmoid_rows(a[:2 * hidden], x[:2 * hidden])
-    hn = a[2 * hidden:3 * hidden]
-    for u in range(hidden):
-        hn[u] += b_hn[u]
-    for u in range(hidden):
-        a[3 * hidden + u] = _tanh(x[2 * hidden + u] + a[u] * a[2 * hidden + u])
-    for u in range(hidden):
-        n = a[3 * hidden + u]
-        out[u] = n + a[hidden + u] * (h[u] - n)
+                for k in range(h.shape[1]):
+                    h[b, k] = y[off + b, k]
 
 
 @njit(**_JIT)
 def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, gates, acc, order,
                         offsets, sizes):
+    """Row of ``a`` after a step: (r, z, hn = h W_hn^T + b_hn, n), the saved gates."""
     hidden = h.shape[1]
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
     for p in range(order.shape[0]):
@@ -535,18 +522,29 @@ def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, g
         for b in mine:
             if b >= rows:
                 break
-            _gru_cell(a[base + b], xg[off + b], b_hn, h[b], y[off + b])
-            _copy(h[b], y[off + b])
+            r, q = base + b, off + b
+            for j in range(2 * hidden):  # r, z
+                a[r, j] = _sigmoid(a[r, j] + xg[q, j])
+            for u in range(hidden):
+                a[r, 2 * hidden + u] += b_hn[u]
+            for u in range(hidden):  # n, kept in y until the update
+                y[q, u] = _tanh(xg[q, 2 * hidden + u] + a[r, u] * a[r, 2 * hidden + u])
+            if save:
+                for u in range(hidden):
+                    a[r, 3 * hidden + u] = y[q, u]
+            for u in range(hidden):
+                n = y[q, u]
+                y[q, u] = n + a[r, hidden + u] * (h[b, u] - n)
+            for u in range(hidden):
+                h[b, u] = y[q, u]
 
-
-# --------------------------------------------------------------------------- backward loops
-# ``prev`` (N,): packed row of each row's previous state in processing order, or -1 - b when it is
-# the initial state h0[b] / c0[b]. ``dh``/``dc`` (B, ·) carry the gradient w.r.t. each row's current
-# state; on entry grad_h_n / grad_c_n, on exit d_h0 / d_c0.
 
 @njit(**_JIT)
 def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_xg, order, offsets,
                          sizes):
+    hidden = dh.shape[1]
+    one = _one(dh)
+    zero = one - one
     mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
@@ -554,102 +552,79 @@ def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_x
         for b in mine:
             if b >= rows:
                 break
-            yb, gyb, dhb, dxb = y[off + b], grad_y[off + b], dh[b], d_xg[off + b]
+            q = off + b
             if relu:
-                for u in range(dxb.shape[0]):
-                    dxb[u] = (dhb[u] + gyb[u]) if yb[u] > 0 else 0
+                for u in range(hidden):
+                    d_xg[q, u] = (dh[b, u] + grad_y[q, u]) if y[q, u] > zero else zero
             else:
-                for u in range(dxb.shape[0]):
-                    dxb[u] = (dhb[u] + gyb[u]) * (1 - yb[u] * yb[u])
+                for u in range(hidden):
+                    d_xg[q, u] = (dh[b, u] + grad_y[q, u]) * (one - y[q, u] * y[q, u])
         _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
-
-
-@njit(**_JIT)
-def _lstm_cell_backward(gates, c, c_prev, d_out, dc, d_a, tc):
-    """BPTT through one LSTM step of one row. gates: activated (i, f, g, o) (4H,); c, c_prev (H,)
-    cell state after / before the step; d_out (H,) gradient w.r.t. o tanh(c); dc (H,) gradient
-    w.r.t. c, updated in place to the gradient w.r.t. c_prev; d_a (4H,) receives the gradient
-    w.r.t. the pre-activations; tc (H,) receives tanh(c)."""
-    hidden = c.shape[0]
-    g_i, g_f = gates[:hidden], gates[hidden:2 * hidden]
-    g_g, g_o = gates[2 * hidden:3 * hidden], gates[3 * hidden:]
-    d_i, d_f = d_a[:hidden], d_a[hidden:2 * hidden]
-    d_g, d_o = d_a[2 * hidden:3 * hidden], d_a[3 * hidden:]
-    for u in range(hidden):
-        tc[u] = _tanh(c[u])
-    for u in range(hidden):
-        dc[u] += d_out[u] * g_o[u] * (1 - tc[u] * tc[u])
-    for u in range(hidden):
-        d_o[u] = d_out[u] * tc[u] * g_o[u] * (1 - g_o[u])
-    for u in range(hidden):
-        d_i[u] = dc[u] * g_g[u] * g_i[u] * (1 - g_i[u])
-    for u in range(hidden):
-        d_f[u] = dc[u] * c_prev[u] * g_f[u] * (1 - g_f[u])
-    for u in range(hidden):
-        d_g[u] = dc[u] * g_i[u] * (1 - g_g[u] * g_g[u])
-    for u in range(hidden):
-        dc[u] *= g_f[u]
 
 
 @njit(**_JIT)
 def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_proj, gates, c_all, dh,
                           dc, dm, d_xg, dy_all, m_all, tc, prev, order, offsets, sizes):
+    """``dm`` (B, H): gradient w.r.t. o tanh(c); ``tc``: tanh(c) of the step (per batch row, or
+    per packed row in ``m_all`` with a projection, which then holds m = o tanh(c) for d_w_hr)."""
+    hidden = dc.shape[1]
+    one = _one(dc)
     mine = _thread_rows(tid, nthreads, group, dh.shape[0])
+    tanh_c = m_all if has_proj else tc
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
         for b in mine:
             if b >= rows:
                 break
-            # the gradient w.r.t. this step's output: carry + grad_y (kept per packed row for
-            # d_w_hr with a projection, then dm = (carry + grad_y) @ w_hr)
-            dyb = dy_all[off + b] if has_proj else dm[b]
-            gyb, dhb = grad_y[off + b], dh[b]
-            for q in range(dyb.shape[0]):
-                dyb[q] = dhb[q] + gyb[q]
+            q = off + b
+            if has_proj:  # carry + grad_y, kept per packed row for d_w_hr; dm = that @ w_hr
+                for k in range(dh.shape[1]):
+                    dy_all[q, k] = dh[b, k] + grad_y[q, k]
+            else:
+                for u in range(hidden):
+                    dm[b, u] = dh[b, u] + grad_y[q, u]
         if has_proj:
             _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
-            pr = prev[off + b]
-            cp = c_all[pr] if pr >= 0 else c0[-1 - pr]
-            tcb = m_all[off + b] if has_proj else tc[b]
-            _lstm_cell_backward(gates[off + b], c_all[off + b], cp, dm[b], dc[b], d_xg[off + b], tcb)
-            if has_proj:  # m = o tanh(c), the projection's input, for d_w_hr
-                g_o = gates[off + b, 3 * tcb.shape[0]:]
-                for u in range(tcb.shape[0]):
-                    tcb[u] *= g_o[u]
+            q = off + b
+            tr = q if has_proj else b
+            pr = prev[q]
+            c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
+            for u in range(hidden):
+                tanh_c[tr, u] = _tanh(c_all[q, u])
+            for u in range(hidden):
+                o, tcu = gates[q, 3 * hidden + u], tanh_c[tr, u]
+                dc[b, u] += dm[b, u] * o * (one - tcu * tcu)
+            for u in range(hidden):  # d o
+                o = gates[q, 3 * hidden + u]
+                d_xg[q, 3 * hidden + u] = dm[b, u] * tanh_c[tr, u] * o * (one - o)
+            for u in range(hidden):  # d i
+                i = gates[q, u]
+                d_xg[q, u] = dc[b, u] * gates[q, 2 * hidden + u] * i * (one - i)
+            for u in range(hidden):  # d f
+                f = gates[q, hidden + u]
+                d_xg[q, hidden + u] = dc[b, u] * c_prev[cr, u] * f * (one - f)
+            for u in range(hidden):  # d g
+                g = gates[q, 2 * hidden + u]
+                d_xg[q, 2 * hidden + u] = dc[b, u] * gates[q, u] * (one - g * g)
+            for u in range(hidden):
+                dc[b, u] *= gates[q, hidden + u]
+            if has_proj:
+                for u in range(hidden):
+                    m_all[q, u] *= gates[q, 3 * hidden + u]
         _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
-
-
-@njit(**_JIT)
-def _gru_cell_backward(gates, h_prev, d_h, d_a, d_hg):
-    """BPTT through one GRU step of one row. gates: saved (r, z, hn, n) (4H,); h_prev (H,); d_h (H,)
-    gradient w.r.t. the new state, updated in place to the gradient w.r.t. h_prev through z; d_a
-    (3H,) receives the gradient w.r.t. the pre-activations (r, z, n); d_hg (3H,) the gradient
-    w.r.t. (h W_hr^T, h W_hz^T, h W_hn^T + b_hn)."""
-    hidden = h_prev.shape[0]
-    g_r, g_z = gates[:hidden], gates[hidden:2 * hidden]
-    g_hn, g_n = gates[2 * hidden:3 * hidden], gates[3 * hidden:]
-    d_r, d_z, d_n = d_a[:hidden], d_a[hidden:2 * hidden], d_a[2 * hidden:]
-    for u in range(hidden):
-        d_n[u] = d_h[u] * (1 - g_z[u]) * (1 - g_n[u] * g_n[u])
-    for u in range(hidden):
-        d_r[u] = d_n[u] * g_hn[u] * g_r[u] * (1 - g_r[u])
-    for u in range(hidden):
-        d_z[u] = d_h[u] * (h_prev[u] - g_n[u]) * g_z[u] * (1 - g_z[u])
-    _copy(d_hg[:2 * hidden], d_a[:2 * hidden])
-    dg_n = d_hg[2 * hidden:]
-    for u in range(hidden):
-        dg_n[u] = d_n[u] * g_r[u]
-    for u in range(hidden):
-        d_h[u] *= g_z[u]
 
 
 @njit(**_JIT)
 def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh, d_xg, d_hg, prev,
                          order, offsets, sizes):
+    """``gates`` rows (r, z, hn, n); ``d_hg`` receives the gradient w.r.t. (h W_hr^T, h W_hz^T,
+    h W_hn^T + b_hn)."""
+    hidden = dh.shape[1]
+    one = _one(dh)
     mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
@@ -657,12 +632,29 @@ def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh
         for b in mine:
             if b >= rows:
                 break
-            dhb, gyb = dh[b], grad_y[off + b]
-            for u in range(dhb.shape[0]):
-                dhb[u] += gyb[u]
-            pr = prev[off + b]
-            hp = y[pr] if pr >= 0 else h0[-1 - pr]
-            _gru_cell_backward(gates[off + b], hp, dhb, d_xg[off + b], d_hg[off + b])
+            q = off + b
+            pr = prev[q]
+            h_prev, hr = (y, pr) if pr >= 0 else (h0, -1 - pr)
+            for u in range(hidden):
+                dh[b, u] += grad_y[q, u]
+            for u in range(hidden):  # d n
+                z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
+                d_xg[q, 2 * hidden + u] = dh[b, u] * (one - z) * (one - n * n)
+            for u in range(hidden):  # d r
+                r, z, n = gates[q, u], gates[q, hidden + u], gates[q, 3 * hidden + u]
+                d_xg[q, u] = (dh[b, u] * (one - z) * (one - n * n) * gates[q, 2 * hidden + u]
+                              * r * (one - r))
+            for u in range(hidden):  # d z
+                z = gates[q, hidden + u]
+                d_xg[q, hidden + u] = (dh[b, u] * (h_prev[hr, u] - gates[q, 3 * hidden + u])
+                                       * z * (one - z))
+            for j in range(2 * hidden):
+                d_hg[q, j] = d_xg[q, j]
+            for u in range(hidden):
+                z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
+                d_hg[q, 2 * hidden + u] = dh[b, u] * (one - z) * (one - n * n) * gates[q, u]
+            for u in range(hidden):
+                dh[b, u] *= gates[q, hidden + u]
         _matmul_rows(dh, 0, d_hg, off, w, tid, nthreads, group, rows, gemm, False)
 
 
@@ -687,7 +679,9 @@ def _gather_rows(src, init, prev, out):
     """out[n] = src[prev[n]] if prev[n] >= 0 else init[-1 - prev[n]] (out: (N, P))."""
     for n in range(prev.shape[0]):
         pr = prev[n]
-        _copy(out[n], src[pr] if pr >= 0 else init[-1 - pr])
+        rows, row = (src, pr) if pr >= 0 else (init, -1 - pr)
+        for k in range(out.shape[1]):
+            out[n, k] = rows[row, k]
 
 
 # --------------------------------------------------------------------------- launchers
