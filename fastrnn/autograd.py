@@ -10,22 +10,21 @@ from fastrnn import backends
 class Recurrence(torch.autograd.Function):
     """One recurrent layer in one direction over a whole (possibly packed) sequence.
 
-    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr)``
+    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias])``
     returns ``(y, h_n, c_n)``; shapes as in :func:`fastrnn.reference.recurrence_forward`
-    (xg: (N, G*H), h0: (B, P), c0: (B, H) or None, y: (N, P)). ``forward`` calls the backend's
-    forward kernel; ``backward`` its hand-written BPTT kernel, which returns the gradients of
-    xg, h0, c0, w_hh, b_hn and w_hr. Once differentiable: for double backward use
-    ``backend="reference"``.
+    (xg: (N, G*H), h0: (B, P), c0: (B, H) or None, bias: (G*H,) or None, y: (N, P)). ``forward``
+    calls the backend's forward kernel; ``backward`` its hand-written BPTT kernel, which returns
+    the gradients of xg, h0, c0, w_hh, b_hn, w_hr and bias. Once differentiable: for double
+    backward use ``backend="reference"``.
     """
 
     @staticmethod
-    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr):
+    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None):
         kern = backends.kernels(backend)
         y, h_n, c_n, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr,
-                                                     batch_sizes, reverse)
+                                                     batch_sizes, reverse, bias=bias)
         ctx.kern, ctx.cell, ctx.batch_sizes, ctx.reverse = kern, cell, batch_sizes, reverse
-        ctx.n_saved = len(saved)
-        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, y, *saved)
+        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, bias, y, *saved)
         if c_n is None:
             return y, h_n
         return y, h_n, c_n
@@ -33,34 +32,37 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_h_n, grad_c_n=None):
-        h0, c0, w_hh, b_hn, w_hr, y, *saved = ctx.saved_tensors
+        h0, c0, w_hh, b_hn, w_hr, bias, y, *saved = ctx.saved_tensors
         grads = ctx.kern.recurrence_backward(
             ctx.cell, grad_y.contiguous(), grad_h_n.contiguous(),
             None if grad_c_n is None else grad_c_n.contiguous(),
-            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved))
+            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved), bias=bias)
         return (None, None, None, None) + tuple(grads)
 
 
-def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
     """Run one layer/direction on ``backend`` ("reference" or a kernel backend).
 
     Returns ``(y, h_n, c_n)`` (c_n None except for LSTM). The reference runs with autograd
-    through its loop; every kernel backend runs through :class:`Recurrence`. Under
-    torch.compile every backend runs through the custom op ``fastrnn::recurrence``.
+    through its loop; every kernel backend runs through :class:`Recurrence`, or straight through
+    its forward kernel (``save=False``) when no gradient is wanted. Under torch.compile every
+    backend runs through the custom op ``fastrnn::recurrence``.
     """
     if torch.compiler.is_compiling():
         from fastrnn import ops  # the custom op torch.compile traces; see fastrnn.ops
         y, h_n, c_n = ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
-                                     b_hn, w_hr)
+                                     b_hn, w_hr, bias)
         return y, h_n, None if c0 is None else c_n
     if backend == "reference":
         from fastrnn import reference
-        return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
-    tensors = (xg, h0, c0, w_hh, b_hn, w_hr)
+        return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
+                                    bias)
+    tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         # No backward will follow: the kernel need not keep anything for it.
         y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
-            cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False)
+            cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias)
         return y, h_n, c_n
-    out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr)
+    out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr,
+                           bias)
     return out if len(out) == 3 else (out[0], out[1], None)

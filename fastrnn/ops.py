@@ -21,15 +21,16 @@ from fastrnn import backends
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence(backend: str, cell: str, batch_sizes: Tensor, reverse: bool, xg: Tensor,
                h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
-               w_hr: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+               w_hr: Optional[Tensor], bias: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor, Tensor]:
     """(y (N, P), h_n (B, P), c_n (B, H), or an empty tensor when the cell has no c)."""
     y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
-        cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+        cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias)
     return y, h_n, h0.new_empty(0) if c_n is None else c_n
 
 
 @recurrence.register_fake
-def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr):
+def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None):
     y = xg.new_empty(xg.shape[0], h0.shape[1])
     return y, torch.empty_like(h0), h0.new_empty(0) if c0 is None else torch.empty_like(c0)
 
@@ -38,21 +39,22 @@ def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr):
 def recurrence_backward(backend: str, cell: str, batch_sizes: Tensor, reverse: bool,
                         grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xg: Tensor,
                         h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
-                        w_hr: Optional[Tensor]) -> list[Tensor]:
-    """Gradients of the present inputs among (xg, h0, c0, w_hh, b_hn, w_hr), in that order."""
+                        w_hr: Optional[Tensor], bias: Optional[Tensor] = None) -> list[Tensor]:
+    """Gradients of the present inputs among (xg, h0, c0, w_hh, b_hn, w_hr, bias), in that
+    order."""
     kern = backends.kernels(backend)
     y, _, _, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes,
-                                             reverse)
+                                             reverse, bias=bias)
     grads = kern.recurrence_backward(cell, grad_y.contiguous(), grad_h_n.contiguous(),
                                      None if c0 is None else grad_c_n.contiguous(), h0, c0,
-                                     w_hh, b_hn, w_hr, batch_sizes, reverse, y, saved)
+                                     w_hh, b_hn, w_hr, batch_sizes, reverse, y, saved, bias=bias)
     return [g for g in grads if g is not None]
 
 
 @recurrence_backward.register_fake
 def _(backend, cell, batch_sizes, reverse, grad_y, grad_h_n, grad_c_n, xg, h0, c0, w_hh, b_hn,
-      w_hr):
-    return [torch.empty_like(t) for t in (xg, h0, c0, w_hh, b_hn, w_hr) if t is not None]
+      w_hr, bias=None):
+    return [torch.empty_like(t) for t in (xg, h0, c0, w_hh, b_hn, w_hr, bias) if t is not None]
 
 
 def _setup_context(ctx, inputs, output):

@@ -71,7 +71,9 @@ def step_offsets(batch_sizes):
     return offsets
 
 
-def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
+    if bias is not None:
+        xg = xg + bias
     sizes = [int(b) for b in batch_sizes]
     offsets = step_offsets(sizes)
     h, c = h0, c0
@@ -90,7 +92,8 @@ def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
     return y, h, c
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
+                       bias=None):
     """Run one layer in one direction over a whole (possibly packed) sequence.
 
     The kernel contract, shared by every backend:
@@ -104,6 +107,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     * ``reverse``: run t = T-1 … 0; each sequence is then reversed within its own length.
     * ``save``: False when no backward will follow (inference); a backend may then skip saving
       and return ``saved = ()``.
+    * ``bias``: (G*H,) or None, added to every row of ``xg`` (the input projection's bias, kept
+      out of the projection GEMM: a bias there costs a pass over the (N, G*H) result).
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P) outputs in the same packed layout, h_n (B, P) and
     c_n (B, H) or None the state of each row after its last active step, and ``saved`` a tuple of
@@ -111,30 +116,30 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     All tensors share xg's dtype and device.
     """
     with torch.no_grad():
-        y, h_n, c_n = _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+        y, h_n, c_n = _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias)
     return y, h_n, c_n, (xg,)
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved):
+                        batch_sizes, reverse, y, saved, bias=None):
     """BPTT for :func:`recurrence_forward` (kernel contract).
 
     ``grad_y``: (N, P), ``grad_h_n``: (B, P), ``grad_c_n``: (B, H) or None; the other arguments
     are those given to and returned by the forward. Returns the gradients
-    ``(d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr)``, None where the input was None.
+    ``(d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias)``, None where the input was None.
 
     The reference computes them by re-running the loop under autograd; the kernels hand-write
     BPTT, reduce weight gradients once after the time loop, and never use atomics.
     """
     (xg,) = saved
-    inputs = [xg, h0, c0, w_hh, b_hn, w_hr]
+    inputs = [xg, h0, c0, w_hh, b_hn, w_hr, bias]
     present = [i for i, t in enumerate(inputs) if t is not None]
 
     def run(*tensors):
         args = list(inputs)
         for i, t in zip(present, tensors):
             args[i] = t
-        y, h_n, c_n = _sequence(cell, *args, batch_sizes, reverse)
+        y, h_n, c_n = _sequence(cell, *args[:6], batch_sizes, reverse, args[6])
         return (y, h_n) if c_n is None else (y, h_n, c_n)
 
     outs, vjp = torch.func.vjp(run, *[inputs[i] for i in present])
@@ -143,7 +148,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     return tuple(next(grads) if t is not None else None for t in inputs)
 
 
-def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse):
+def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
     """The differentiable reference recurrence: same arguments as :func:`recurrence_forward`,
     returns ``(y, h_n, c_n)`` with autograd (double backward included) through the loop."""
-    return _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse)
+    return _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias)

@@ -444,7 +444,8 @@ def _thread_rows(tid, nthreads, group, batch):
 
 
 @njit(**_JIT)
-def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, offsets, sizes):
+def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, bias, h, w_t, y, order, offsets,
+                        sizes):
     hidden = h.shape[1]
     zero = _one(y) - _one(y)
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
@@ -458,18 +459,18 @@ def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, h, w_t, y, order, 
             q = off + b
             if relu:
                 for u in range(hidden):
-                    v = y[q, u] + xg[q, u]
+                    v = y[q, u] + (xg[q, u] + bias[u])
                     y[q, u] = zero if v <= zero else v  # NaN passes through, as in torch.relu
             else:
                 for u in range(hidden):
-                    y[q, u] = _tanh(y[q, u] + xg[q, u])
+                    y[q, u] = _tanh(y[q, u] + (xg[q, u] + bias[u]))
             for u in range(hidden):
                 h[b, u] = y[q, u]
 
 
 @njit(**_JIT)
-def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, has_proj, y, gates,
-                         c_all, acc, m, order, offsets, sizes):
+def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, bias, h, c, w_t, wr_t, has_proj, y,
+                         gates, c_all, acc, m, order, offsets, sizes):
     hidden = c.shape[1]
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
     out = m if has_proj else y  # o tanh(c): the projection's input, or the output itself
@@ -484,11 +485,13 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, 
             r, q = base + b, off + b
             o = b if has_proj else q
             for j in range(2 * hidden):  # i, f
-                a[r, j] = _sigmoid(a[r, j] + xg[q, j])
+                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
             for u in range(hidden):  # g (a loop from a nonzero start stayed scalar: 8x slower)
-                a[r, 2 * hidden + u] = _tanh(a[r, 2 * hidden + u] + xg[q, 2 * hidden + u])
+                j = 2 * hidden + u
+                a[r, j] = _tanh(a[r, j] + (xg[q, j] + bias[j]))
             for u in range(hidden):  # o
-                a[r, 3 * hidden + u] = _sigmoid(a[r, 3 * hidden + u] + xg[q, 3 * hidden + u])
+                j = 3 * hidden + u
+                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
             for u in range(hidden):
                 c[b, u] = a[r, hidden + u] * c[b, u] + a[r, u] * a[r, 2 * hidden + u]
             for u in range(hidden):
@@ -509,8 +512,8 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, h, c, w_t, wr_t, 
 
 
 @njit(**_JIT)
-def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, gates, acc, order,
-                        offsets, sizes):
+def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, bias, h, w_t, b_hn, y, gates, acc,
+                        order, offsets, sizes):
     """Row of ``a`` after a step: (r, z, hn = h W_hn^T + b_hn, n), the saved gates."""
     hidden = h.shape[1]
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
@@ -524,11 +527,12 @@ def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, h, w_t, b_hn, y, g
                 break
             r, q = base + b, off + b
             for j in range(2 * hidden):  # r, z
-                a[r, j] = _sigmoid(a[r, j] + xg[q, j])
+                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
             for u in range(hidden):
                 a[r, 2 * hidden + u] += b_hn[u]
             for u in range(hidden):  # n, kept in y until the update
-                y[q, u] = _tanh(xg[q, 2 * hidden + u] + a[r, u] * a[r, 2 * hidden + u])
+                j = 2 * hidden + u
+                y[q, u] = _tanh((xg[q, j] + bias[j]) + a[r, u] * a[r, j])
             if save:
                 for u in range(hidden):
                     a[r, 3 * hidden + u] = y[q, u]
@@ -821,7 +825,7 @@ def _schedule(batch_sizes, reverse, batch, row_work):
     return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if one else 1, rows)
 
 
-def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows):
+def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
     """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
     ``n_rows`` = sum(batch_sizes)."""
     if cell not in CELLS:
@@ -830,7 +834,7 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows):
     if dtype is not torch.float32 and dtype is not torch.float64:
         raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
     for name, t in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn),
-                    ("w_hr", w_hr)):
+                    ("w_hr", w_hr), ("bias", bias)):
         if t is not None and t.dtype is not dtype:
             raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
         if t is not None and not t.is_cpu:
@@ -848,18 +852,20 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows):
     batch = h0.shape[0]
     for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
                            ("c0", c0, (batch, hidden)), ("b_hn", b_hn, (hidden,)),
-                           ("w_hr", w_hr, (proj, hidden))):
+                           ("w_hr", w_hr, (proj, hidden)), ("bias", bias, (gates * hidden,))):
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
+                       bias=None):
     """One layer, one direction, whole (possibly packed) sequence (kernel contract of
     :func:`fastrnn.reference.recurrence_forward`).
 
     xg: (N, G*H); h0: (B, P); c0: (B, H) (lstm) or None; w_hh: (G*H, P); b_hn: (H,) (gru) or None;
     w_hr: (P, H) (lstm with projection) or None; batch_sizes: int64 (T,), non-increasing, B =
-    batch_sizes[0], N = sum(batch_sizes). float32 or float64 CPU tensors, all of one dtype.
+    batch_sizes[0], N = sum(batch_sizes); bias: (G*H,) or None, added to every row of xg.
+    float32 or float64 CPU tensors, all of one dtype.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
     () for rnn_* and whenever ``save`` is False (no backward follows); (gates (N, 4H) = i, f, g, o
@@ -868,11 +874,12 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     """
     batch, proj = h0.shape
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
-    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows)
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = _gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // GATES[cell]
     xg_a = _array(xg)
     dtype = xg_a.dtype
+    b_x = _array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
     n_rows = xg_a.shape[0]
     h = _owned(h0)
     y = _alloc((n_rows, proj), dtype)
@@ -882,7 +889,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     c_n, saved = None, ()
     schedule = plan[:3]
     if cell in CELL_CODES:
-        _run(_rnn_forward_thread, plan, gemm, cell == "rnn_relu", xg_a, h, w_t, y,
+        _run(_rnn_forward_thread, plan, gemm, cell == "rnn_relu", xg_a, b_x, h, w_t, y,
              *schedule)
         return torch.from_numpy(y), torch.from_numpy(h), None, ()
     # Pre-activations go straight into the saved gates when training, else into a scratch row per
@@ -895,27 +902,28 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         has_proj = w_hr is not None
         wr_t = _array(w_hr.t()) if has_proj else np.zeros((0, 0), dtype)
         m = _alloc((batch if has_proj else 0, hidden), dtype)
-        _run(_lstm_forward_thread, plan, gemm, save, xg_a, h, c, w_t, wr_t, has_proj,
+        _run(_lstm_forward_thread, plan, gemm, save, xg_a, b_x, h, c, w_t, wr_t, has_proj,
              y, gates, c_all, acc, m, *schedule)
         c_n = torch.from_numpy(c)
         saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
     else:
         b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
-        _run(_gru_forward_thread, plan, gemm, save, xg_a, h, w_t, b, y, gates, acc,
+        _run(_gru_forward_thread, plan, gemm, save, xg_a, b_x, h, w_t, b, y, gates, acc,
              *schedule)
         saved = (torch.from_numpy(gates),)
     return torch.from_numpy(y), torch.from_numpy(h), c_n, saved if save else ()
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved):
+                        batch_sizes, reverse, y, saved, bias=None):
     """Hand-written BPTT for :func:`recurrence_forward` (kernel contract of
     :func:`fastrnn.reference.recurrence_backward`).
 
     grad_y: (N, P); grad_h_n: (B, P); grad_c_n: (B, H) or None (None is read as zeros for lstm);
     the rest as given to / returned by :func:`recurrence_forward`. Returns
     ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
-    d_w_hr (P, H) or None)``. Weight gradients are reduced once, after the time loop, as GEMMs.
+    d_w_hr (P, H) or None, d_bias (G*H,) or None)``. Weight gradients are reduced once, after the
+    time loop, as GEMMs (d_bias as one sum over rows).
     """
     hidden = w_hh.shape[0] // GATES[cell]
     batch, proj = h0.shape
@@ -928,7 +936,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
     order, offsets, sizes = plan[:3]
-    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows)
+    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = _gemm_address(grad_y.dtype)
     expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
                 "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
@@ -976,4 +984,5 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         d_w_hh = torch.mm(d_hg_t.t(), h_prev_t)
         if b_hn is not None:
             d_b_hn = d_hg_t[:, 2 * hidden:].sum(0)
-    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr
+    d_bias = d_xg_t.sum(0) if bias is not None else None
+    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias

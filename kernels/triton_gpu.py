@@ -721,16 +721,20 @@ def _check(cell, xg, w_hr):
         raise ValueError(reason)
 
 
-def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True):
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
+                       bias=None):
     """One layer, one direction, a whole (possibly packed) sequence on the GPU.
 
     xg: (N, G*H); h0: (B, H); c0: (B, H) (lstm) or None; w_hh: (G*H, H); b_hn: (H,) or None
     (gru); w_hr must be None; batch_sizes: CPU int64 (T,). All floating tensors share xg's dtype
     (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or None,
     saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See :mod:`fastrnn.reference`. ``save`` is
-    accepted for the contract; the kernels always write the stash.
+    accepted for the contract; the kernels always write the stash. ``bias`` (G*H,) or None is
+    added to xg before the kernels (one elementwise pass on the GPU).
     """
     _check(cell, xg, w_hr)
+    if bias is not None:
+        xg = xg + bias
     N = xg.shape[0]
     B, H = h0.shape
     T = len(batch_sizes)
@@ -776,12 +780,12 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved):
+                        batch_sizes, reverse, y, saved, bias=None):
     """BPTT for :func:`recurrence_forward`: hand-written kernels, weight gradients by one GEMM.
 
     grad_y: (N, H); grad_h_n: (B, H); grad_c_n: (B, H) or None; saved = (h_prev, stash) from the
     forward. Returns (d_xg (N, G*H), d_h0 (B, H), d_c0 (B, H) or None, d_w_hh (G*H, H),
-    d_b_hn (H,) or None, None), each in its input's dtype.
+    d_b_hn (H,) or None, None, d_bias (G*H,) or None), each in its input's dtype.
     """
     h_prev, stash = saved
     N, H = grad_y.shape[0], w_hh.shape[1]
@@ -829,8 +833,9 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_b_hn = None
     if b_hn is not None:
         d_b_hn = d_hn.sum(0).to(b_hn.dtype)
+    d_bias = None if bias is None else d_gates.sum(0).to(bias.dtype)
     return (d_gates.to(dtype), d_h0.to(h0.dtype), None if c0 is None else d_c0.to(c0.dtype),
-            d_w_hh, d_b_hn, None)
+            d_w_hh, d_b_hn, None, d_bias)
 
 
 # ----------------------------------------------------------------------------------------------

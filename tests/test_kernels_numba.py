@@ -18,7 +18,7 @@ from fastrnn.kernels import numba_cpu
 # the matmul in another order than torch; float64 uses exact tanh/exp.
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-9)}
 
-# (cell, proj_size > 0, with b_hn)
+# (cell, proj_size > 0, with biases: b_hn for gru, and the (G*H,) bias of the input projection)
 VARIANTS = {
     "rnn_tanh": ("rnn_tanh", False, False),
     "rnn_relu": ("rnn_relu", False, False),
@@ -79,8 +79,10 @@ def ragged_batch_sizes(steps, batch, generator):
 
 
 def make_inputs(variant, dtype, steps, batch, hidden, packed, generator, proj=None):
-    """Random (xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes) for one layer/direction."""
-    cell, has_proj, has_bhn = VARIANTS[variant]
+    """(cell, (xg, h0, c0, w_hh, b_hn, w_hr, bias), batch_sizes): random inputs of one
+    layer/direction, in the order of :class:`Recurrence`'s tensors. Every variant but
+    ``gru_no_bias`` has a bias (b_hn for gru)."""
+    cell, has_proj, has_bias = VARIANTS[variant]
     gates = reference.GATES[cell]
     p = (proj or max(1, hidden // 2)) if has_proj else hidden
     sizes = (ragged_batch_sizes(steps, batch, generator) if packed
@@ -94,9 +96,16 @@ def make_inputs(variant, dtype, steps, batch, hidden, packed, generator, proj=No
     h0 = rand(batch, p)
     c0 = rand(batch, hidden) if cell == "lstm" else None
     w_hh = rand(gates * hidden, p, scale=p ** -0.5)
-    b_hn = rand(hidden) if has_bhn else None
+    b_hn = rand(hidden) if has_bias and cell == "gru" else None
     w_hr = rand(p, hidden, scale=hidden ** -0.5) if has_proj else None
-    return cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes
+    bias = rand(gates * hidden) if has_bias else None
+    return cell, (xg, h0, c0, w_hh, b_hn, w_hr, bias), sizes
+
+
+def forward(kernels, cell, inputs, sizes, reverse, save=True):
+    """``kernels.recurrence_forward`` of the inputs of :func:`make_inputs`."""
+    return kernels.recurrence_forward(cell, *inputs[:6], sizes, reverse, save=save,
+                                      bias=inputs[6])
 
 
 def assert_close(actual, expected, dtype, what):
@@ -112,11 +121,10 @@ def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
     g = fresh_generator()
     cell, inputs, sizes = make_inputs(variant, dtype, steps=7, batch=9, hidden=12, packed=packed,
                                       generator=g)
-    xg, h0, c0, w_hh, b_hn, w_hr = inputs
 
     # Forward kernel alone, against the reference forward.
-    y, h_n, c_n, _ = numba_cpu.recurrence_forward(cell, *inputs, sizes, reverse)
-    y_ref, h_ref, c_ref, _ = reference.recurrence_forward(cell, *inputs, sizes, reverse)
+    y, h_n, c_n, _ = forward(numba_cpu, cell, inputs, sizes, reverse)
+    y_ref, h_ref, c_ref, _ = forward(reference, cell, inputs, sizes, reverse)
     assert_close(y, y_ref, dtype, "y")
     assert_close(h_n, h_ref, dtype, "h_n")
     if cell == "lstm":
@@ -125,8 +133,7 @@ def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
         assert c_n is None
 
     # Inference (save=False: pre-activations in scratch rows, nothing saved): bitwise the same.
-    y_inf, h_inf, c_inf, saved_inf = numba_cpu.recurrence_forward(cell, *inputs, sizes, reverse,
-                                                                  save=False)
+    y_inf, h_inf, c_inf, saved_inf = forward(numba_cpu, cell, inputs, sizes, reverse, save=False)
     assert saved_inf == ()
     assert torch.equal(y_inf, y) and torch.equal(h_inf, h_n)
     assert c_n is None and c_inf is None or torch.equal(c_inf, c_n)
@@ -138,7 +145,8 @@ def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
     upstream = [torch.randn(o.shape, generator=g, dtype=dtype) for o in outs]
     grads = torch.autograd.grad(outs, wrt, upstream)
     grads_ref = torch.autograd.grad(outs_ref, wrt, upstream)
-    names = [n for n, t in zip(("xg", "h0", "c0", "w_hh", "b_hn", "w_hr"), inputs) if t is not None]
+    names = [n for n, t in zip(("xg", "h0", "c0", "w_hh", "b_hn", "w_hr", "bias"), inputs)
+             if t is not None]
     for name, got, want in zip(names, grads, grads_ref):
         assert_close(got, want, dtype, f"d_{name}")
 
@@ -219,7 +227,7 @@ def test_long_sequence_stays_finite():
 def test_non_contiguous_inputs():
     g = fresh_generator()
     dtype = torch.float64
-    cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes = make_inputs(
+    cell, (xg, h0, c0, w_hh, b_hn, w_hr, _), sizes = make_inputs(
         "lstm", dtype, steps=5, batch=4, hidden=6, packed=True, generator=g)
     h0_nc = h0.detach().t().contiguous().t().requires_grad_()
     c0_nc = c0.detach().t().contiguous().t().requires_grad_()
@@ -243,7 +251,7 @@ def test_saved_tensors_are_small():
     for variant, per_row in (("rnn_tanh", 0), ("lstm", 5), ("gru", 4)):
         cell, inputs, sizes = make_inputs(variant, torch.float32, steps=6, batch=3, hidden=8,
                                           packed=True, generator=g)
-        *_, saved = numba_cpu.recurrence_forward(cell, *inputs, sizes, False)
+        *_, saved = forward(numba_cpu, cell, inputs, sizes, False)
         assert sum(t.numel() for t in saved) == per_row * 8 * int(sizes.sum())
 
 
@@ -260,7 +268,7 @@ def test_dispatcher_offers_numba():
 def test_rejects_inconsistent_arguments():
     """The loops index without bounds checks, so bad sizes must be refused before they run."""
     g = fresh_generator()
-    cell, (xg, h0, c0, w_hh, b_hn, w_hr), sizes = make_inputs(
+    cell, (xg, h0, c0, w_hh, b_hn, w_hr, _), sizes = make_inputs(
         "lstm", torch.float32, steps=5, batch=4, hidden=6, packed=True, generator=g)
     growing = sizes.flip(0)
     with pytest.raises(ValueError, match="non-increasing"):
