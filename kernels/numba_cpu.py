@@ -62,12 +62,16 @@ _JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
 #   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
 #   multiply-adds (T*B*G*H*P) in all: it paid off from LSTM T=200 B=64 H=128 on;
 # * else run one loop thread and let its per-step BLAS call use torch's threads (MKL runs them on
-#   torch's own OpenMP team) when one step has at least BLAS_PARALLEL_MIN_STEP_WORK multiply-adds
-#   (B*G*H*P): LSTM B=1 H=512 2.0x, B=8 H=512 1.5x faster than one thread; smaller steps lost;
+#   torch's own OpenMP team) when the recurrent weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES
+#   (more than one core's L2 holds well: each core then streams half) or one step has at least
+#   BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM B=1 H=512 2.0x, B=1 H=256 1.2x,
+#   B=8 H=512 1.5x faster than one thread; compute-bound steps of up to 1M multiply-adds with
+#   cache-resident weights lost (RNN B=64 H=128 0.5x, LSTM B=64 H=32 0.7x);
 # * else one thread.
 PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
-BLAS_PARALLEL_MIN_STEP_WORK = 1_000_000
+BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
+BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
@@ -798,9 +802,9 @@ def _plan_steps(sizes, batch, reverse):
     return ok, order, offsets
 
 
-def _schedule(batch_sizes, reverse, batch, row_work):
+def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     """The :class:`_Plan` of a call whose recurrent matmul costs ``row_work`` multiply-adds per
-    row and step (G*H*P).
+    row and step (G*H*P, also the number of recurrent weights, of ``itemsize`` bytes).
 
     Checks the batch sizes (the loops index without bounds checks): non-increasing, the first equal
     to ``batch``, none negative."""
@@ -820,9 +824,10 @@ def _schedule(batch_sizes, reverse, batch, row_work):
         group = (ROW_GROUP if batch >= ROW_GROUP * threads and not USE_BLAS
                  else -(-batch // threads))
         return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows)
-    # MKL's global thread count is torch's: leave it (0) for a single thread or a large step.
-    one = threads == 1 or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK
-    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if one else 1, rows)
+    # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
+    keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
+                            or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
+    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows)
 
 
 def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
@@ -873,7 +878,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     h W_hn^T + b_hn, n) for gru.
     """
     batch, proj = h0.shape
-    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
     _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = _gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // GATES[cell]
@@ -934,7 +939,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     w = _array(w_hh)
     dh = _owned(grad_h_n)
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
-    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj)
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
     order, offsets, sizes = plan[:3]
     _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = _gemm_address(grad_y.dtype)

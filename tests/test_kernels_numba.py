@@ -49,6 +49,7 @@ def threading(request, monkeypatch):
     monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0 if rows else float("inf"))
     blas = request.param == "blas-threads"
     monkeypatch.setattr(numba_cpu, "BLAS_PARALLEL_MIN_STEP_WORK", 0 if blas else float("inf"))
+    monkeypatch.setattr(numba_cpu, "BLAS_PARALLEL_MIN_WEIGHT_BYTES", 0 if blas else float("inf"))
     return request.param
 
 
