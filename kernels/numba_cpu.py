@@ -8,18 +8,18 @@ Implements the kernel contract of :mod:`fastrnn.reference` (:func:`recurrence_fo
   at step t only the rows ``b < batch_sizes[t]`` are computed (no padding, no masks). The loop runs
   over the steps in *processing order* (``T-1 … 0`` when ``reverse``); the state buffers ``h``/``c``
   (B, ·) always hold each row's latest state, so inactive rows keep theirs.
-* Rows are independent sequences, so threads split the **batch rows**, and each thread runs the
-  whole time loop for its rows: one hand-off per call, no barrier per step. The loops are compiled
-  ``nogil`` and run on the calling thread plus a small pool of Python threads
-  (``torch.get_num_threads()`` in all). Only large batches use two loop threads; mid-size steps
-  use one loop thread whose BLAS calls use torch's threads (see :data:`PARALLEL_MIN_WORK`).
-* The recurrent matmul of each step, ``acc[rows] += h[rows] @ W`` (W pre-transposed to (K, N)),
+* Threads (``torch.get_num_threads()`` in all, see :class:`_Plan` and the thresholds below): one
+  loop thread whose per-step BLAS call uses them where a step is large; or, for large batches,
+  the **batch rows** split over threads (rows are independent sequences), each running the whole
+  time loop for its rows: one hand-off per call, no barrier per step. The loops are compiled
+  ``nogil`` and run on the calling thread plus a small pool of Python threads.
+* The recurrent matmul of each step, ``acc[rows] = h[rows] @ W`` (W pre-transposed to (K, N)),
   is one call per thread and step of the Fortran BLAS ``sgemm_``/``dgemm_`` that torch exports
-  (MKL on x86), called **from the compiled loop** through its address (no Python per step; the
-  address is a runtime argument, so the loops stay cacheable), with MKL's thread-local thread
-  count set to 1 so threads never multiply. Where torch exports no BLAS, a Numba micro-kernel
-  takes over: register-blocked (4 rows x 4 k per pass, vectorized over the output columns),
-  column-tiled so a weight tile stays in L2 across row groups.
+  (MKL on x86), called **from the compiled loop** through its address (no Python and no heap
+  allocation per step; the address is a runtime argument, so the loops stay cacheable), with
+  MKL's thread-local thread count set per call so threads never multiply. Where torch exports no
+  BLAS, a Numba micro-kernel takes over: register-blocked (4 rows x 4 k per pass, vectorized over
+  the output columns), column-tiled so a weight tile stays in L2 across row groups.
 * Gate math is fused after the matmul of each row group, as short loops that each write one
   array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there
   is no SVML): float32 Eigen's rational tanh, float64 an expm1 of its own (error ~1e-16).
@@ -60,7 +60,8 @@ _JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
 # down a thread of ours on the other core):
 # * split the batch rows over threads of ours (each runs the whole time loop for its rows) when the
 #   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
-#   multiply-adds (T*B*G*H*P) in all: it paid off from LSTM T=200 B=64 H=128 on;
+#   multiply-adds (T*B*G*H*P) in all: LSTM T=200 B=64 H=128 training 1.1x one thread (torch's
+#   spinning workers take most of the second core: without them, 1.6x);
 # * else run one loop thread and let its per-step BLAS call use torch's threads (MKL runs them on
 #   torch's own OpenMP team) when the recurrent weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES
 #   (more than one core's L2 holds well: each core then streams half) or one step has at least
