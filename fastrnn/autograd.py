@@ -40,6 +40,11 @@ class Recurrence(torch.autograd.Function):
         return (None, None, None, None) + tuple(grads)
 
 
+def needs_grad(*tensors):
+    """Whether autograd will record an op on ``tensors`` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
     """Run one layer/direction on ``backend`` ("reference" or a kernel backend).
 
@@ -57,8 +62,7 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
         from fastrnn import reference
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
                                     bias)
-    tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias)
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+    if not needs_grad(xg, h0, c0, w_hh, b_hn, w_hr, bias):
         # No backward will follow: the kernel need not keep anything for it.
         y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
             cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrnn import backends
-from fastrnn.autograd import recurrence
+from fastrnn.autograd import needs_grad, recurrence
 from fastrnn.reference import GATES
 
 _DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
@@ -56,6 +56,40 @@ def input_projection(cell, x, w_ih, b_ih, b_hh):
         bias = b_ih + torch.cat([b_hh[: 2 * hidden], b_hh.new_zeros(hidden)])
         return xg, bias, b_hh[2 * hidden:]
     return xg, b_ih + b_hh, None
+
+
+# Inference over a long input projects it in chunks of steps of about PROJECTION_CHUNK_BYTES each,
+# which the recurrence reads while they are still in cache, instead of one (N, G*H) GEMM result
+# that streams through memory (LSTM T=1000 B=64 H=512: a 524 MB xg, written then read once).
+# Used on CPU tensors when no gradient is recorded and xg would exceed PROJECTION_CHUNK_MIN_BYTES.
+PROJECTION_CHUNK_BYTES = 8 << 20
+PROJECTION_CHUNK_MIN_BYTES = 32 << 20
+
+
+def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+    """One layer and direction without autograd, its input projected one chunk of steps at a time
+    (x: (N, I), the rest as in :func:`stack`). Chunks run in processing order; each continues
+    from the state the previous one left (rows not yet active keep theirs)."""
+    sizes = batch_sizes.tolist()
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    gates = w_ih.shape[0]
+    steps = max(1, PROJECTION_CHUNK_BYTES // max(1, sizes[0] * gates * x.element_size()))
+    starts = list(range(0, len(sizes), steps))
+    y = x.new_empty(x.shape[0], h0.shape[1])
+    h, c = h0, c0
+    for t0 in reversed(starts) if reverse else starts:
+        t1 = min(t0 + steps, len(sizes))
+        r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
+        xg, bias, b_hn = input_projection(cell, x[r0:r1], w_ih, b_ih, b_hh)
+        y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows], None if c is None else c[:rows],
+                                   w_hh, b_hn, w_hr, batch_sizes[t0:t1], reverse, bias)
+        y[r0:r1] = y_c
+        h = h_c if rows == h.shape[0] else torch.cat([h_c, h[rows:]])
+        if c is not None:
+            c = c_c if rows == c.shape[0] else torch.cat([c_c, c[rows:]])
+    return y, h, c
 
 
 def _layer_params(params, has_biases, num_layers, num_directions):
@@ -93,9 +127,17 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
         for direction in range(directions):
             k = layer * directions + direction
             w_ih, w_hh, b_ih, b_hh, w_hr = layers[k]
-            xg, bias, b_hn = input_projection(cell, layer_input, w_ih, b_ih, b_hh)
-            y, h, c = recurrence(backend, cell, xg, h0[k], None if c0 is None else c0[k],
-                                 w_hh, b_hn, w_hr, batch_sizes, direction == 1, bias)
+            h0_k, c0_k = h0[k], None if c0 is None else c0[k]
+            xg_bytes = layer_input.shape[0] * w_ih.shape[0] * layer_input.element_size()
+            if (xg_bytes > PROJECTION_CHUNK_MIN_BYTES and x.device.type == "cpu"
+                    and backend != "reference" and not torch.compiler.is_compiling()
+                    and not needs_grad(layer_input, h0_k, c0_k, *layers[k])):
+                y, h, c = _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k,
+                                         w_ih, w_hh, b_ih, b_hh, w_hr, direction == 1)
+            else:
+                xg, bias, b_hn = input_projection(cell, layer_input, w_ih, b_ih, b_hh)
+                y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, w_hh, b_hn, w_hr,
+                                     batch_sizes, direction == 1, bias)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

@@ -10,8 +10,8 @@ from torch import nn
 
 import fastrnn
 from fastrnn import Recurrence, backends, reference
-from _support import (BACKENDS, CELL_OF_VARIANT, TOL, VARIANTS, assert_all_close, pair, require,
-                      seed_of)
+from _support import (BACKENDS, CELL_OF_VARIANT, TOL, VARIANTS, assert_all_close, flatten,
+                      make_case, pair, require, seed_of)
 
 CELLS = {"RNNCell": ("rnn_tanh", {}), "RNNCell-relu": ("rnn_relu", {"nonlinearity": "relu"}),
          "LSTMCell": ("lstm", {}), "GRUCell": ("gru", {})}
@@ -146,6 +146,33 @@ def test_long_sequence_stays_finite_and_matches(variant, backend):
     # errors do not grow with T: the recurrence contracts, so rounding differences stay local
     torch.testing.assert_close(out, expected, **TOL[torch.float32])
     torch.testing.assert_close(grad, x.grad, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("steps_per_chunk", [1, 2])
+@pytest.mark.parametrize("fmt", ["seq_first", "packed_sorted", "packed_unsorted"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_per_chunk,
+                                                            monkeypatch):
+    """Inference with the input projection chunked (forced here on a small case) matches
+    torch.nn, in both directions, over packed ragged input, in every layer; training never
+    chunks (the autograd graph needs the whole projection)."""
+    require("numba", CELL_OF_VARIANT[variant], torch.float32)
+    from fastrnn import functional
+    ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
+                                           "numba", T=5, B=3, I=4, H=6)
+    gates = reference.GATES[CELL_OF_VARIANT[variant]]
+    monkeypatch.setattr(functional, "PROJECTION_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(functional, "PROJECTION_CHUNK_BYTES", steps_per_chunk * 3 * gates * 6 * 4)
+    calls = []
+    chunked = functional._chunked_layer
+    monkeypatch.setattr(functional, "_chunked_layer",
+                        lambda *args: calls.append(args[0]) or chunked(*args))
+    with torch.no_grad():
+        actual, expected = flatten(mod(*build(leaves))), flatten(ref(*build(leaves)))
+    assert len(calls) == 4  # 2 layers x 2 directions
+    assert_all_close(actual, expected, torch.float32, "chunked inference")
+    mod(*build([t.requires_grad_(True) for t in leaves]))
+    assert len(calls) == 4
 
 
 # ---- the Function: float64 gradcheck for every backend that has float64 -----------------------
