@@ -180,6 +180,29 @@ def test_activations_match_torch(dtype):
         assert err <= tolerance, f"{ref.__name__} {dtype}: max abs error {err}"
 
 
+def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
+    """The attribute set by ``_prefer_wide_vectors`` reaches LLVM: a loop using it is vectorized
+    with zmm registers (AVX-512 CPUs newer than Cooper Lake), one without it with ymm only."""
+    import llvmlite.binding as llvm
+    from numba import njit
+    if not numba_cpu.WIDE_VECTORS or not llvm.get_host_cpu_features().get("avx512f"):
+        pytest.skip(f"no 512-bit vectors wanted on this CPU ({llvm.get_host_cpu_name()})")
+
+    def wide(x):
+        numba_cpu._prefer_wide_vectors()
+        for j in range(x.shape[0]):
+            x[j] = numba_cpu._tanh(x[j])
+
+    def narrow(x):
+        for j in range(x.shape[0]):
+            x[j] = numba_cpu._tanh(x[j])
+
+    for loop, expected in ((wide, True), (narrow, False)):
+        fn = njit(fastmath=numba_cpu._FASTMATH, error_model="numpy")(loop)
+        fn(np.ones(64, np.float32))
+        assert ("zmm" in fn.inspect_asm(fn.signatures[0])) == expected, loop.__name__
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gradcheck_float64(variant, matmul):
     g = fresh_generator()
