@@ -180,6 +180,20 @@ def test_activations_match_torch(dtype):
         assert err <= tolerance, f"{ref.__name__} {dtype}: max abs error {err}"
 
 
+@pytest.mark.parametrize("with_mkl", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transposed_weights(dtype, with_mkl, monkeypatch):
+    """The once-per-call transpose of the recurrent weights: numpy's (small), MKL's or torch's."""
+    if with_mkl and numba_cpu._OMATCOPY is None:
+        pytest.skip("torch exports no MKL transpose here")
+    if not with_mkl:
+        monkeypatch.setattr(numba_cpu, "_OMATCOPY", None)
+    for shape in ((12, 3), (1, 7), (128, 32), (256, 64), (2048, 512)):
+        w = torch.randn(shape, generator=fresh_generator(), dtype=dtype)
+        got = numba_cpu._transposed(w)
+        assert got.flags.c_contiguous and torch.equal(torch.from_numpy(got), w.t())
+
+
 def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
     """The attribute set by ``_prefer_wide_vectors`` reaches LLVM: a loop using it is vectorized
     with zmm registers (AVX-512 CPUs newer than Cooper Lake), one without it with ymm only."""
