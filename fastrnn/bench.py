@@ -678,11 +678,6 @@ def machine_info(device):
                          "triton": _version("triton"), "onnxruntime": _version("onnxruntime"),
                          "onnx": _version("onnx"), "numpy": _version("numpy")},
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        import numba
-        info["numba_num_threads"] = numba.get_num_threads()
-    except Exception:  # noqa: BLE001
-        pass
     if torch.cuda.is_available():
         info["cuda"] = torch.version.cuda
     return info
@@ -1129,7 +1124,7 @@ def parser():
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop starting new cases after this many minutes (they are recorded as skipped)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch.set_num_threads (and numba.set_num_threads) before timing "
+                   help="torch.set_num_threads before timing "
                         "(default: leave torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -1140,12 +1135,10 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     grid_name = args.grid or "quick"
     if args.threads:
+        # torch's only. fastrnn's numba kernels use no Numba threading layer (their threads follow
+        # torch.get_num_threads()), and starting it (numba.get/set_num_threads) made torch's
+        # oneDNN LSTM run on two threads under torch.set_num_threads(1) (CPU time 2x wall).
         torch.set_num_threads(args.threads)
-        try:
-            import numba
-            numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-        except ImportError:
-            pass
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible to torch")

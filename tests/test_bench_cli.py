@@ -95,10 +95,14 @@ def test_onnx_check_catches_a_wrong_gate_order(cell, monkeypatch):
 
 
 def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
+    from numba.np.ufunc import parallel
     out = tmp_path / "run"
-    common = ["--tiny", "--backends", "native,reference", "--repeats", "3", "--no-progress",
-              "--out", str(out)]
+    common = ["--tiny", "--backends", "native,reference,numba", "--repeats", "3", "--no-progress",
+              "--threads", str(torch.get_num_threads()), "--out", str(out)]
+    assert not parallel._is_initialized, "some earlier test started Numba's threading layer"
     assert bench.main(common + ["--cells", "lstm,gru"]) == 0
+    # Starting Numba's threading layer makes torch's oneDNN LSTM ignore torch.set_num_threads.
+    assert not parallel._is_initialized
     report = json.loads((out / "results.json").read_text())
     assert report["machine"]["cpu_count"] and report["machine"]["versions"]["torch"]
     assert report["gemm_peak"]["gflops"] > 0
