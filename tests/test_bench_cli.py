@@ -58,6 +58,26 @@ def test_gpu_bench_imports_and_its_grid_is_sized():
     assert bench._csv(args.backends, bench.KERNEL_BACKENDS, "backends") == ["triton", "native"]
 
 
+def test_numba_profile_splits_each_call(tmp_path):
+    """bench/numba_profile.py on tiny cases: a row per case and mode, parts that are times."""
+    spec = importlib.util.spec_from_file_location("numba_profile",
+                                                  ROOT / "bench" / "numba_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    out = tmp_path / "profile.md"
+    profile.main(["--cases", "lstm:4:2:8,gru:3:1:4,rnn:2:3:4", "--repeats", "3",
+                  "--threads", str(torch.get_num_threads()), "--out", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line.startswith("| lstm") or line.startswith("| gru") or line.startswith("| rnn")]
+    assert [(r[0].split()[0], r[1].strip()) for r in rows] == [
+        (cell, mode) for cell in ("lstm", "gru", "rnn") for mode in ("inference", "training")]
+    for row in rows:
+        torch_ms, numba_ms, ratio, gemm, rec = (float(v) for v in row[2:7])
+        assert torch_ms > 0 and numba_ms > 0 and gemm > 0 and rec > 0
+        rounding = ratio * (0.0005 / torch_ms + 0.0005 / numba_ms)  # ms printed to 3 decimals
+        assert abs(ratio - torch_ms / numba_ms) <= 0.005 + 1.01 * rounding
+
+
 def test_flops_counts_packed_rows():
     dense = bench.Case("lstm", 10, 4, 8, "inference")
     assert dense.flops() == 2 * 10 * 4 * 4 * 8 * 16

@@ -1,0 +1,177 @@
+"""Where the numba backend's time goes, beside torch.nn's total, for single-layer modules on the CPU.
+
+    python bench/numba_profile.py                       # the default cases, 1 thread
+    python bench/numba_profile.py --cases lstm:50:1:32,gru:1000:64:512 --threads 2
+
+A case is ``cell:T:B:H`` (input size = H). Each part is timed on its own, the median of
+``--repeats`` calls (torch.nn and fastrnn interleaved), so parts need not add up exactly:
+
+* ``GEMMs``: the whole-sequence GEMMs, alone: inference the input projection ``x W_ih^T``
+  (N x I x G*H); training also d_x, d_W_ih and d_W_hh (each as large).
+* ``rec GEMM``: the T per-step matmuls alone (the kernel's own BLAS calls in a compiled loop with
+  no gate math); twice for training (forward and backward run one each per step).
+* ``pointwise``: the compiled loops minus ``rec GEMM`` (gate math, state updates); the loops'
+  time is a kernel call minus the same call with the loops skipped.
+* ``rest``: the module call minus the three above: Python (argument checks, allocation, the
+  launchers, dispatch), autograd, bias gradients, copies.
+
+GFLOP/s columns count the multiply-adds of the GEMMs (2 flops each) over the whole call.
+Prints a Markdown table and writes it to ``--out`` (default bench/results/cpu-profile.md).
+"""
+import argparse
+import pathlib
+import statistics
+import time
+
+import numpy as np
+import torch
+from numba import njit
+
+import fastrnn
+from fastrnn import bench, functional
+from fastrnn.kernels import numba_cpu as K
+
+DEFAULT_CASES = ("lstm:50:1:32,lstm:200:8:128,lstm:200:64:128,lstm:50:64:512,lstm:1000:64:512,"
+                 "gru:50:1:512,gru:1000:64:512,rnn:200:8:128")
+OUT = pathlib.Path(__file__).resolve().parent / "results" / "cpu-profile.md"
+CLASSES = {"rnn": (torch.nn.RNN, fastrnn.RNN, "rnn_tanh"), "lstm": (torch.nn.LSTM, fastrnn.LSTM, "lstm"),
+           "gru": (torch.nn.GRU, fastrnn.GRU, "gru")}
+
+
+@njit(**K._JIT)
+def _gemm_loop(gemm, steps, h, w_t, acc):
+    """The forward kernel's per-step matmul ``acc = h @ w_t``, ``steps`` times, nothing else."""
+    batch = h.shape[0]
+    for _ in range(steps):
+        K._matmul_rows(acc, 0, h, 0, w_t, 0, 1, batch, batch, gemm, True)
+
+
+def _median(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def profile(cell, steps, batch, hidden, repeats):
+    """Times in seconds of one case: a dict per mode."""
+    torch_cls, fast_cls, kernel_cell = CLASSES[cell]
+    torch.manual_seed(0)
+    ref = torch_cls(hidden, hidden)
+    mod = fast_cls(hidden, hidden, backend="numba")
+    mod.load_state_dict(ref.state_dict())
+    gates = K.GATES[kernel_cell]
+    x = torch.randn(steps, batch, hidden)
+    x2 = x.view(steps * batch, hidden)
+    w_ih, w_hh = mod.weight_ih_l0.detach(), mod.weight_hh_l0.detach()
+    xg, bias, b_hn = functional.input_projection(kernel_cell, x2, w_ih, mod.bias_ih_l0.detach(),
+                                                 mod.bias_hh_l0.detach())
+    h0 = torch.zeros(batch, hidden)
+    c0 = torch.zeros(batch, hidden) if cell == "lstm" else None
+    sizes = torch.full((steps,), batch, dtype=torch.int64)
+    plan = K._schedule(sizes, False, batch, gates * hidden * hidden, 4)
+    gemm = K._gemm_address(torch.float32)
+    h_a = K._owned(torch.randn(batch, hidden))  # aligned, as the kernel's
+    w_t = K._transposed(w_hh)
+    acc = K._alloc((batch, gates * hidden), np.float32)
+
+    def kernel_forward(save):
+        return K.recurrence_forward(kernel_cell, xg, h0, c0, w_hh, b_hn, None, sizes, False,
+                                    save=save, bias=bias)
+
+    y, h_n, c_n, saved = kernel_forward(True)
+    grad_y, grad_h = torch.randn_like(y), torch.zeros_like(h_n)
+
+    def kernel_backward():
+        K.recurrence_backward(kernel_cell, grad_y, grad_h, None if c_n is None else torch.zeros_like(c_n),
+                              h0, c0, w_hh, b_hn, None, sizes, False, y, saved, bias=bias)
+
+    xt = x.clone().requires_grad_(True)
+
+    def inference(module):
+        with torch.no_grad():
+            module(x)
+
+    def training(module):
+        out, _ = module(xt)
+        out.sum().backward()
+
+    def gemms(training):  # the projection-sized GEMMs: forward projection; d_x, d_W_ih, d_W_hh
+        x2 @ w_ih.t()
+        if training:
+            xg @ w_ih
+            xg.t() @ x2
+            xg.t() @ y
+
+    def loops(fn):
+        """Seconds of the compiled loops inside ``fn``: fn minus fn with ``K._run`` skipped."""
+        run = K._run
+        K._run = lambda *args: None
+        try:
+            launcher = _median(fn, repeats)
+        finally:
+            K._run = run
+        return _median(fn, repeats) - launcher
+
+    t = {}
+    for _ in range(2):  # interleave torch.nn and fastrnn
+        t["torch inf"] = _median(lambda: inference(ref), repeats)
+        t["numba inf"] = _median(lambda: inference(mod), repeats)
+        t["torch train"] = _median(lambda: training(ref), repeats)
+        t["numba train"] = _median(lambda: training(mod), repeats)
+    t["gemm inf"] = _median(lambda: gemms(False), repeats)
+    t["gemm train"] = _median(lambda: gemms(True), repeats)
+    t["rec"] = _median(lambda: K._run_one(lambda *a: _gemm_loop(gemm, steps, h_a, w_t, acc), 0,
+                                          plan, gemm, ()), repeats)
+    t["loops inf"] = loops(lambda: kernel_forward(False))
+    t["loops train"] = loops(lambda: kernel_forward(True)) + loops(kernel_backward)
+    macs = steps * batch * gates * hidden * hidden
+    out = {}
+    for mode, rec, flops in (("inference", t["rec"], 4 * macs), ("training", 2 * t["rec"], 12 * macs)):
+        key = "inf" if mode == "inference" else "train"
+        total = t[f"numba {key}"]
+        pointwise = t[f"loops {key}"] - rec
+        out[mode] = dict(torch=t[f"torch {key}"], numba=total, gemm=t[f"gemm {key}"], rec=rec,
+                         pointwise=pointwise, rest=total - t[f"gemm {key}"] - rec - pointwise,
+                         gflops=flops / total / 1e9)
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--cases", default=DEFAULT_CASES)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = bench.machine_info("cpu")
+    versions = info["versions"]
+    lines = [
+        "# Where the numba backend's time goes (CPU, single-layer modules, input size = H)", "",
+        f"- machine: {info['cpu_model']}, {info['cpu_count']} cores, torch threads {args.threads}; "
+        f"torch {versions['torch']}, numba {versions['numba']}; {info['date']}",
+        "- generated by `python bench/numba_profile.py` (columns: see its docstring); times in ms,"
+        " ×torch = torch.nn time / numba time", "",
+        "| case | mode | torch.nn | numba | ×torch | GEMMs | rec GEMM | pointwise | rest | GFLOP/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for spec in args.cases.split(","):
+        cell, steps, batch, hidden = spec.split(":")
+        result = profile(cell, int(steps), int(batch), int(hidden), args.repeats)
+        for mode, r in result.items():
+            ms = {k: v * 1e3 for k, v in r.items() if k != "gflops"}
+            cells = " | ".join(f"{ms[k]:.3f}" for k in ("gemm", "rec", "pointwise", "rest"))
+            lines.append(f"| {cell} T={steps} B={batch} H={hidden} | {mode} | {ms['torch']:.3f} | "
+                         f"{ms['numba']:.3f} | {r['torch'] / r['numba']:.2f} | {cells} | "
+                         f"{r['gflops']:.0f} |")
+            print(lines[-1], flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
