@@ -1136,8 +1136,8 @@ def main(argv=None):
     grid_name = args.grid or "quick"
     if args.threads:
         # torch's only. fastrnn's numba kernels use no Numba threading layer (their threads follow
-        # torch.get_num_threads()), and starting it (numba.get/set_num_threads) made torch's
-        # oneDNN LSTM run on two threads under torch.set_num_threads(1) (CPU time 2x wall).
+        # torch.get_num_threads()), and starting it (numba.get/set_num_threads) can make torch's
+        # oneDNN LSTM run on two threads under torch.set_num_threads(1) (seen: CPU time 2x wall).
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
