@@ -221,12 +221,14 @@ def _prefer_wide_vectors(typingctx):
 
 
 # --------------------------------------------------------------------------- BLAS from compiled code
+_TORCH_CPU_LIBRARY = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+
+
 def _find_blas():
     """Addresses of the Fortran ``sgemm_``/``dgemm_`` torch links (MKL on x86 builds) and
     MKL's ``mkl_set_num_threads_local``, or None where torch exports no such symbols."""
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
-        lib = ctypes.CDLL(path)
+        lib = ctypes.CDLL(_TORCH_CPU_LIBRARY)
         addresses = {dt: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
                      for dt, name in ((np.float32, "sgemm_"), (np.float64, "dgemm_"))}
         set_threads = lib.mkl_set_num_threads_local
@@ -247,11 +249,10 @@ _GEMM, _MKL_SET_THREADS_LOCAL = _find_blas()
 def _find_omatcopy():
     """MKL's out-of-place transposes ``MKL_Somatcopy``/``MKL_Domatcopy`` (C interface, by value)
     as ctypes functions per numpy dtype, or None where torch exports no such symbols."""
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     size, ptr, char = ctypes.c_size_t, ctypes.c_void_p, ctypes.c_char
     found = {}
     try:
-        lib = ctypes.CDLL(path)
+        lib = ctypes.CDLL(_TORCH_CPU_LIBRARY)
         for dt, name, alpha in ((np.float32, "MKL_Somatcopy", ctypes.c_float),
                                 (np.float64, "MKL_Domatcopy", ctypes.c_double)):
             fn = getattr(lib, name)
@@ -888,11 +889,11 @@ def _transposed(tensor):
     if a.size > _NUMPY_TRANSPOSE_MAX_NUMEL and _OMATCOPY is None:
         return tensor.detach().t().contiguous().numpy()
     out = _alloc((cols, rows), a.dtype)
-    if a.size > _NUMPY_TRANSPOSE_MAX_NUMEL:
+    if a.size <= _NUMPY_TRANSPOSE_MAX_NUMEL:
+        out[...] = a.T
+    else:
         _OMATCOPY[a.dtype](b"R", b"T", rows, cols, 1.0, a.ctypes.data, cols, out.ctypes.data,
                            rows)
-    else:
-        out[...] = a.T
     return out
 
 
