@@ -14,22 +14,22 @@ Extra arguments are passed on to ``fastrnn-bench`` (later ones win).
 """
 import sys
 
-from fastrnn import bench
+from fastrnn_bench import cli, grid
 
 GRID = "gpu10"
 DEFAULT_ARGS = ["--device", "cuda", "--grid", GRID, "--backends", "triton,native",
                 "--baselines", "torch,cell-loop", "--budget", "0.1", "--max-minutes", "9.5",
-                "--out", f"{bench.DEFAULT_OUT}/cuda-{GRID}"]
+                "--out", f"{cli.DEFAULT_OUT}/cuda-{GRID}"]
 
 
-def cases(cells=bench.CELLS, modes=bench.MODES):
+def cases(cells=grid.CELLS, modes=grid.MODES):
     """The cases this script runs (for tests and for planning)."""
-    return bench.build_grid(GRID, "cuda", cells, modes)
+    return grid.build_grid(GRID, "cuda", cells, modes)
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    return bench.main(DEFAULT_ARGS + argv)
+    return cli.main(DEFAULT_ARGS + argv)
 
 
 if __name__ == "__main__":

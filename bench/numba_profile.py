@@ -28,8 +28,10 @@ import torch
 from numba import njit
 
 import fastrnn
-from fastrnn import bench, functional
-from fastrnn.kernels import numba_cpu as K
+from fastrnn import functional
+from fastrnn.cells import GATES
+from fastrnn.kernels.numba_cpu import jit, launch, matmul
+from fastrnn_bench.timing import machine_info
 
 DEFAULT_CASES = ("lstm:50:1:32,lstm:200:8:128,lstm:200:64:128,lstm:50:64:512,gru:50:1:512,"
                  "gru:200:64:512,rnn:200:8:128")  # about 5 minutes
@@ -38,12 +40,14 @@ CLASSES = {"rnn": (torch.nn.RNN, fastrnn.RNN, "rnn_tanh"), "lstm": (torch.nn.LST
            "gru": (torch.nn.GRU, fastrnn.GRU, "gru")}
 
 
-@njit(**K._JIT)
+# Not disk-cached: this script is also loaded under another module name (the tests load it from its
+# file), and a cache entry written under one name fails to load under the other.
+@njit(**{**jit._JIT, "cache": False})
 def _gemm_loop(gemm, steps, h, w_t, acc):
     """The forward kernel's per-step matmul ``acc = h @ w_t``, ``steps`` times, nothing else."""
     batch = h.shape[0]
     for _ in range(steps):
-        K._matmul_rows(acc, 0, h, 0, w_t, 0, 1, batch, batch, gemm, True)
+        matmul._matmul_rows(acc, 0, h, 0, w_t, 0, 1, batch, batch, gemm, True)
 
 
 def _median(fn, repeats):
@@ -63,7 +67,7 @@ def profile(cell, steps, batch, hidden, repeats):
     ref = torch_cls(hidden, hidden)
     mod = fast_cls(hidden, hidden, backend="numba")
     mod.load_state_dict(ref.state_dict())
-    gates = K.GATES[kernel_cell]
+    gates = GATES[kernel_cell]
     x = torch.randn(steps, batch, hidden)
     x2 = x.view(steps * batch, hidden)
     w_ih, w_hh = mod.weight_ih_l0.detach(), mod.weight_hh_l0.detach()
@@ -72,21 +76,21 @@ def profile(cell, steps, batch, hidden, repeats):
     h0 = torch.zeros(batch, hidden)
     c0 = torch.zeros(batch, hidden) if cell == "lstm" else None
     sizes = torch.full((steps,), batch, dtype=torch.int64)
-    plan = K._schedule(sizes, False, batch, gates * hidden * hidden, 4)
-    gemm = K._gemm_address(torch.float32)
-    h_a = K._owned(torch.randn(batch, hidden))  # aligned, as the kernel's
-    w_t = K._transposed(w_hh)
-    acc = K._alloc((batch, gates * hidden), np.float32)
+    plan = launch._schedule(sizes, False, batch, gates * hidden * hidden, 4)
+    gemm = matmul._gemm_address(torch.float32)
+    h_a = launch._owned(torch.randn(batch, hidden))  # aligned, as the kernel's
+    w_t = launch._transposed(w_hh)
+    acc = launch._alloc((batch, gates * hidden), np.float32)
 
     def kernel_forward(save):
-        return K.recurrence_forward(kernel_cell, xg, h0, c0, w_hh, b_hn, None, sizes, False,
+        return launch.recurrence_forward(kernel_cell, xg, h0, c0, w_hh, b_hn, None, sizes, False,
                                     save=save, bias=bias)
 
     y, h_n, c_n, saved = kernel_forward(True)
     grad_y, grad_h = torch.randn_like(y), torch.zeros_like(h_n)
 
     def kernel_backward():
-        K.recurrence_backward(kernel_cell, grad_y, grad_h, None if c_n is None else torch.zeros_like(c_n),
+        launch.recurrence_backward(kernel_cell, grad_y, grad_h, None if c_n is None else torch.zeros_like(c_n),
                               h0, c0, w_hh, b_hn, None, sizes, False, y, saved, bias=bias)
 
     xt = x.clone().requires_grad_(True)
@@ -107,13 +111,13 @@ def profile(cell, steps, batch, hidden, repeats):
             xg.t() @ y
 
     def loops(fn):
-        """Seconds of the compiled loops inside ``fn``: fn minus fn with ``K._run`` skipped."""
-        run = K._run
-        K._run = lambda *args: None
+        """Seconds of the compiled loops inside ``fn``: fn minus fn with ``launch._run`` skipped."""
+        run = launch._run
+        launch._run = lambda *args: None
         try:
             launcher = _median(fn, repeats)
         finally:
-            K._run = run
+            launch._run = run
         return _median(fn, repeats) - launcher
 
     t = {}
@@ -124,7 +128,7 @@ def profile(cell, steps, batch, hidden, repeats):
         t["numba train"] = _median(lambda: training(mod), repeats)
     t["gemm inf"] = _median(lambda: gemms(False), repeats)
     t["gemm train"] = _median(lambda: gemms(True), repeats)
-    t["rec"] = _median(lambda: K._run_one(lambda *a: _gemm_loop(gemm, steps, h_a, w_t, acc), 0,
+    t["rec"] = _median(lambda: launch._run_one(lambda *a: _gemm_loop(gemm, steps, h_a, w_t, acc), 0,
                                           plan, gemm, ()), repeats)
     t["loops inf"] = loops(lambda: kernel_forward(False))
     t["loops train"] = loops(lambda: kernel_forward(True)) + loops(kernel_backward)
@@ -148,7 +152,7 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, default=OUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    info = bench.machine_info("cpu")
+    info = machine_info("cpu")
     versions = info["versions"]
     lines = [
         "# Where the numba backend's time goes (CPU, single-layer modules, input size = H)", "",

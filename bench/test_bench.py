@@ -19,7 +19,7 @@ import functools
 import pytest
 import torch
 
-from fastrnn import bench
+from fastrnn_bench import baselines, cli, grid, timing
 
 # The default grid: small enough to run in a few minutes on 2 CPU cores.
 PYTEST_GRID = dict(T=(50, 200), B=(8,), H=(128,))
@@ -28,23 +28,23 @@ IMPLS = ["torch", "cell-loop", "onnxruntime"]
 
 def _cases(config):
     device = config.getoption("--bench-device")
-    cells = bench._csv(config.getoption("--bench-cells"), bench.CELLS, "cells")
-    modes = bench._csv(config.getoption("--bench-modes"), bench.MODES, "modes")
-    grid = config.getoption("--bench-grid")
-    if grid == "pytest":
+    cells = cli._csv(config.getoption("--bench-cells"), grid.CELLS, "cells")
+    modes = cli._csv(config.getoption("--bench-modes"), grid.MODES, "modes")
+    grid_name = config.getoption("--bench-grid")
+    if grid_name == "pytest":
         dtypes = ("float32", "bfloat16") if device.startswith("cuda") else ("float32",)
-        return [bench.Case(cell, t, b, h, mode, dtype) for cell in cells for dtype in dtypes
+        return [grid.Case(cell, t, b, h, mode, dtype) for cell in cells for dtype in dtypes
                 for mode in modes for h in PYTEST_GRID["H"] for b in PYTEST_GRID["B"]
                 for t in PYTEST_GRID["T"]]
-    return bench.build_grid(grid, device, cells, modes)
+    return grid.build_grid(grid_name, device, cells, modes)
 
 
 def _backends(config):
     device = config.getoption("--bench-device")
     explicit = config.getoption("--bench-backends")
     if explicit:
-        return bench._csv(explicit, bench.KERNEL_BACKENDS, "backends")
-    return bench.default_backends(device)
+        return cli._csv(explicit, baselines.KERNEL_BACKENDS, "backends")
+    return baselines.default_backends(device)
 
 
 def pytest_generate_tests(metafunc):
@@ -58,7 +58,7 @@ def pytest_generate_tests(metafunc):
 
 @functools.lru_cache(maxsize=4)
 def _built(case, device, backends):
-    return bench.build_impls(case, torch.device(device), list(backends), bench.BASELINES)
+    return baselines.build_impls(case, torch.device(device), list(backends), baselines.BASELINES)
 
 
 def test_recurrence(benchmark, case, impl, request):
@@ -68,12 +68,12 @@ def test_recurrence(benchmark, case, impl, request):
         pytest.skip("no CUDA device")
     impls = _built(case, str(device), tuple(_backends(config)))
     chosen = impls[impl]
-    if isinstance(chosen, bench.Skip):
+    if isinstance(chosen, baselines.Skip):
         pytest.skip(str(chosen))
     if chosen.kind == "fastrnn":
         expected = impls["torch"].output().float().cpu()
         error = float((chosen.output().float().cpu() - expected).abs().max())
-        assert error <= bench.CHECK_TOLERANCE[case.dtype], f"{impl} differs from torch.nn: {error}"
+        assert error <= timing.CHECK_TOLERANCE[case.dtype], f"{impl} differs from torch.nn: {error}"
     run = chosen.run
     if device.type == "cuda":
         def run(fn=chosen.run):

@@ -14,7 +14,7 @@ import time
 
 import triton
 
-from fastrnn.kernels import triton_gpu as tg
+import triton_aot as tg  # bench/triton_aot.py: run this file as a script
 
 RESULT = pathlib.Path(__file__).resolve().parent / "results" / "triton_resources.md"
 

@@ -11,7 +11,7 @@ class Recurrence(torch.autograd.Function):
     """One recurrent layer in one direction over a whole (possibly packed) sequence.
 
     ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias])``
-    returns ``(y, h_n, c_n)``; shapes as in :func:`fastrnn.reference.recurrence_forward`
+    returns ``(y, h_n, c_n)``; shapes as in :func:`fastrnn.kernels.reference.recurrence_forward`
     (xg: (N, G*H), h0: (B, P), c0: (B, H) or None, bias: (G*H,) or None, y: (N, P)). ``forward``
     calls the backend's forward kernel; ``backward`` its hand-written BPTT kernel, which returns
     the gradients of xg, h0, c0, w_hh, b_hn, w_hr and bias. Once differentiable: for double
@@ -54,12 +54,12 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
     backend runs through the custom op ``fastrnn::recurrence``.
     """
     if torch.compiler.is_compiling():
-        from fastrnn import ops  # the custom op torch.compile traces; see fastrnn.ops
-        y, h_n, c_n = ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
+        from fastrnn import custom_ops  # the custom op torch.compile traces
+        y, h_n, c_n = custom_ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
                                      b_hn, w_hr, bias)
         return y, h_n, None if c0 is None else c_n
     if backend == "reference":
-        from fastrnn import reference
+        from fastrnn.kernels import reference
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
                                     bias)
     if not needs_grad(xg, h0, c0, w_hh, b_hn, w_hr, bias):

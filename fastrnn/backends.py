@@ -3,11 +3,11 @@
 Backends:
 
 ========== ================================================================================
-numba      compiled CPU loops (``fastrnn.kernels.numba_cpu``), float32/float64
-triton     fused GPU kernels (``fastrnn.kernels.triton_gpu``), CUDA float32/float16/bfloat16
+numba      compiled CPU loops (:mod:`fastrnn.kernels.numba_cpu`), float32/float64
+triton     fused GPU kernels (:mod:`fastrnn.kernels.triton_gpu`), CUDA float32/float16/bfloat16
            (and CPU tensors under ``TRITON_INTERPRET=1``, for testing without a GPU)
 native     torch.nn's own implementation (oneDNN/aten on CPU, cuDNN on GPU)
-reference  readable per-step PyTorch (:mod:`fastrnn.reference`), autograd through the loop
+reference  readable per-step PyTorch (:mod:`fastrnn.kernels.reference`), autograd through the loop
 ========== ================================================================================
 
 ``auto`` takes the first backend of ``AUTO_ORDER[device type]`` (``AUTO_ORDER_STEP`` for the
@@ -18,11 +18,12 @@ it never silently falls back.
 from __future__ import annotations
 
 import functools
-import importlib
-import os
 from dataclasses import dataclass
 
 import torch
+
+from fastrnn import cells
+from fastrnn.kernels import numba_cpu, reference, triton_gpu
 
 BACKENDS = ("auto", "numba", "triton", "native", "reference")
 AUTO_ORDER = {"cpu": ("numba", "native", "reference"), "cuda": ("triton", "native", "reference")}
@@ -31,7 +32,9 @@ AUTO_ORDER = {"cpu": ("numba", "native", "reference"), "cuda": ("triton", "nativ
 # RNNCell/LSTMCell/GRUCell at B <= 64, H <= 256). So auto prefers native there.
 AUTO_ORDER_STEP = {"cpu": ("native", "numba", "reference"),
                    "cuda": ("native", "triton", "reference")}
-KERNEL_MODULES = {"numba": "fastrnn.kernels.numba_cpu", "triton": "fastrnn.kernels.triton_gpu"}
+#: The compiled backends: each package declares what it runs (``CAPABILITIES``) and implements
+#: the kernel contract of :mod:`fastrnn.kernels.reference`.
+KERNELS = {"numba": numba_cpu, "triton": triton_gpu}
 
 
 class BackendUnavailable(RuntimeError):
@@ -51,44 +54,25 @@ def check_backend_name(backend):
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
 
 
-def _triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def kernels(name):
-    """The kernel module of a compiled backend (implements the contract of
-    :func:`fastrnn.reference.recurrence_forward` / ``recurrence_backward``)."""
-    if name == "reference":
-        from fastrnn import reference
-        return reference
-    return importlib.import_module(KERNEL_MODULES[name])
+    """The kernel package of a compiled backend, or :mod:`fastrnn.kernels.reference` (both
+    implement the contract of :func:`fastrnn.kernels.reference.recurrence_forward` /
+    ``recurrence_backward``)."""
+    return reference if name == "reference" else KERNELS[name]
 
 
 def why_not(name, cell, device, dtype, proj_size=0):
-    """Why backend ``name`` cannot run this case, or None if it can."""
-    if name == "reference":
-        return None
-    if name == "native":
-        return None  # torch.nn raises its own errors for what it does not support
-    if name == "numba":
-        if device.type != "cpu":
-            return f"numba runs on CPU tensors only, got a {device.type} tensor"
-        if dtype not in (torch.float32, torch.float64):
-            return f"numba supports float32 and float64, got {dtype}"
-    if name == "triton":
-        if device.type != "cuda" and not (device.type == "cpu" and _triton_interpreted()):
-            return f"triton runs on CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got a {device.type} tensor"
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            return f"triton supports float32, float16 and bfloat16, got {dtype}"
-    try:
-        module = kernels(name)
-    except ImportError as e:
-        return f"{name} is not importable: {e}"
-    unavailable = getattr(module, "UNAVAILABLE", None)
-    if unavailable:
-        return unavailable
-    supports = getattr(module, "why_not", None)
-    return supports(cell, device, dtype, proj_size) if supports else None
+    """Why backend ``name`` cannot run this case, or None if it can. torch.nn (``native``) and the
+    reference run every torch.nn case (torch.nn raises its own errors for what it does not
+    support); the compiled backends answer from their ``CAPABILITIES``."""
+    spec = cells.SPECS.get(cell)
+    if spec is None:
+        return f"unknown cell {cell!r}; expected one of {cells.CELLS}"
+    if proj_size and not spec.projection:
+        return f"proj_size is supported for lstm only, got {cell}"
+    if name in ("reference", "native"):
+        return None if name == "reference" or spec.torch_mode else f"torch.nn has no {cell} cell"
+    return KERNELS[name].CAPABILITIES.why_not(name, cell, device, dtype, proj_size)
 
 
 @functools.lru_cache(maxsize=None)

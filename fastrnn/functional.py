@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from fastrnn import backends
 from fastrnn.autograd import needs_grad, recurrence
-from fastrnn.reference import GATES
 
 _DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
                 torch.bfloat16: "BFloat16"}

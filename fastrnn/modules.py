@@ -18,8 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backends, functional
-
-_CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+from fastrnn.cells import CELL_OF_MODE
 
 
 class _Backend:
@@ -50,7 +49,7 @@ class _Recurrent(_Backend, nn.RNNBase):
     @property
     def cell(self):
         """The recurrence this module runs: "rnn_tanh", "rnn_relu", "lstm" or "gru"."""
-        return _CELL_OF_MODE[self.mode]
+        return CELL_OF_MODE[self.mode]
 
     def backend_for(self, input=None):
         """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this module.

@@ -1,5 +1,5 @@
-"""The benchmark CLI (fastrnn/bench.py) on a tiny grid, its grids, and the ONNX Runtime baseline's
-weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
+"""The benchmark CLI (fastrnn_bench, in bench/fastrnn_bench) on a tiny grid, its grids, and the
+ONNX Runtime baseline's weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
 import importlib.util
 import json
 from pathlib import Path
@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrnn import bench
+from fastrnn_bench import baselines, cli, grid
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cpu_grids_match_the_issue():
-    full = bench.build_grid("full", "cpu")
+    full = grid.build_grid("full", "cpu")
     dense = [c for c in full if not c.packed]
     assert {c.seq_len for c in dense} == {50, 200, 1000}
     assert {c.batch for c in dense} == {1, 8, 64}
@@ -21,19 +21,19 @@ def test_cpu_grids_match_the_issue():
     assert len(dense) == 3 * 3 * 3 * 3 * 2  # T × B × H × cells × modes
     assert {c.cell for c in full} == {"rnn", "lstm", "gru"}
     assert any(c.packed for c in full)
-    quick = bench.build_grid("quick", "cpu")
+    quick = grid.build_grid("quick", "cpu")
     assert any(c.hidden == 512 for c in quick) and any(c.packed for c in quick)
     assert len({c.id for c in quick}) == len(quick)
 
 
 def test_cuda_grids():
-    full = [c for c in bench.build_grid("full", "cuda") if not c.packed]
+    full = [c for c in grid.build_grid("full", "cuda") if not c.packed]
     assert {c.seq_len for c in full} == {64, 256, 1024}
     assert {c.batch for c in full} == {1, 8, 32, 128}
     assert {c.hidden for c in full} == {64, 128, 256, 512, 768}
     assert {c.dtype for c in full} == {"float32", "bfloat16"}
     assert len(full) == 3 * 4 * 5 * 2 * 3 * 2
-    only = bench.build_grid("quick", "cuda", cells=["lstm"], modes=["training"], dtypes=["bfloat16"])
+    only = grid.build_grid("quick", "cuda", cells=["lstm"], modes=["training"], dtypes=["bfloat16"])
     assert {(c.cell, c.mode, c.dtype) for c in only} == {("lstm", "training", "bfloat16")}
 
 
@@ -53,9 +53,9 @@ def test_gpu_bench_imports_and_its_grid_is_sized():
     assert any(c.packed for c in cases)
     # < 10 minutes: at most ~2 s per case on average, and a hard stop before 10 minutes
     assert len(cases) <= 400
-    args = bench.parser().parse_args(gpu_bench.DEFAULT_ARGS)
+    args = cli.parser().parse_args(gpu_bench.DEFAULT_ARGS)
     assert args.device == "cuda" and args.grid == "gpu10" and args.max_minutes < 10
-    assert bench._csv(args.backends, bench.KERNEL_BACKENDS, "backends") == ["triton", "native"]
+    assert cli._csv(args.backends, baselines.KERNEL_BACKENDS, "backends") == ["triton", "native"]
 
 
 def test_numba_profile_splits_each_call(tmp_path):
@@ -79,39 +79,39 @@ def test_numba_profile_splits_each_call(tmp_path):
 
 
 def test_flops_counts_packed_rows():
-    dense = bench.Case("lstm", 10, 4, 8, "inference")
+    dense = grid.Case("lstm", 10, 4, 8, "inference")
     assert dense.flops() == 2 * 10 * 4 * 4 * 8 * 16
-    assert bench.Case("lstm", 10, 4, 8, "training").flops() == 3 * dense.flops()
-    packed = bench.Case("gru", 40, 5, 8, "inference", packed=True)
+    assert grid.Case("lstm", 10, 4, 8, "training").flops() == 3 * dense.flops()
+    packed = grid.Case("gru", 40, 5, 8, "inference", packed=True)
     lengths = packed.lengths()
     assert lengths[0] == 40 and (lengths[:-1] >= lengths[1:]).all() and lengths.min() >= 10
     assert packed.flops() == 2 * int(lengths.sum()) * 3 * 8 * 16
 
 
-needs_ort = pytest.mark.skipif(bench.onnxruntime_missing() is not None,
-                               reason=f"ONNX Runtime baseline: {bench.onnxruntime_missing()}")
+needs_ort = pytest.mark.skipif(baselines.onnxruntime_missing() is not None,
+                               reason=f"ONNX Runtime baseline: {baselines.onnxruntime_missing()}")
 
 
 @needs_ort
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
-@pytest.mark.parametrize("cell", bench.CELLS)
+@pytest.mark.parametrize("cell", grid.CELLS)
 def test_onnx_node_matches_torch(cell, packed):
-    case = bench.Case(cell, 12, 5, 16, "inference", packed=packed)
-    x, _, lengths = bench._inputs(case, torch.device("cpu"))
-    module = bench._torch_module(case, "cpu")
-    run, output, error = bench.onnx_runner(case, module, x, lengths)  # raises if > 1e-5
-    assert error <= bench.ONNX_TOLERANCE
+    case = grid.Case(cell, 12, 5, 16, "inference", packed=packed)
+    x, _, lengths = baselines._inputs(case, torch.device("cpu"))
+    module = baselines._torch_module(case, "cpu")
+    run, output, error = baselines.onnx_runner(case, module, x, lengths)  # raises if > 1e-5
+    assert error <= baselines.ONNX_TOLERANCE
     assert output().shape == (12, 5, 16)
 
 
 @needs_ort
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_onnx_check_catches_a_wrong_gate_order(cell, monkeypatch):
-    monkeypatch.setitem(bench.ONNX_GATE_ORDER, cell, list(range(bench.GATES[cell])))  # torch order
-    case = bench.Case(cell, 12, 5, 16, "inference")
-    x, _, lengths = bench._inputs(case, torch.device("cpu"))
-    with pytest.raises(bench.OnnxMismatch):
-        bench.onnx_runner(case, bench._torch_module(case, "cpu"), x, lengths)
+    monkeypatch.setitem(baselines.ONNX_GATE_ORDER, cell, list(range(grid.GATES[cell])))  # torch order
+    case = grid.Case(cell, 12, 5, 16, "inference")
+    x, _, lengths = baselines._inputs(case, torch.device("cpu"))
+    with pytest.raises(baselines.OnnxMismatch):
+        baselines.onnx_runner(case, baselines._torch_module(case, "cpu"), x, lengths)
 
 
 def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
@@ -120,7 +120,7 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     common = ["--tiny", "--backends", "native,reference,numba", "--repeats", "3", "--no-progress",
               "--threads", str(torch.get_num_threads()), "--out", str(out)]
     assert not parallel._is_initialized, "some earlier test started Numba's threading layer"
-    assert bench.main(common + ["--cells", "lstm,gru"]) == 0
+    assert cli.main(common + ["--cells", "lstm,gru"]) == 0
     # Starting Numba's threading layer makes torch's oneDNN LSTM ignore torch.set_num_threads.
     assert not parallel._is_initialized
     report = json.loads((out / "results.json").read_text())
@@ -139,8 +139,8 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
         ort = res["onnxruntime"]
         if c["case"]["mode"] == "training":
             assert ort["status"] == "skipped"
-        elif bench.onnxruntime_missing() is None:
-            assert ort["status"] == "ok" and ort["max_abs_err"] <= bench.ONNX_TOLERANCE
+        elif baselines.onnxruntime_missing() is None:
+            assert ort["status"] == "ok" and ort["max_abs_err"] <= baselines.ONNX_TOLERANCE
         if c["case"]["packed"]:
             assert res["cell-loop"]["status"] == "skipped"
     md = (out / "results.md").read_text()
@@ -151,7 +151,7 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
 
     # second run into the same folder: compared case by case with the first
-    assert bench.main(common + ["--cells", "gru", "--modes", "inference"]) == 0
+    assert cli.main(common + ["--cells", "gru", "--modes", "inference"]) == 0
     second = json.loads((out / "results.json").read_text())
     assert (out / "results.previous.json").exists()
     rows = second["comparison"]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from fastrnn import ops, reference
+from fastrnn import cells, custom_ops as ops
 from _support import TOL, require, seed_of
 
 OP_CASES = [("rnn_tanh", False), ("rnn_relu", False), ("lstm", False), ("lstm", True),
@@ -18,7 +18,7 @@ OP_CASES = [("rnn_tanh", False), ("rnn_relu", False), ("lstm", False), ("lstm", 
 def test_custom_op_passes_opcheck(cell, proj, backend):
     require(backend, cell, torch.float64)
     gen = torch.Generator().manual_seed(seed_of(cell, proj))
-    H, P, G = 4, (3 if proj else 4), reference.GATES[cell]
+    H, P, G = 4, (3 if proj else 4), cells.GATES[cell]
     sizes = torch.tensor([3, 2, 2, 1])
 
     def rand(*shape):

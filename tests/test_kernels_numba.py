@@ -2,7 +2,7 @@
 determinism, long sequences.
 
 Every case draws fresh random inputs. Buffers the kernels allocate are NaN-filled during these tests
-(``numba_cpu._alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
+(``numba_cpu.launch._alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
 """
 import os
 
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastrnn import backends, reference
+from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.kernels import numba_cpu
+from fastrnn.kernels.numba_cpu import activations, jit, launch
+from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
 # the matmul in another order than torch; float64 uses exact tanh/exp.
@@ -31,7 +33,7 @@ VARIANTS = {
 TWO_THREADS = min(torch.get_num_threads(), os.cpu_count() or 1) >= 2
 
 
-ALLOC = numba_cpu._alloc
+ALLOC = launch._alloc
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +45,7 @@ def nan_filled_buffers(monkeypatch):
         out = ALLOC(shape, dtype)
         out[...] = np.nan
         return out
-    monkeypatch.setattr(numba_cpu, "_alloc", alloc)
+    monkeypatch.setattr(launch, "_alloc", alloc)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -61,20 +63,20 @@ def threading(request, monkeypatch):
     if request.param != "serial" and not TWO_THREADS:
         pytest.skip("needs torch.get_num_threads() >= 2 and 2 CPUs")
     rows = request.param == "rows"
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_BATCH", 0 if rows else float("inf"))
-    monkeypatch.setattr(numba_cpu, "PARALLEL_MIN_WORK", 0 if rows else float("inf"))
+    monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0 if rows else float("inf"))
+    monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0 if rows else float("inf"))
     blas = request.param == "blas-threads"
-    monkeypatch.setattr(numba_cpu, "BLAS_PARALLEL_MIN_STEP_WORK", 0 if blas else float("inf"))
-    monkeypatch.setattr(numba_cpu, "BLAS_PARALLEL_MIN_WEIGHT_BYTES", 0 if blas else float("inf"))
+    monkeypatch.setattr(launch, "BLAS_PARALLEL_MIN_STEP_WORK", 0 if blas else float("inf"))
+    monkeypatch.setattr(launch, "BLAS_PARALLEL_MIN_WEIGHT_BYTES", 0 if blas else float("inf"))
     return request.param
 
 
 @pytest.fixture(params=["blas", "microkernel"])
 def matmul(request, monkeypatch):
     """The recurrent matmul through BLAS gemm (where torch exports it) or the Numba micro-kernel."""
-    if request.param == "blas" and not numba_cpu.USE_BLAS:
+    if request.param == "blas" and not numba_matmul.USE_BLAS:
         pytest.skip("torch exports no BLAS gemm here")
-    monkeypatch.setattr(numba_cpu, "USE_BLAS", request.param == "blas")
+    monkeypatch.setattr(numba_matmul, "USE_BLAS", request.param == "blas")
     return request.param
 
 
@@ -100,7 +102,7 @@ def make_inputs(variant, dtype, steps, batch, hidden, packed, generator, proj=No
     layer/direction, in the order of :class:`Recurrence`'s tensors. Every variant but
     ``gru_no_bias`` has a bias (b_hn for gru)."""
     cell, has_proj, has_bias = VARIANTS[variant]
-    gates = reference.GATES[cell]
+    gates = cells.GATES[cell]
     p = (proj or max(1, hidden // 2)) if has_proj else hidden
     sizes = (ragged_batch_sizes(steps, batch, generator) if packed
              else torch.full((steps,), batch, dtype=torch.int64))
@@ -178,7 +180,7 @@ def test_activations_match_torch(dtype):
     def apply(x, which):
         out = np.empty_like(x)
         for j in range(x.shape[0]):
-            out[j] = numba_cpu._tanh(x[j]) if which == 0 else numba_cpu._sigmoid(x[j])
+            out[j] = activations._tanh(x[j]) if which == 0 else activations._sigmoid(x[j])
         return out
 
     g = fresh_generator()
@@ -200,13 +202,13 @@ def test_activations_match_torch(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transposed_weights(dtype, with_mkl, monkeypatch):
     """The once-per-call transpose of the recurrent weights: numpy's (small), MKL's or torch's."""
-    if with_mkl and numba_cpu._OMATCOPY is None:
+    if with_mkl and numba_matmul._OMATCOPY is None:
         pytest.skip("torch exports no MKL transpose here")
     if not with_mkl:
-        monkeypatch.setattr(numba_cpu, "_OMATCOPY", None)
+        monkeypatch.setattr(numba_matmul, "_OMATCOPY", None)
     for shape in ((12, 3), (1, 7), (128, 32), (256, 64), (2048, 512)):
         w = torch.randn(shape, generator=fresh_generator(), dtype=dtype)
-        got = numba_cpu._transposed(w)
+        got = launch._transposed(w)
         assert got.flags.c_contiguous and torch.equal(torch.from_numpy(got), w.t())
 
 
@@ -215,20 +217,20 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
     with zmm registers (AVX-512 CPUs newer than Cooper Lake), one without it with ymm only."""
     import llvmlite.binding as llvm
     from numba import njit
-    if not numba_cpu.WIDE_VECTORS or not llvm.get_host_cpu_features().get("avx512f"):
+    if not jit.WIDE_VECTORS or not llvm.get_host_cpu_features().get("avx512f"):
         pytest.skip(f"no 512-bit vectors wanted on this CPU ({llvm.get_host_cpu_name()})")
 
     def wide(x):
-        numba_cpu._prefer_wide_vectors()
+        jit._prefer_wide_vectors()
         for j in range(x.shape[0]):
-            x[j] = numba_cpu._tanh(x[j])
+            x[j] = activations._tanh(x[j])
 
     def narrow(x):
         for j in range(x.shape[0]):
-            x[j] = numba_cpu._tanh(x[j])
+            x[j] = activations._tanh(x[j])
 
     for loop, expected in ((wide, True), (narrow, False)):
-        fn = njit(fastmath=numba_cpu._FASTMATH, error_model="numpy")(loop)
+        fn = njit(fastmath=jit._FASTMATH, error_model="numpy")(loop)
         fn(np.ones(64, np.float32))
         assert ("zmm" in fn.inspect_asm(fn.signatures[0])) == expected, loop.__name__
 

@@ -13,10 +13,11 @@ import os
 import pytest
 import torch
 
-from fastrnn import backends, reference
+from fastrnn import backends, cells
 from fastrnn.autograd import Recurrence
 
 tg = pytest.importorskip("fastrnn.kernels.triton_gpu")
+from fastrnn.kernels.triton_gpu import configs  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -44,7 +45,7 @@ def make_inputs(cell, hidden, sizes, seed=0, with_bias=True):
     """float64 inputs of one layer: xg (N, G*H), h0 (B, H), c0 (B, H) or None,
     w_hh (G*H, H), b_hn (H,) or None."""
     gen = torch.Generator().manual_seed(seed)
-    G = reference.GATES[cell]
+    G = cells.GATES[cell]
     B, N = sizes[0], sum(sizes)
 
     def rand(*shape, scale=1.0):
@@ -98,18 +99,18 @@ def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL,
             assert_close(a, e.to(dtype), tol, name)
 
 
-@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["dense", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("cell", tg.CELLS)
+@pytest.mark.parametrize("cell", configs.CELLS)
 def test_parity(cell, reverse, layout, dtype, strategy):
     """Outputs and all gradients match the float64 reference (bfloat16 under the interpreter
     multiplies in float32: a bf16 x bf16 tl.dot is broken there, see the module docstring)."""
     check_parity(cell, DENSE if layout == "dense" else PACKED, reverse, dtype, strategy)
 
 
-@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_several_batch_blocks(cell, strategy):
     """B = 19 > BLOCK_B: several batch programs, the last one partly masked."""
@@ -123,12 +124,12 @@ def test_fused_second_bucket(cell):
     check_parity(cell, PACKED, True, torch.float16, "fused", hidden=40, seed=5)
 
 
-@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
 def test_gru_without_bias(strategy):
     check_parity("gru", PACKED, True, torch.float32, strategy, with_bias=False, seed=4)
 
 
-@pytest.mark.parametrize("strategy", tg.STRATEGIES)
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
 def test_lstm_c_n_unused(strategy):
     """d_c0 when only y and h_n carry gradients (c_n's gradient materialises as zeros)."""
     inputs = [None if t is None else t.float().to(DEVICE) for t in make_inputs("lstm", 16, PACKED)]
@@ -158,10 +159,10 @@ def test_backward_is_deterministic():
 
 def test_select_config_strategies():
     """Small H runs fused, H beyond FUSED_MAX_HIDDEN runs step; every choice is in CONFIGS."""
-    for cell in tg.CELLS:
-        for name, dtype in tg.DTYPES.items():
+    for cell in configs.CELLS:
+        for name, dtype in configs.DTYPES.items():
             for direction in ("forward", "backward"):
-                limit = tg.FUSED_MAX_HIDDEN[(direction, cell, name)]
+                limit = configs.FUSED_MAX_HIDDEN[(direction, cell, name)]
                 small = tg.select_config(direction, cell, dtype, 1)
                 at_limit = tg.select_config(direction, cell, dtype, limit)
                 beyond = tg.select_config(direction, cell, dtype, limit + 1)
@@ -170,9 +171,9 @@ def test_select_config_strategies():
                 assert beyond.strategy == "step"
                 assert {small, at_limit, beyond} <= set(tg.CONFIGS)
     with pytest.raises(ValueError):
-        tg.select_config("forward", "lstm", torch.float16, max(tg.FUSED_BUCKETS) + 1, "fused")
+        tg.select_config("forward", "lstm", torch.float16, max(configs.FUSED_BUCKETS) + 1, "fused")
     # Packed tensors of 2**31 elements or more leave the int32-indexed fused kernels.
-    rows = -(-tg.FUSED_MAX_ELEMENTS // (tg.STASH["lstm"] * 32))  # ceil
+    rows = -(-configs.FUSED_MAX_ELEMENTS // (configs.STASH["lstm"] * 32))  # ceil
     assert tg.select_config("forward", "lstm", torch.float16, 32, rows=rows - 1).strategy == "fused"
     assert tg.select_config("forward", "lstm", torch.float16, 32, rows=rows).strategy == "step"
 
@@ -186,7 +187,7 @@ def test_why_not():
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: full-size kernels on the GPU")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cell", tg.CELLS)
+@pytest.mark.parametrize("cell", configs.CELLS)
 def test_parity_cuda_full_size(cell, dtype):
     """Every shipped strategy at full size on the GPU: the largest fused H and a step-strategy H,
     B = 64 (4 batch programs), T = 64, packed, both directions."""

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from fastrnn import Recurrence, backends, reference
+from fastrnn import Recurrence, backends, cells
 from _support import (BACKENDS, CELL_OF_VARIANT, TOL, VARIANTS, assert_all_close, flatten,
                       make_case, pair, require, seed_of)
 
@@ -160,7 +160,7 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     from fastrnn import functional
     ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
                                            "numba", T=5, B=3, I=4, H=6)
-    gates = reference.GATES[CELL_OF_VARIANT[variant]]
+    gates = cells.GATES[CELL_OF_VARIANT[variant]]
     monkeypatch.setattr(functional, "PROJECTION_CHUNK_MIN_BYTES", 0)
     monkeypatch.setattr(functional, "PROJECTION_CHUNK_BYTES", steps_per_chunk * 3 * gates * 6 * 4)
     calls = []
@@ -180,7 +180,7 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
 def _function_inputs(cell, proj, dtype=torch.float64, packed=True):
     gen = torch.Generator().manual_seed(seed_of(cell, proj, packed))
     H, P = 4, (3 if proj else 4)
-    G = reference.GATES[cell]
+    G = cells.GATES[cell]
     sizes = torch.tensor([3, 3, 2, 1] if packed else [3, 3, 3, 3], dtype=torch.int64)
     N, B = int(sizes.sum()), int(sizes[0])
 

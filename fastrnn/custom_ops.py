@@ -2,7 +2,7 @@
 modules without graph breaks.
 
 ``fastrnn::recurrence`` runs one layer/direction on a kernel backend (the contract of
-:func:`fastrnn.reference.recurrence_forward`); its autograd formula calls
+:func:`fastrnn.kernels.reference.recurrence_forward`); its autograd formula calls
 ``fastrnn::recurrence_backward``, which recomputes the forward's saved tensors and runs the
 backend's BPTT. Custom ops cannot return a backend-defined list of saved tensors with shapes a
 fake implementation could know, hence the recompute: compiled training pays one extra forward

@@ -1,66 +1,31 @@
-"""The reference backend: every recurrence as a plain, readable per-step PyTorch loop.
+"""The reference backend: every recurrence as a plain, readable per-step PyTorch loop over the
+cells' own reference steps (:mod:`fastrnn.cells`).
 
 It is the oracle of the test suite and the fallback for what no kernel and no ``native`` path
 covers (e.g. double backward). Autograd runs through it; nothing here is hand-differentiated.
 
-Cells and gate order (as torch.nn, ``W_hh`` rows stacked in this order):
+Here ``xg = x W_ih^T`` is the input projection of all steps, made by one GEMM before the loop;
+``bias = b_ih + b_hh`` is added to it in the loop (for GRU the ``b_hh`` of the n gate is left out of
+``bias`` and passed as ``b_hn``).
 
-* ``rnn_tanh`` / ``rnn_relu``: ``h' = act(x W_ih^T + b_ih + h W_hh^T + b_hh)``
-* ``lstm`` (gates i, f, g, o)::
-
-      i = σ(xg_i + h W_hi^T)      f = σ(xg_f + h W_hf^T)
-      g = tanh(xg_g + h W_hg^T)   o = σ(xg_o + h W_ho^T)
-      c' = f ⊙ c + i ⊙ g          h' = o ⊙ tanh(c')       (then h' = h' W_hr^T with proj_size)
-
-* ``gru`` (gates r, z, n; ``b_hn`` stays inside ``r ⊙ (…)``)::
-
-      r = σ(xg_r + h W_hr^T)      z = σ(xg_z + h W_hz^T)
-      n = tanh(xg_n + r ⊙ (h W_hn^T + b_hn))
-      h' = (1 - z) ⊙ n + z ⊙ h
-
-Here ``xg = x W_ih^T + b_ih + b_hh`` is the input projection of all steps, made by one GEMM before
-the loop (for GRU the ``b_hh`` of the n gate is left out of ``xg`` and passed as ``b_hn``).
-
-This module also implements the **kernel contract** every compute backend (``fastrnn.kernels.*``)
+This module also defines the **kernel contract** every compute backend (``fastrnn.kernels.*``)
 implements: :func:`recurrence_forward` and :func:`recurrence_backward` (see their docstrings).
 """
 from __future__ import annotations
 
 import torch
 
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+from fastrnn import cells
 
 
 def cell_step(cell, xg_t, h, c, w_hh, b_hn=None, w_hr=None):
-    """One step of ``cell`` for the rows in ``xg_t``.
+    """One step of ``cell`` for the rows in ``xg_t``: the cell's own reference step.
 
-    xg_t: (b, G*H) input projection of this step; h: (b, P); c: (b, H) or None (LSTM only);
-    w_hh: (G*H, P); b_hn: (H,) or None (GRU); w_hr: (P, H) or None (LSTM with proj_size).
-    Returns (h', c') with c' None except for LSTM.
+    xg_t: (b, G*H) input projection of this step; h: (b, P); c: (b, H) or None (cells with a
+    cell state); w_hh: (G*H, P); b_hn: (H,) or None (GRU); w_hr: (P, H) or None (LSTM with
+    proj_size). Returns (h', c') with c' None for cells without a cell state.
     """
-    hg = h @ w_hh.t()
-    if cell == "rnn_tanh":
-        return torch.tanh(xg_t + hg), None
-    if cell == "rnn_relu":
-        return torch.relu(xg_t + hg), None
-    if cell == "lstm":
-        i, f, g, o = (xg_t + hg).chunk(4, dim=1)
-        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
-        if w_hr is not None:
-            h_new = h_new @ w_hr.t()
-        return h_new, c_new
-    if cell == "gru":
-        x_r, x_z, x_n = xg_t.chunk(3, dim=1)
-        h_r, h_z, h_n = hg.chunk(3, dim=1)
-        if b_hn is not None:
-            h_n = h_n + b_hn
-        r = torch.sigmoid(x_r + h_r)
-        z = torch.sigmoid(x_z + h_z)
-        n = torch.tanh(x_n + r * h_n)
-        return (1 - z) * n + z * h, None
-    raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+    return cells.spec(cell).step(xg_t, h, c, w_hh, b_hn, w_hr)
 
 
 def step_offsets(batch_sizes):

@@ -1,0 +1,146 @@
+"""Ahead-of-time compilation of the triton backend's kernel configurations for real GPUs, without a
+GPU: the resource check (registers, spills, shared memory) that ``tests/test_triton_aot.py`` and
+``bench/triton_resources.py`` run. Tooling, not runtime: nothing in ``fastrnn`` imports it.
+
+Run as a script only as the compile worker (``python bench/triton_aot.py --worker``)."""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from fastrnn.kernels.triton_gpu import kernels
+from fastrnn.kernels.triton_gpu.configs import CONFIGS, KernelConfig, TRITON_DTYPE
+
+#: Largest dynamic shared memory one block may request, per compute capability (bytes).
+SHARED_LIMIT = {80: 166912, 90: 232448}
+
+_KERNELS = {
+    "forward_fused": "_forward_fused_kernel", "backward_fused": "_backward_fused_kernel",
+    "forward_step": "_forward_step_kernel", "backward_step": "_backward_step_kernel",
+}
+# Pointer arguments that are float32 workspaces whatever the input dtype (the rest are the
+# input dtype, except the int32 step tables).
+_FP32_POINTERS = {"hprev_ptr", "stash_ptr", "h_in_ptr", "h_out_ptr", "c_ptr", "dgate_ptr",
+                  "dhn_ptr", "dh_ptr", "dc_ptr", "dh0_ptr", "dc0_ptr"}
+_INT_POINTERS = {"bs_ptr", "off_ptr"}
+
+
+def aot_source(config):
+    """The ``triton.compiler.ASTSource`` of ``config`` exactly as the launchers run it on a GPU:
+    runtime integers unspecialised (the kernels declare them ``do_not_specialize``), pointers
+    16-byte aligned (torch allocations are), ``DOT_FP32`` False (interpreter-only)."""
+    from triton.compiler import ASTSource
+
+    fn = getattr(kernels, _KERNELS[config.kernel])
+    if not hasattr(fn, "cache_key"):
+        raise RuntimeError("AOT compilation needs the compiled Triton frontend: run it in a "
+                           "process without TRITON_INTERPRET=1 (see aot_resources)")
+    constexprs = {"CELL": config.cell, "BLOCK_B": config.block_b, "DOT_FP32": False}
+    if config.strategy == "fused":
+        constexprs["H_PAD"] = config.h_pad
+    else:
+        constexprs.update(BLOCK_H=config.block_h, BLOCK_K=config.block_k)
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            kind = ("i32" if name in _INT_POINTERS else
+                    "fp32" if name in _FP32_POINTERS else TRITON_DTYPE[config.dtype])
+            signature[name] = "*" + kind
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_config(config, cc):
+    """Compile ``config`` for ``sm_<cc>`` (80 or 90) without a GPU; returns the compiled kernel
+    (``.asm["cubin"]``, ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
+    from triton.backends.compiler import GPUTarget
+
+    return triton.compile(aot_source(config), target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": config.num_warps})
+
+
+def _cuobjdump():
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def resource_usage(config, cc):
+    """Compile ``config`` for ``sm_<cc>`` and read its resources from the cubin.
+
+    Returns a dict: config (name), cc, REG, STACK (bytes; > 0 means spills), SHARED (static
+    shared memory, bytes), metadata_shared (dynamic shared memory the launch requests, bytes),
+    shared_limit (bytes), compile_s.
+    """
+    import re
+    import subprocess
+    import tempfile
+    import time
+
+    start = time.perf_counter()
+    kernel = compile_config(config, cc)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(kernel.asm["cubin"])
+        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], check=True,
+                              capture_output=True, text=True).stdout
+    found = {key: int(re.search(rf"\b{key}:(\d+)", dump).group(1))
+             for key in ("REG", "STACK", "SHARED")}
+    return dict(config=config.name, cc=cc, **found, metadata_shared=int(kernel.metadata.shared),
+                shared_limit=SHARED_LIMIT[cc], compile_s=round(seconds, 2))
+
+
+def _aot_worker():
+    """Subprocess entry: reads [[KernelConfig fields, cc], ...] as JSON on stdin, prints one
+    JSON resource dict per line."""
+    import json
+    import sys
+
+    for fields, cc in json.load(sys.stdin):
+        config = KernelConfig(**fields)
+        # Named on stderr first, so that a compiler crash (an abort) says which config it was.
+        print(f"compiling {config.name} for sm_{cc}", file=sys.stderr, flush=True)
+        print(json.dumps(resource_usage(config, cc)), flush=True)
+
+
+def aot_resources(configs=CONFIGS, ccs=(80, 90), jobs=2, cache_dir=None):
+    """Resource usage of every (config, cc), compiled in ``jobs`` worker processes.
+
+    The workers run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
+    functions cannot be compiled) and, when ``cache_dir`` is given, with that Triton cache
+    (pass a fresh directory to measure cold compile time). Returns a list of dicts (see
+    :func:`resource_usage`) in the order of ``configs`` then ``ccs``.
+    """
+    import dataclasses
+    import json
+    import subprocess
+    import sys
+
+    work = [[dataclasses.asdict(c), cc] for c in configs for cc in ccs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    procs = []
+    for j in range(max(1, jobs)):
+        share = work[j::max(1, jobs)]
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        procs.append((proc, share))
+    results = {}
+    for proc, share in procs:
+        out, err = proc.communicate(json.dumps(share))
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT compile worker failed (rc {proc.returncode}):\n{err[-4000:]}")
+        for line, (fields, cc) in zip(out.splitlines(), share):
+            results[(KernelConfig(**fields), cc)] = json.loads(line)
+    return [results[(KernelConfig(**fields), cc)] for fields, cc in work]
+
+
+if __name__ == "__main__":
+    _aot_worker()

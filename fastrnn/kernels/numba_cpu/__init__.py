@@ -1,0 +1,62 @@
+"""Numba CPU kernels: the whole time loop of rnn_tanh / rnn_relu / lstm (optionally projected) / gru,
+forward and hand-written BPTT, compiled with Numba (float32 and float64).
+
+Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recurrence_forward`,
+:func:`recurrence_backward`). Layout and design:
+
+* Packed layout throughout: step t owns rows ``offsets[t] : offsets[t] + batch_sizes[t]`` of xg / y;
+  at step t only the rows ``b < batch_sizes[t]`` are computed (no padding, no masks). The loop runs
+  over the steps in *processing order* (``T-1 … 0`` when ``reverse``); the state buffers ``h``/``c``
+  (B, ·) always hold each row's latest state, so inactive rows keep theirs.
+* Threads (``torch.get_num_threads()`` in all, see :class:`_Plan` and the thresholds below): one
+  loop thread whose per-step BLAS call uses them where a step is large; or, for large batches,
+  the **batch rows** split over threads (rows are independent sequences), each running the whole
+  time loop for its rows: one hand-off per call, no barrier per step. The loops are compiled
+  ``nogil`` and run on the calling thread plus a small pool of Python threads.
+* The recurrent matmul of each step, ``acc[rows] = h[rows] @ W`` (W pre-transposed to (K, N)),
+  is one call per thread and step of the Fortran BLAS ``sgemm_``/``dgemm_`` that torch exports
+  (MKL on x86), called **from the compiled loop** through its address (no Python and no heap
+  allocation per step; the address is a runtime argument, so the loops stay cacheable), with
+  MKL's thread-local thread count set per call so threads never multiply. Where torch exports no
+  BLAS, a Numba micro-kernel takes over: register-blocked (4 rows x 4 k per pass, vectorized over
+  the output columns), column-tiled so a weight tile stays in L2 across row groups.
+* Gate math is fused after the matmul of each row group, as short loops that each write one
+  array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there
+  is no SVML): float32 Eigen's rational tanh, float64 an expm1 of its own (error ~1e-16).
+* Forward saves only what BPTT needs, and nothing under inference (``save=False``): activated
+  gates (LSTM i,f,g,o; GRU r,z, the n-gate's recurrent part ``h W_hn^T + b_hn``, n) and, for LSTM,
+  the cell states. RNN saves nothing (its derivative is read from y). Weight gradients are reduced
+  once after the backward loop, as GEMMs over all steps (``torch.mm``), in a fixed order:
+  deterministic, no atomics.
+
+Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vectorize), ``matmul.py``
+(the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (the time loops),
+``launch.py`` (checks, thread plan, buffers: the contract's two functions). Importing this package
+does not import Numba; the first kernel call does.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrnn import cells
+from fastrnn.kernels import Capabilities
+
+CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64),
+                            cells=cells.CELLS, projection=True)
+
+
+def why_not(cell, device, dtype, proj_size=0):
+    """Why this backend cannot run ``cell`` on ``device``/``dtype``, or None if it can."""
+    return CAPABILITIES.why_not("numba", cell, device, dtype, proj_size)
+
+
+def recurrence_forward(*args, **kwargs):
+    """The kernel contract's forward (:func:`fastrnn.kernels.numba_cpu.launch.recurrence_forward`)."""
+    from fastrnn.kernels.numba_cpu import launch
+    return launch.recurrence_forward(*args, **kwargs)
+
+
+def recurrence_backward(*args, **kwargs):
+    """The kernel contract's BPTT (:func:`fastrnn.kernels.numba_cpu.launch.recurrence_backward`)."""
+    from fastrnn.kernels.numba_cpu import launch
+    return launch.recurrence_backward(*args, **kwargs)

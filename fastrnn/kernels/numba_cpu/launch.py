@@ -1,0 +1,396 @@
+"""Launchers of the numba backend (the kernel contract of :mod:`fastrnn.kernels.reference`): argument checks,
+the thread plan, buffers, and the compiled loops of :mod:`.loops`."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from numba import njit
+
+from fastrnn.cells import CELLS, GATES
+from fastrnn.kernels.numba_cpu import matmul
+from fastrnn.kernels.numba_cpu.jit import _JIT
+from fastrnn.kernels.numba_cpu.loops import (_gather_rows, _gru_backward_thread,
+                                             _gru_forward_thread, _lstm_backward_thread,
+                                             _lstm_forward_thread, _previous_rows,
+                                             _rnn_backward_thread, _rnn_forward_thread)
+
+CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1}
+
+# How a call uses torch.get_num_threads() threads (measured on the 2-core machine, module calls,
+# where torch's OpenMP workers keep spinning for milliseconds after the input projection and slow
+# down a thread of ours on the other core):
+# * split the batch rows over threads of ours (each runs the whole time loop for its rows) when the
+#   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
+#   multiply-adds (T*B*G*H*P) in all: LSTM T=200 B=64 H=128 training 1.1x one thread (torch's
+#   spinning workers take most of the second core: without them, 1.6x);
+# * else run one loop thread and let its per-step BLAS call use torch's threads (MKL runs them on
+#   torch's own OpenMP team) when the recurrent weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES
+#   (more than one core's L2 holds well: each core then streams half) or one step has at least
+#   BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM B=1 H=512 2.0x, B=1 H=256 1.2x,
+#   B=8 H=512 1.5x faster than one thread; compute-bound steps of up to 1M multiply-adds with
+#   cache-resident weights lost (RNN B=64 H=128 0.5x, LSTM B=64 H=32 0.7x);
+# * else one thread.
+PARALLEL_MIN_BATCH = 32
+PARALLEL_MIN_WORK = 250_000_000
+BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
+BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
+# Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
+ROW_GROUP = 4
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+# CPUs this process may run on (the affinity mask, as torch counts them).
+_CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Plan(NamedTuple):
+    """How one call runs: the steps (``order``, ``offsets``, ``sizes``: int64 (T,)) and the threads
+    (``nthreads`` loop threads splitting the rows in groups of ``group``; ``blas_threads`` threads
+    for each BLAS call, 0 for MKL's global setting, which is torch's thread count)."""
+
+    order: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    nthreads: int
+    group: int
+    blas_threads: int
+    rows: int  # N = sum(sizes), rows of the packed layout
+
+
+def _run(loop, plan, gemm, *args):
+    """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
+    on the calling thread, the others on a persistent pool of Python threads (the loops are
+    compiled ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no
+    barrier per step). Each thread's BLAS calls use ``plan.blas_threads`` threads (MKL's
+    thread-local setting), so threads never multiply."""
+    global _POOL
+    nthreads = plan.nthreads
+    if nthreads == 1:
+        _run_one(loop, 0, plan, gemm, args)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < nthreads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="fastrnn-numba")
+        pool = _POOL
+    futures = [pool.submit(_run_one, loop, tid, plan, gemm, args) for tid in range(1, nthreads)]
+    try:
+        _run_one(loop, 0, plan, gemm, args)
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _run_one(loop, tid, plan, gemm, args):
+    if gemm and plan.blas_threads and matmul._MKL_SET_THREADS_LOCAL is not None:
+        previous = matmul._MKL_SET_THREADS_LOCAL(plan.blas_threads)
+        try:
+            loop(tid, plan.nthreads, plan.group, gemm, *args)
+        finally:
+            matmul._MKL_SET_THREADS_LOCAL(previous)
+    else:
+        loop(tid, plan.nthreads, plan.group, gemm, *args)
+
+
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+_NUMPY_DTYPES = {t: n for n, t in _TORCH_DTYPES.items()}
+_NUMPY_ALLOC_MAX_BYTES = 1 << 20
+_ALIGN = 64
+_NUMPY_TRANSPOSE_MAX_NUMEL = 1 << 13
+
+
+def _alloc(shape, dtype):
+    """Uninitialized float buffer for outputs and scratch, 64-byte aligned (MKL's gemm ran 1.7x
+    slower per step on a 16-byte aligned weight, B=1 H=128). Every element is written before it
+    is read (tests replace this with a NaN-filled allocator to prove it). Small ones from numpy
+    (under 1 µs, a third of a torch tensor's cost: it counts at small sizes, where a call
+    allocates five). Large ones from torch: numpy asks the kernel for transparent huge pages on
+    large arrays, and here a first touch of those stalled now and then in page compaction (GRU
+    training T=1000 B=64 H=128: 2 calls in 3 took 1.9x longer)."""
+    dtype = np.dtype(dtype)
+    nbytes = dtype.itemsize * math.prod(shape)
+    if nbytes >= _NUMPY_ALLOC_MAX_BYTES:
+        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype]).numpy()
+    if nbytes == 0:  # an argument the loop does not use
+        return np.empty(shape, dtype)
+    count = nbytes // dtype.itemsize
+    raw = np.empty(count + _ALIGN // dtype.itemsize, dtype)
+    start = _aligned_start(raw)
+    return raw[start:start + count].reshape(shape)
+
+
+@njit(**_JIT)
+def _aligned_start(a):
+    """The first index of 1-D ``a`` at a 64-byte boundary (a jitted call: 4x faster than reading
+    the address through numpy's ctypes)."""
+    return (-a.ctypes.data % 64) // a.itemsize
+
+
+def _owned(tensor):
+    """A C-contiguous, aligned numpy array owning a copy of ``tensor`` (a state the loop updates
+    in place)."""
+    out = _alloc(tuple(tensor.shape), _NUMPY_DTYPES[tensor.dtype])
+    out[...] = tensor.detach().numpy()
+    return out
+
+
+def _array(tensor):
+    """A C-contiguous numpy view (zero copy when already contiguous) of a CPU tensor."""
+    return tensor.detach().contiguous().numpy()
+
+
+def _transposed(tensor):
+    """A C-contiguous, aligned numpy copy of ``tensor.t()`` (2-D). Small ones by numpy (3 µs; a
+    ctypes call costs 8), large ones by MKL's transpose where torch exports it, else by torch
+    (numpy's took 4.4 ms at 2048x512, torch's 1.0 ms, MKL's 0.6 ms)."""
+    a = _array(tensor)
+    rows, cols = a.shape
+    if a.size > _NUMPY_TRANSPOSE_MAX_NUMEL and matmul._OMATCOPY is None:
+        return tensor.detach().t().contiguous().numpy()
+    out = _alloc((cols, rows), a.dtype)
+    if a.size <= _NUMPY_TRANSPOSE_MAX_NUMEL:
+        out[...] = a.T
+    else:
+        matmul._OMATCOPY[a.dtype](b"R", b"T", rows, cols, 1.0, a.ctypes.data, cols, out.ctypes.data,
+                           rows)
+    return out
+
+
+@njit(**_JIT)
+def _plan_steps(sizes, batch, reverse):
+    """(ok, order, offsets) of batch sizes (T,): ok when they are non-increasing, none negative and
+    the first equals ``batch``; order (T,) the steps in processing order; offsets (T,) the packed
+    row offset of each step."""
+    steps = sizes.shape[0]
+    order = np.empty(steps, np.int64)
+    offsets = np.empty(steps, np.int64)
+    ok = steps == 0 or sizes[0] == batch
+    total = 0
+    for t in range(steps):
+        if sizes[t] < 0 or (t > 0 and sizes[t] > sizes[t - 1]):
+            ok = False
+        offsets[t] = total
+        total += sizes[t]
+        order[t] = steps - 1 - t if reverse else t
+    return ok, order, offsets
+
+
+def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
+    """The :class:`_Plan` of a call whose recurrent matmul costs ``row_work`` multiply-adds per
+    row and step (G*H*P, also the number of recurrent weights, of ``itemsize`` bytes).
+
+    Checks the batch sizes (the loops index without bounds checks): non-increasing, the first equal
+    to ``batch``, none negative."""
+    if isinstance(batch_sizes, torch.Tensor) and batch_sizes.dtype == torch.int64:
+        sizes = batch_sizes.contiguous().numpy()
+    else:
+        sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
+    ok, order, offsets = _plan_steps(sizes.reshape(-1), batch, reverse)
+    if sizes.ndim != 1 or not ok:
+        raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
+                         f"(rows of h0), got {sizes.tolist()}")
+    threads = min(torch.get_num_threads(), _CPUS)
+    rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
+    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
+        # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
+        # of ROW_GROUP rows dealt round-robin, which balances packed batches.
+        group = (ROW_GROUP if batch >= ROW_GROUP * threads and not matmul.USE_BLAS
+                 else -(-batch // threads))
+        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows)
+    # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
+    keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
+                            or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
+    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows)
+
+
+def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
+    """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
+    ``n_rows`` = sum(batch_sizes)."""
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+    dtype = xg.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
+    for name, t in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn),
+                    ("w_hr", w_hr), ("bias", bias)):
+        if t is not None and t.dtype is not dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
+        if t is not None and not t.is_cpu:
+            raise ValueError(f"numba kernels run on CPU tensors, {name} is on {t.device}")
+    if (cell == "lstm") != (c0 is not None):
+        raise ValueError("c0 is required for lstm and must be None otherwise")
+    if w_hr is not None and cell != "lstm":
+        raise ValueError("w_hr (projection) is supported for lstm only")
+    gates = GATES[cell]
+    if w_hh.dim() != 2 or w_hh.shape[0] % gates:
+        raise ValueError(f"w_hh must be ({gates}*H, P), got {tuple(w_hh.shape)}")
+    hidden, proj = w_hh.shape[0] // gates, w_hh.shape[1]
+    if w_hr is None and cell == "lstm" and proj != hidden:
+        raise ValueError(f"w_hh is {tuple(w_hh.shape)}: P != H needs w_hr")
+    batch = h0.shape[0]
+    for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
+                           ("c0", c0, (batch, hidden)), ("b_hn", b_hn, (hidden,)),
+                           ("w_hr", w_hr, (proj, hidden)), ("bias", bias, (gates * hidden,))):
+        if t is not None and t.shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _weight_grad(d_pre, y, h0, plan, reverse, prev):
+    """``d_pre^T @ h_prev``: a weight gradient summed over all steps (fixed order, no atomics).
+
+    d_pre: (N, K) gradient of each row's pre-activations; h_prev (N, P): the state each row had
+    before its step, y's row of the previous step or h0. Dense input (every step B rows) reads y
+    in place (two GEMMs: the B first-processed rows against h0, the rest against y shifted one
+    step); packed input gathers h_prev (an (N, P) copy)."""
+    batch, n_rows = h0.shape[0], d_pre.shape[0]
+    sizes = plan.sizes
+    if len(sizes) and sizes[-1] == batch:  # dense: step t owns rows t*B … t*B+B-1
+        first, rest = (slice(n_rows - batch, n_rows), slice(0, n_rows - batch)) if reverse \
+            else (slice(0, batch), slice(batch, n_rows))
+        before = slice(batch, n_rows) if reverse else slice(0, n_rows - batch)
+        return torch.addmm(d_pre[first].t() @ h0, d_pre[rest].t(), y[before])
+    y_a = _array(y)
+    h_prev = _alloc((n_rows, h0.shape[1]), y_a.dtype)
+    _gather_rows(y_a, _array(h0), prev, h_prev)
+    return d_pre.t() @ torch.from_numpy(h_prev)
+
+
+def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
+                       bias=None):
+    """One layer, one direction, whole (possibly packed) sequence (kernel contract of
+    :func:`fastrnn.kernels.reference.recurrence_forward`).
+
+    xg: (N, G*H); h0: (B, P); c0: (B, H) (lstm) or None; w_hh: (G*H, P); b_hn: (H,) (gru) or None;
+    w_hr: (P, H) (lstm with projection) or None; batch_sizes: int64 (T,), non-increasing, B =
+    batch_sizes[0], N = sum(batch_sizes); bias: (G*H,) or None, added to every row of xg.
+    float32 or float64 CPU tensors, all of one dtype.
+
+    Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
+    () for rnn_* and whenever ``save`` is False (no backward follows); (gates (N, 4H) = i, f, g, o
+    after activation; c (N, H) cell state after each step) for lstm; (gates (N, 4H) = r, z,
+    h W_hn^T + b_hn, n) for gru.
+    """
+    batch, proj = h0.shape
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
+    gemm = matmul._gemm_address(xg.dtype)
+    hidden = w_hh.shape[0] // GATES[cell]
+    xg_a = _array(xg)
+    dtype = xg_a.dtype
+    b_x = _array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
+    n_rows = xg_a.shape[0]
+    h = _owned(h0)
+    y = _alloc((n_rows, proj), dtype)
+    # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
+    # per step (B=8, H=128) than this one copy per call.
+    w_t = _transposed(w_hh)
+    c_n, saved = None, ()
+    schedule = plan[:3]
+    if cell in CELL_CODES:
+        _run(_rnn_forward_thread, plan, gemm, cell == "rnn_relu", xg_a, b_x, h, w_t, y,
+             *schedule)
+        return torch.from_numpy(y), torch.from_numpy(h), None, ()
+    # Pre-activations go straight into the saved gates when training, else into a scratch row per
+    # batch row.
+    gates = _alloc((n_rows if save else 0, 4 * hidden), dtype)
+    acc = _alloc((0 if save else batch, 4 * hidden), dtype)
+    if cell == "lstm":
+        c = _owned(c0)
+        c_all = _alloc((n_rows if save else 0, hidden), dtype)
+        has_proj = w_hr is not None
+        wr_t = _transposed(w_hr) if has_proj else np.zeros((0, 0), dtype)
+        m = _alloc((batch if has_proj else 0, hidden), dtype)
+        _run(_lstm_forward_thread, plan, gemm, save, xg_a, b_x, h, c, w_t, wr_t, has_proj,
+             y, gates, c_all, acc, m, *schedule)
+        c_n = torch.from_numpy(c)
+        saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
+    else:
+        b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
+        _run(_gru_forward_thread, plan, gemm, save, xg_a, b_x, h, w_t, b, y, gates, acc,
+             *schedule)
+        saved = (torch.from_numpy(gates),)
+    return torch.from_numpy(y), torch.from_numpy(h), c_n, saved if save else ()
+
+
+def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
+                        batch_sizes, reverse, y, saved, bias=None):
+    """Hand-written BPTT for :func:`recurrence_forward` (kernel contract of
+    :func:`fastrnn.kernels.reference.recurrence_backward`).
+
+    grad_y: (N, P); grad_h_n: (B, P); grad_c_n: (B, H) or None (None is read as zeros for lstm);
+    the rest as given to / returned by :func:`recurrence_forward`. Returns
+    ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
+    d_w_hr (P, H) or None, d_bias (G*H,) or None)``. Weight gradients are reduced once, after the
+    time loop, as GEMMs (d_bias as one sum over rows).
+    """
+    hidden = w_hh.shape[0] // GATES[cell]
+    batch, proj = h0.shape
+    n_rows = grad_y.shape[0]
+    gy = _array(grad_y)
+    dtype = gy.dtype
+    y_a = _array(y)
+    w = _array(w_hh)
+    dh = _owned(grad_h_n)
+    d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
+    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
+    order, offsets, sizes = plan[:3]
+    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
+    gemm = matmul._gemm_address(grad_y.dtype)
+    expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
+                "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
+    expected.update({f"saved[{i}]": (t, (n_rows, 4 * hidden if i == 0 else hidden))
+                     for i, t in enumerate(saved)})
+    for name, (t, shape) in expected.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
+            raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
+    d_xg_t, d_xg = d_xg, d_xg.numpy()
+    prev = np.empty(n_rows, np.int64)
+    _previous_rows(order, offsets, sizes, prev)
+
+    def weight_grad(d_pre):
+        """d_pre^T @ h_prev (h_prev (N, P): each row's state before its step)."""
+        return _weight_grad(d_pre, y, h0, plan, reverse, prev)
+
+    d_c0 = d_b_hn = d_w_hr = None
+    if cell in CELL_CODES:
+        relu = cell == "rnn_relu"
+        args = (relu, gy, y_a, w, dh, d_xg, order, offsets, sizes)
+        _run(_rnn_backward_thread, plan, gemm, *args)
+        d_w_hh = weight_grad(d_xg_t)
+    elif cell == "lstm":
+        gates, c_all = (_array(s) for s in saved)
+        dc = (np.zeros((batch, hidden), dtype) if grad_c_n is None
+              else _owned(grad_c_n))
+        has_proj = w_hr is not None
+        empty = np.zeros((0, 0), dtype)
+        wr = _array(w_hr) if has_proj else empty
+        dm = _alloc((batch, hidden), dtype)
+        dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
+        m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
+        tc = _alloc((0 if has_proj else batch, hidden), dtype)
+        args = (gy, _array(c0), w, wr, has_proj, gates, c_all, dh, dc, dm, d_xg, dy_all, m_all,
+                tc, prev, order, offsets, sizes)
+        _run(_lstm_backward_thread, plan, gemm, *args)
+        d_w_hh = weight_grad(d_xg_t)
+        d_c0 = torch.from_numpy(dc)
+        if has_proj:
+            d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
+    else:
+        (gates,) = (_array(s) for s in saved)
+        d_hn = _alloc((n_rows, hidden), dtype)
+        dg = _alloc((batch, 3 * hidden), dtype)
+        args = (gy, _array(h0), y_a, w, gates, dh, d_xg, d_hn, dg, prev, order, offsets, sizes)
+        _run(_gru_backward_thread, plan, gemm, *args)
+        d_hn_t = torch.from_numpy(d_hn)
+        d_w_hh = torch.cat([weight_grad(d_xg_t[:, :2 * hidden]), weight_grad(d_hn_t)])
+        if b_hn is not None:
+            d_b_hn = d_hn_t.sum(0)
+    d_bias = d_xg_t.sum(0) if bias is not None else None
+    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias

@@ -1,0 +1,121 @@
+"""Triton GPU kernels for the fastrnn kernel contract (:mod:`fastrnn.kernels.reference`).
+
+Cells ``rnn_tanh``, ``rnn_relu``, ``lstm`` (without ``proj_size``) and ``gru``; dtypes float32,
+float16 and bfloat16. The cell is a ``tl.constexpr`` of one kernel body per direction of work;
+T (sequence length) and the batch are runtime arguments, never compile-time constants.
+The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
+The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
+
+Strategies (chosen by :func:`select_config` from H, the cell and the dtype)
+--------------------------------------------------------------------------
+``fused``  one launch per layer and direction for the whole sequence: one program per block of
+           ``BLOCK_B`` = 16 batch rows runs the time loop and keeps ``W_hh`` (G tiles of
+           ``H_PAD x H_PAD``, H padded to a power of two and masked) on-chip for all steps.
+           Largest H (:data:`FUSED_MAX_HIDDEN`, per direction, cell and dtype) -- the largest
+           ``H_PAD`` whose kernel compiles for sm_80 and sm_90 with zero spill bytes and shared
+           memory under both limits (``tests/test_triton_aot.py``; measured table in
+           ``bench/results/triton_resources.md``). Triton keeps the loop-invariant weight tiles
+           in shared memory (the dot operand staging is hoisted out of the time loop), so the
+           limit is shared memory (weights + layout-conversion scratch) and registers:
+
+           ============  =====================  =====================
+           cell          float16 / bfloat16     float32
+                         forward / backward     forward / backward
+           ============  =====================  =====================
+           rnn_tanh/relu 128 / 128              128 / 128
+           lstm          128 / 64               64 / 64
+           gru           128 / 128              64 / 64
+           ============  =====================  =====================
+
+           Inputs whose packed (N, S*H) tensors reach 2**31 elements also go to ``step``
+           (the fused kernels index with int32 tiles, :data:`FUSED_MAX_ELEMENTS`).
+
+``step``   any larger H -- no on-chip limit (the largest H is bounded by device memory for the
+           float32 workspaces, O(N * 6 * H)): one launch per time step of a tiled
+           kernel; the grid splits the batch into blocks of 16 rows and the hidden dimension into
+           blocks of ``BLOCK_H`` units, and each program streams its ``W_hh`` slice (from L2) in
+           ``BLOCK_K`` chunks. The hidden state crosses steps through global float32 buffers
+           (ping-pong for h, whose every unit every program reads). No grid-wide barrier is used,
+           so the interpreter runs exactly the code a GPU runs. The backward is T + 1 launches:
+           launch s finishes step s-1 (``dh = d_gates(s-1) @ W_hh``, which needs every
+           program's gate gradients of the previous launch) and runs the elementwise BPTT of
+           step s for the program's own hidden units.
+
+Both strategies write the same ``saved`` tensors, so either backward can follow either forward:
+
+* ``h_prev``: (N, H) float32, the state entering each step of each packed row;
+* ``stash``:  (N, S*H) float32, per-step values the backward needs -- ``rnn``: h' (S=1);
+  ``lstm``: i, f, g, o (activated) and c entering the step (S=5); ``gru``: r, z, n and
+  ``h W_hn^T + b_hn`` (S=4).
+
+The backward kernels write ``d_gates`` (N, G*H) float32 (the gradient of the gate
+pre-activations = ``d_xg``; for GRU the n part is the gradient of ``x_n``) and, for GRU,
+``d_hn`` (N, H) float32 (gradient of ``h W_hn^T + b_hn``). The weight gradients are then one
+``torch.mm`` in float32 after the loop (``d_w_hh = d_hidden_gates^T @ h_prev``), fixed order, no
+atomics: deterministic.
+
+Precision
+---------
+``tl.dot`` operands are the input dtype and accumulate in float32: fp16/bf16 use tensor cores
+with h (forward) and the gate gradients (backward) rounded to the input dtype for the product,
+like cuDNN. float32 uses ``input_precision="tf32x3"``: three TF32 tensor-core products
+(big*big + big*small + small*big), about float32 accuracy (relative error ~1e-6 per product),
+so float32 results match torch.nn's float32 on the CPU within fastrnn's 1e-5 tolerance.
+Measured alternatives (Triton 3.9): ``"ieee"`` (FMA, no tensor cores) crashes LLVM's SLP
+vectorizer on sm_90 for the lstm backward (H_PAD 32 at 4 warps, 64 at 8 warps) and spills 8 B
+on the lstm forward at 64; plain ``"tf32"`` (what cuDNN does by default) fits in half the shared
+memory but rounds products to 10 mantissa bits (~1e-3), failing float32 parity.
+The interpreter multiplies float32 exactly, so tf32x3 rounding is only seen on a GPU.
+Under ``TRITON_INTERPRET=1`` a bf16 x bf16 ``tl.dot`` returns garbage (Triton 3.9 interpreter
+defect), so there only, bf16 operands are upcast to float32 before the product (``DOT_FP32``);
+the compiled GPU kernels never take that path.
+
+Real-GPU rules kept although the interpreter does not enforce them: every ``tl.dot`` operand is
+at least 16 in each dimension (batch blocks are 16 rows, ``H_PAD``/``BLOCK_H``/``BLOCK_K`` >= 16),
+every block shape is a power of two (H is masked), ``tanh`` is written from ``tl.sigmoid``
+(``libdevice.tanh`` is missing in the interpreter).
+
+The kernel configurations the dispatcher can choose are listed in ONE place, :data:`CONFIGS`
+(built from :data:`FUSED_MAX_HIDDEN`, :data:`FUSED_BUCKETS` and the step tiles); the AOT test and
+``bench/triton_aot.py`` compile exactly that list.
+
+Files: ``configs.py`` (the configuration list and the choice of one; no Triton import),
+``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (the contract's two functions).
+Importing this package does not import Triton; the first kernel call does.
+"""
+from __future__ import annotations
+
+import os
+
+
+from fastrnn.kernels import Capabilities
+from fastrnn.kernels.triton_gpu.configs import (CONFIGS, DTYPES, KernelConfig, forced_strategy,
+                                                fused_max_hidden, select_config)
+
+#: Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+CAPABILITIES = Capabilities(
+    devices=("cuda", "cpu") if INTERPRETED else ("cuda",), dtypes=tuple(DTYPES.values()),
+    cells=("rnn_tanh", "rnn_relu", "lstm", "gru"), projection=False,
+    device_note=" (or CPU tensors under TRITON_INTERPRET=1)")
+
+
+def why_not(cell, device, dtype, proj_size=0):
+    """Why the triton backend cannot run this case, or None."""
+    return CAPABILITIES.why_not("triton", cell, device, dtype, proj_size)
+
+
+def recurrence_forward(*args, **kwargs):
+    """The kernel contract's forward (:func:`fastrnn.kernels.triton_gpu.launch.recurrence_forward`)."""
+    from fastrnn.kernels.triton_gpu import launch
+    return launch.recurrence_forward(*args, **kwargs)
+
+
+def recurrence_backward(*args, **kwargs):
+    """The kernel contract's BPTT (:func:`fastrnn.kernels.triton_gpu.launch.recurrence_backward`)."""
+    from fastrnn.kernels.triton_gpu import launch
+    return launch.recurrence_backward(*args, **kwargs)
+
+
+__all__ = ["recurrence_forward", "recurrence_backward", "why_not", "select_config",
+           "forced_strategy", "fused_max_hidden", "CONFIGS", "KernelConfig", "CAPABILITIES"]
