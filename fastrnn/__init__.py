@@ -10,8 +10,8 @@ from fastrnn.autograd import Recurrence
 from fastrnn.backends import BackendUnavailable, Choice
 from fastrnn.convert import convert
 from fastrnn.kernels import reference
-from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, PeepholeLSTM, RNNCell
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Recurrence", "Choice",
+__all__ = ["RNN", "LSTM", "GRU", "PeepholeLSTM", "RNNCell", "LSTMCell", "GRUCell", "Recurrence", "Choice",
            "BackendUnavailable", "convert", "backends", "cells", "functional", "reference"]

@@ -1,30 +1,42 @@
-"""The autograd Function at the core of fastrnn: one layer, one direction, a whole sequence."""
+"""One layer in one direction over a whole sequence: the routes a call can take (decided in one
+place, :func:`route`), and the autograd Function at the core of fastrnn (:class:`Recurrence`)."""
 from __future__ import annotations
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from fastrnn import backends
+from fastrnn.kernels import reference
+
+# Inference over a long input projects it in chunks of steps of about PROJECTION_CHUNK_BYTES each,
+# which the recurrence reads while they are still in cache, instead of one (N, G*H) GEMM result
+# that streams through memory (LSTM T=1000 B=64 H=512: a 524 MB xg, written then read once).
+# Used on CPU tensors when no gradient is recorded and xg would exceed PROJECTION_CHUNK_MIN_BYTES.
+PROJECTION_CHUNK_BYTES = 8 << 20
+PROJECTION_CHUNK_MIN_BYTES = 32 << 20
 
 
 class Recurrence(torch.autograd.Function):
     """One recurrent layer in one direction over a whole (possibly packed) sequence.
 
-    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias])``
-    returns ``(y, h_n, c_n)``; shapes as in :func:`fastrnn.kernels.reference.recurrence_forward`
-    (xg: (N, G*H), h0: (B, P), c0: (B, H) or None, bias: (G*H,) or None, y: (N, P)). ``forward``
-    calls the backend's forward kernel; ``backward`` its hand-written BPTT kernel, which returns
-    the gradients of xg, h0, c0, w_hh, b_hn, w_hr and bias. Once differentiable: for double
+    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias[,
+    w_cell]])`` returns ``(y, h_n, c_n)`` (``(y, h_n)`` for cells without a cell state); shapes as
+    in :func:`fastrnn.kernels.reference.recurrence_forward` (xg: (N, G*H), h0: (B, P), c0: (B, H)
+    or None, bias: (G*H,) or None, w_cell: (K, H) or None, y: (N, P)). ``forward`` calls the
+    backend's forward kernel; ``backward`` its hand-written BPTT kernel, which returns the
+    gradients of xg, h0, c0, w_hh, b_hn, w_hr, bias and w_cell. Once differentiable: for double
     backward use ``backend="reference"``.
     """
 
     @staticmethod
-    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None):
+    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None,
+                w_cell=None):
         kern = backends.kernels(backend)
+        extra = {} if w_cell is None else {"w_cell": w_cell}
         y, h_n, c_n, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr,
-                                                     batch_sizes, reverse, bias=bias)
+                                                     batch_sizes, reverse, bias=bias, **extra)
         ctx.kern, ctx.cell, ctx.batch_sizes, ctx.reverse = kern, cell, batch_sizes, reverse
-        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, bias, y, *saved)
+        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved)
         if c_n is None:
             return y, h_n
         return y, h_n, c_n
@@ -32,12 +44,15 @@ class Recurrence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, grad_h_n, grad_c_n=None):
-        h0, c0, w_hh, b_hn, w_hr, bias, y, *saved = ctx.saved_tensors
+        h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved = ctx.saved_tensors
+        extra = {} if w_cell is None else {"w_cell": w_cell}
         grads = ctx.kern.recurrence_backward(
             ctx.cell, grad_y.contiguous(), grad_h_n.contiguous(),
             None if grad_c_n is None else grad_c_n.contiguous(),
-            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved), bias=bias)
-        return (None, None, None, None) + tuple(grads)
+            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved), bias=bias,
+            **extra)
+        grads = tuple(grads) + (None,) * (8 - len(grads))
+        return (None, None, None, None) + grads
 
 
 def needs_grad(*tensors):
@@ -45,28 +60,50 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
-    """Run one layer/direction on ``backend`` ("reference" or a kernel backend).
+def route(backend, x, xg_bytes, tensors):
+    """How one layer and direction runs, decided in one place (``backend`` is a resolved name,
+    not "native"; ``x`` the layer's input, ``xg_bytes`` the size its projection would have,
+    ``tensors`` everything autograd could record through):
 
-    Returns ``(y, h_n, c_n)`` (c_n None except for LSTM). The reference runs with autograd
-    through its loop; every kernel backend runs through :class:`Recurrence`, or straight through
-    its forward kernel (``save=False``) when no gradient is wanted. Under torch.compile every
-    backend runs through the custom op ``fastrnn::recurrence``.
+    * ``"custom-op"``: under torch.compile, the custom op ``fastrnn::recurrence`` (every backend);
+    * ``"reference"``: autograd through the reference loop (double backward included);
+    * ``"chunked"``: no gradient recorded and a long CPU input: the projection made chunk by chunk
+      (see ``PROJECTION_CHUNK_BYTES``), the kernel's forward without saving;
+    * ``"inference"``: no gradient recorded: the kernel's forward without saving;
+    * ``"autograd"``: :class:`Recurrence` (the kernel's forward, then its BPTT).
     """
     if torch.compiler.is_compiling():
-        from fastrnn import custom_ops  # the custom op torch.compile traces
-        y, h_n, c_n = custom_ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
-                                     b_hn, w_hr, bias)
-        return y, h_n, None if c0 is None else c_n
+        return "custom-op"
     if backend == "reference":
-        from fastrnn.kernels import reference
+        return "reference"
+    if needs_grad(*tensors):
+        return "autograd"
+    if x.device.type == "cpu" and xg_bytes > PROJECTION_CHUNK_MIN_BYTES:
+        return "chunked"
+    return "inference"
+
+
+def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None,
+               w_cell=None, how=None):
+    """Run one layer/direction on ``backend`` ("reference" or a kernel backend) by the route
+    ``how`` (:func:`route`; decided here when None). Returns ``(y, h_n, c_n)`` (c_n None for
+    cells without a cell state)."""
+    tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell)
+    how = how or route(backend, xg, 0, tensors)
+    if how == "custom-op":
+        from fastrnn import custom_ops  # the custom op torch.compile traces
+        y, h_n, c_n = custom_ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0,
+                                            w_hh, b_hn, w_hr, bias, w_cell)
+        return y, h_n, None if c0 is None else c_n
+    if how == "reference":
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
-                                    bias)
-    if not needs_grad(xg, h0, c0, w_hh, b_hn, w_hr, bias):
-        # No backward will follow: the kernel need not keep anything for it.
+                                    bias, w_cell)
+    if how in ("inference", "chunked"):
+        extra = {} if w_cell is None else {"w_cell": w_cell}
         y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
-            cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias)
+            cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias,
+            **extra)
         return y, h_n, c_n
     out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr,
-                           bias)
+                           bias, w_cell)
     return out if len(out) == 3 else (out[0], out[1], None)

@@ -18,19 +18,25 @@ from torch import Tensor
 from fastrnn import backends
 
 
+def _cell_weights(w_cell):
+    """The kernels' ``w_cell`` keyword, given only for cells that have their own weights."""
+    return {} if w_cell is None else {"w_cell": w_cell}
+
+
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence(backend: str, cell: str, batch_sizes: Tensor, reverse: bool, xg: Tensor,
                h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
-               w_hr: Optional[Tensor], bias: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Tensor]:
+               w_hr: Optional[Tensor], bias: Optional[Tensor] = None,
+               w_cell: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(y (N, P), h_n (B, P), c_n (B, H), or an empty tensor when the cell has no c)."""
     y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
-        cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias)
+        cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias,
+        **_cell_weights(w_cell))
     return y, h_n, h0.new_empty(0) if c_n is None else c_n
 
 
 @recurrence.register_fake
-def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None):
+def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None, w_cell=None):
     y = xg.new_empty(xg.shape[0], h0.shape[1])
     return y, torch.empty_like(h0), h0.new_empty(0) if c0 is None else torch.empty_like(c0)
 
@@ -39,22 +45,26 @@ def _(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=No
 def recurrence_backward(backend: str, cell: str, batch_sizes: Tensor, reverse: bool,
                         grad_y: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xg: Tensor,
                         h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
-                        w_hr: Optional[Tensor], bias: Optional[Tensor] = None) -> list[Tensor]:
-    """Gradients of the present inputs among (xg, h0, c0, w_hh, b_hn, w_hr, bias), in that
-    order."""
+                        w_hr: Optional[Tensor], bias: Optional[Tensor] = None,
+                        w_cell: Optional[Tensor] = None) -> list[Tensor]:
+    """Gradients of the present inputs among (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell), in
+    that order."""
     kern = backends.kernels(backend)
+    extra = _cell_weights(w_cell)
     y, _, _, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes,
-                                             reverse, bias=bias)
+                                             reverse, bias=bias, **extra)
     grads = kern.recurrence_backward(cell, grad_y.contiguous(), grad_h_n.contiguous(),
                                      None if c0 is None else grad_c_n.contiguous(), h0, c0,
-                                     w_hh, b_hn, w_hr, batch_sizes, reverse, y, saved, bias=bias)
+                                     w_hh, b_hn, w_hr, batch_sizes, reverse, y, saved, bias=bias,
+                                     **extra)
     return [g for g in grads if g is not None]
 
 
 @recurrence_backward.register_fake
 def _(backend, cell, batch_sizes, reverse, grad_y, grad_h_n, grad_c_n, xg, h0, c0, w_hh, b_hn,
-      w_hr, bias=None):
-    return [torch.empty_like(t) for t in (xg, h0, c0, w_hh, b_hn, w_hr, bias) if t is not None]
+      w_hr, bias=None, w_cell=None):
+    return [torch.empty_like(t) for t in (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell)
+            if t is not None]
 
 
 def _setup_context(ctx, inputs, output):

@@ -9,19 +9,23 @@ Shapes: L = num_layers, D = 2 if bidirectional else 1, H = hidden_size, P = proj
 
 * ``input``: (T, B, I), or (B, T, I) with ``batch_first``; or the data (N, I) of a
   PackedSequence together with its ``batch_sizes`` (T,).
-* ``hx``: h0 (L*D, B, P); for ``lstm`` a pair (h0, c0) with c0 (L*D, B, H).
+* ``hx``: h0 (L*D, B, P); for cells with a cell state (``lstm``, ``peephole_lstm``) a pair
+  (h0, c0) with c0 (L*D, B, H).
 * ``params``: flat list per layer and direction ``w_ih, w_hh[, b_ih, b_hh][, w_hr]``
-  (``nn.RNNBase._flat_weights``).
+  (``nn.RNNBase._flat_weights``), then the cell's own weights (``peephole_lstm``: w_ci, w_cf,
+  w_co, each (H,)).
 * returns ``(output, h_n)`` (``lstm``: ``(output, h_n, c_n)``) with output (T, B, D*P)
   ((B, T, D*P) with ``batch_first``; (N, D*P) when packed).
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
-from fastrnn import backends
-from fastrnn.autograd import needs_grad, recurrence
+from fastrnn import autograd, backends, cells
+from fastrnn.autograd import recurrence, route
 
 _DTYPE_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
                 torch.bfloat16: "BFloat16"}
@@ -57,15 +61,7 @@ def input_projection(cell, x, w_ih, b_ih, b_hh):
     return xg, b_ih + b_hh, None
 
 
-# Inference over a long input projects it in chunks of steps of about PROJECTION_CHUNK_BYTES each,
-# which the recurrence reads while they are still in cache, instead of one (N, G*H) GEMM result
-# that streams through memory (LSTM T=1000 B=64 H=512: a 524 MB xg, written then read once).
-# Used on CPU tensors when no gradient is recorded and xg would exceed PROJECTION_CHUNK_MIN_BYTES.
-PROJECTION_CHUNK_BYTES = 8 << 20
-PROJECTION_CHUNK_MIN_BYTES = 32 << 20
-
-
-def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, reverse):
+def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse):
     """One layer and direction without autograd, its input projected one chunk of steps at a time
     (x: (N, I), the rest as in :func:`stack`). Chunks run in processing order; each continues
     from the state the previous one left (rows not yet active keep theirs)."""
@@ -73,17 +69,18 @@ def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
-    gates = w_ih.shape[0]
-    steps = max(1, PROJECTION_CHUNK_BYTES // max(1, sizes[0] * gates * x.element_size()))
+    gates = weights.w_ih.shape[0]
+    steps = max(1, autograd.PROJECTION_CHUNK_BYTES // max(1, sizes[0] * gates * x.element_size()))
     starts = list(range(0, len(sizes), steps))
     y = x.new_empty(x.shape[0], h0.shape[1])
     h, c = h0, c0
     for t0 in reversed(starts) if reverse else starts:
         t1 = min(t0 + steps, len(sizes))
         r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
-        xg, bias, b_hn = input_projection(cell, x[r0:r1], w_ih, b_ih, b_hh)
+        xg, bias, b_hn = input_projection(cell, x[r0:r1], weights.w_ih, weights.b_ih, weights.b_hh)
         y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows], None if c is None else c[:rows],
-                                   w_hh, b_hn, w_hr, batch_sizes[t0:t1], reverse, bias)
+                                   weights.w_hh, b_hn, weights.w_hr, batch_sizes[t0:t1], reverse,
+                                   bias, weights.w_cell, how="inference")
         y[r0:r1] = y_c
         h = h_c if rows == h.shape[0] else torch.cat([h_c, h[rows:]])
         if c is not None:
@@ -91,15 +88,34 @@ def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, w_ih, w_hh, b_ih, b_hh
     return y, h, c
 
 
-def _layer_params(params, has_biases, num_layers, num_directions):
-    """Split ``params`` into one (w_ih, w_hh, b_ih, b_hh, w_hr) per layer and direction."""
+class LayerWeights(NamedTuple):
+    """The parameters of one layer and direction (torch.nn's names without ``_l{k}``):
+    w_ih (G*H, I), w_hh (G*H, P), b_ih/b_hh (G*H,) or None, w_hr (P, H) or None (proj_size),
+    w_cell (K, H) or None (the cell's own per-unit weights, ``CellSpec.cell_weights``)."""
+
+    w_ih: torch.Tensor
+    w_hh: torch.Tensor
+    b_ih: Optional[torch.Tensor]
+    b_hh: Optional[torch.Tensor]
+    w_hr: Optional[torch.Tensor]
+    w_cell: Optional[torch.Tensor]
+
+
+def layer_weights(cell, params, has_biases, num_layers, num_directions):
+    """Split ``params`` (per layer and direction: ``w_ih, w_hh[, b_ih, b_hh][, w_hr]`` as
+    ``nn.RNNBase._flat_weights``, then the cell's own weights, ``CellSpec.cell_weights``) into one
+    :class:`LayerWeights` per layer and direction."""
+    own = len(cells.spec(cell).cell_weights)
     stride = len(params) // (num_layers * num_directions)
-    has_proj = stride == (5 if has_biases else 3)
+    has_proj = stride - own == (5 if has_biases else 3)
     out = []
     for k in range(num_layers * num_directions):
         w = params[k * stride:(k + 1) * stride]
-        b_ih, b_hh = (w[2], w[3]) if has_biases else (None, None)
-        out.append((w[0], w[1], b_ih, b_hh, w[-1] if has_proj else None))
+        torch_part = w[:stride - own]
+        b_ih, b_hh = (torch_part[2], torch_part[3]) if has_biases else (None, None)
+        w_cell = torch.stack(w[stride - own:]) if own else None
+        out.append(LayerWeights(w[0], w[1], b_ih, b_hh, torch_part[-1] if has_proj else None,
+                                w_cell))
     return out
 
 
@@ -116,27 +132,28 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
     Returns (output (N, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None).
     """
     directions = 2 if bidirectional else 1
-    layers = _layer_params(params, has_biases, num_layers, directions)
-    _check_same_dtype(h0, layers[0][1])
+    layers = layer_weights(cell, params, has_biases, num_layers, directions)
+    _check_same_dtype(h0, layers[0].w_hh)
     if c0 is not None:
-        _check_same_dtype(c0, layers[0][1])
+        _check_same_dtype(c0, layers[0].w_hh)
     layer_input, h_n, c_n = x, [], []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            w_ih, w_hh, b_ih, b_hh, w_hr = layers[k]
+            weights = layers[k]
             h0_k, c0_k = h0[k], None if c0 is None else c0[k]
-            xg_bytes = layer_input.shape[0] * w_ih.shape[0] * layer_input.element_size()
-            if (xg_bytes > PROJECTION_CHUNK_MIN_BYTES and x.device.type == "cpu"
-                    and backend != "reference" and not torch.compiler.is_compiling()
-                    and not needs_grad(layer_input, h0_k, c0_k, *layers[k])):
+            xg_bytes = layer_input.shape[0] * weights.w_ih.shape[0] * layer_input.element_size()
+            how = route(backend, layer_input, xg_bytes, (layer_input, h0_k, c0_k, *weights))
+            if how == "chunked":
                 y, h, c = _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k,
-                                         w_ih, w_hh, b_ih, b_hh, w_hr, direction == 1)
+                                         weights, direction == 1)
             else:
-                xg, bias, b_hn = input_projection(cell, layer_input, w_ih, b_ih, b_hh)
-                y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, w_hh, b_hn, w_hr,
-                                     batch_sizes, direction == 1, bias)
+                xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
+                                                  weights.b_hh)
+                y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, weights.w_hh, b_hn,
+                                     weights.w_hr, batch_sizes, direction == 1, bias,
+                                     weights.w_cell, how=how)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)
@@ -148,8 +165,9 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
 
 def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
                batch_first, batch_sizes, backend):
-    h0, c0 = hx if cell == "lstm" else (hx, None)
-    w_hr = _layer_params(params, has_biases, num_layers, 2 if bidirectional else 1)[0][4]
+    has_c = cells.spec(cell).has_c
+    h0, c0 = hx if has_c else (hx, None)
+    w_hr = layer_weights(cell, params, has_biases, num_layers, 2 if bidirectional else 1)[0].w_hr
     backend = backends.resolve(backend, cell, params[0].device, params[0].dtype,
                                0 if w_hr is None else w_hr.shape[0])
     if backend == "native":
@@ -173,7 +191,7 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
     else:
         out, h_n, c_n = stack(cell, input, batch_sizes, h0, c0, params, has_biases, num_layers,
                               dropout, train, bidirectional, backend)
-    return (out, h_n, c_n) if cell == "lstm" else (out, h_n)
+    return (out, h_n, c_n) if has_c else (out, h_n)
 
 
 def _sequence_fn(cell):
@@ -192,6 +210,7 @@ rnn_tanh = _sequence_fn("rnn_tanh")
 rnn_relu = _sequence_fn("rnn_relu")
 lstm = _sequence_fn("lstm")
 gru = _sequence_fn("gru")
+peephole_lstm = _sequence_fn("peephole_lstm")
 
 
 def _check_cell_args(input, hx, input_size, hidden_size):
@@ -238,5 +257,5 @@ rnn_relu_cell = _cell_fn("rnn_relu")
 lstm_cell = _cell_fn("lstm")
 gru_cell = _cell_fn("gru")
 
-__all__ = ["rnn_tanh", "rnn_relu", "lstm", "gru", "rnn_tanh_cell", "rnn_relu_cell", "lstm_cell",
+__all__ = ["rnn_tanh", "rnn_relu", "lstm", "gru", "peephole_lstm", "rnn_tanh_cell", "rnn_relu_cell", "lstm_cell",
            "gru_cell", "input_projection", "stack"]

@@ -13,11 +13,13 @@ subclass ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrnn import backends, functional
+from fastrnn import backends, cells, functional
 from fastrnn.cells import CELL_OF_MODE
 
 
@@ -58,6 +60,10 @@ class _Recurrent(_Backend, nn.RNNBase):
         weight = self._flat_weights[0]
         return backends.choose(self.backend, self.cell, weight.device, weight.dtype,
                                self.proj_size)
+
+    def _cell_params(self):
+        """The flat parameter list :func:`fastrnn.functional.stack` takes (torch.nn's order)."""
+        return self._flat_weights
 
     def _zero_state(self, batch, input):
         layers = self.num_layers * (2 if self.bidirectional else 1)
@@ -111,7 +117,7 @@ class _Recurrent(_Backend, nn.RNNBase):
         # torch.nn skips this for packed LSTM input and fails later, inside aten; we check here.
         self.check_forward_args(input, hx, batch_sizes)
         result = functional._recurrent(
-            self.cell, input, tuple(hx) if is_lstm else hx, self._flat_weights, self.bias,
+            self.cell, input, tuple(hx) if is_lstm else hx, self._cell_params(), self.bias,
             self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
             batch_sizes, backend)
         output = result[0]
@@ -159,6 +165,53 @@ class LSTM(_Recurrent):
 
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__("LSTM", *args, backend=backend, **kwargs)
+
+
+class PeepholeLSTM(_Recurrent):
+    """LSTM with peephole connections (Gers & Schmidhuber 2000; :mod:`fastrnn.cells.peephole_lstm`):
+    ``c`` feeds the input and forget gates, ``c'`` the output gate, through per-unit weights.
+
+    Arguments, inputs, outputs and state shapes as ``torch.nn.LSTM`` (no ``proj_size``), plus the
+    keyword-only ``backend``. Parameters: torch.nn.LSTM's (``weight_ih_l{k}``, ``weight_hh_l{k}``,
+    ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``_reverse`` for the second direction) and
+    ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``, each (H,), initialised like the
+    others from U(-1/sqrt(H), 1/sqrt(H)). torch.nn has no such module, so the ``native`` backend
+    cannot run it.
+    """
+
+    _torch_class = nn.LSTM
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, backend="auto", **kwargs):
+        if kwargs.get("proj_size", 0):
+            raise ValueError("proj_size argument is not supported for PeepholeLSTM")
+        super().__init__("LSTM", *args, backend=backend, **kwargs)
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        weight = self._flat_weights[0]
+        self._cell_weight_names = []
+        for layer in range(self.num_layers):
+            for suffix in ("", "_reverse")[:2 if self.bidirectional else 1]:
+                names = [f"{name}_l{layer}{suffix}" for name in cells.spec("peephole_lstm").cell_weights]
+                for name in names:
+                    value = torch.empty(self.hidden_size, dtype=weight.dtype, device=weight.device)
+                    self.register_parameter(name, nn.Parameter(value.uniform_(-bound, bound)))
+                self._cell_weight_names.append(names)
+
+    @property
+    def cell(self):
+        return "peephole_lstm"
+
+    def _cell_params(self):
+        """torch.nn.LSTM's flat weights of each layer and direction, each group followed by its
+        w_ci, w_cf, w_co."""
+        flat = self._flat_weights
+        stride = len(flat) // len(self._cell_weight_names)
+        params = []
+        for k, names in enumerate(self._cell_weight_names):
+            params += flat[k * stride:(k + 1) * stride] + [getattr(self, n) for n in names]
+        return params
 
 
 class GRU(_Recurrent):

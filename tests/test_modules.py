@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import fastrnn
-from fastrnn import Recurrence, backends, cells
+from fastrnn import Recurrence, autograd, backends, cells
 from _support import (BACKENDS, CELL_OF_VARIANT, TOL, VARIANTS, assert_all_close, flatten,
                       make_case, pair, require, seed_of)
 
@@ -161,8 +161,8 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
                                            "numba", T=5, B=3, I=4, H=6)
     gates = cells.GATES[CELL_OF_VARIANT[variant]]
-    monkeypatch.setattr(functional, "PROJECTION_CHUNK_MIN_BYTES", 0)
-    monkeypatch.setattr(functional, "PROJECTION_CHUNK_BYTES", steps_per_chunk * 3 * gates * 6 * 4)
+    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_BYTES", steps_per_chunk * 3 * gates * 6 * 4)
     calls = []
     chunked = functional._chunked_layer
     monkeypatch.setattr(functional, "_chunked_layer",

@@ -1,6 +1,6 @@
 """The recurrent cells fastrnn runs: one file per cell, one registry.
 
-A cell file (``rnn_tanh.py``, ``rnn_relu.py``, ``lstm.py``, ``gru.py``) holds everything that is
+A cell file (``rnn_tanh.py``, ``rnn_relu.py``, ``lstm.py``, ``gru.py``, ``peephole_lstm.py``) holds everything that is
 the cell's own: its :class:`CellSpec` ``SPEC`` (gate count, states, the torch.nn mode it
 replaces), the reference step (readable torch, the oracle), and the step math the compiled
 backends inline into their one generic time loop. Adding a cell is a new file here plus its entry
@@ -12,10 +12,10 @@ in ``_MODULES`` below (and its test entry).
 """
 from __future__ import annotations
 
-from fastrnn.cells import gru, lstm, rnn_relu, rnn_tanh
+from fastrnn.cells import gru, lstm, peephole_lstm, rnn_relu, rnn_tanh
 from fastrnn.cells.spec import CellSpec
 
-_MODULES = (rnn_tanh, rnn_relu, lstm, gru)
+_MODULES = (rnn_tanh, rnn_relu, lstm, gru, peephole_lstm)
 
 #: name -> :class:`CellSpec` of every cell, in registry order.
 SPECS = {m.SPEC.name: m.SPEC for m in _MODULES}

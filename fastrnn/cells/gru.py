@@ -12,7 +12,7 @@ import torch
 from fastrnn.cells.spec import CellSpec
 
 
-def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None):
+def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     """One step on torch tensors: xg_t (b, 3H) (without the n gate's b_hh), h (b, H),
     b_hn (H,) or None -> (h' (b, H), None)."""
     x_r, x_z, x_n = xg_t.chunk(3, dim=1)

@@ -11,7 +11,7 @@ import torch
 from fastrnn.cells.spec import CellSpec
 
 
-def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None):
+def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     """One step on torch tensors: xg_t (b, 4H), h (b, P), c (b, H), w_hr (P, H) or None
     -> (h' (b, P), c' (b, H))."""
     i, f, g, o = (xg_t + h @ w_hh.t()).chunk(4, dim=1)

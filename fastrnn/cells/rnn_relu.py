@@ -6,7 +6,7 @@ import torch
 from fastrnn.cells.spec import CellSpec
 
 
-def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None):
+def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     """One step on torch tensors: xg_t (b, H), h (b, H) -> (h' (b, H), None)."""
     return torch.relu(xg_t + h @ w_hh.t()), None
 

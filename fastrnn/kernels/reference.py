@@ -18,14 +18,15 @@ import torch
 from fastrnn import cells
 
 
-def cell_step(cell, xg_t, h, c, w_hh, b_hn=None, w_hr=None):
+def cell_step(cell, xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     """One step of ``cell`` for the rows in ``xg_t``: the cell's own reference step.
 
     xg_t: (b, G*H) input projection of this step; h: (b, P); c: (b, H) or None (cells with a
     cell state); w_hh: (G*H, P); b_hn: (H,) or None (GRU); w_hr: (P, H) or None (LSTM with
-    proj_size). Returns (h', c') with c' None for cells without a cell state.
+    proj_size); w_cell: (K, H) or None, the cell's own per-unit weights (peephole LSTM).
+    Returns (h', c') with c' None for cells without a cell state.
     """
-    return cells.spec(cell).step(xg_t, h, c, w_hh, b_hn, w_hr)
+    return cells.spec(cell).step(xg_t, h, c, w_hh, b_hn, w_hr, w_cell)
 
 
 def step_offsets(batch_sizes):
@@ -36,7 +37,7 @@ def step_offsets(batch_sizes):
     return offsets
 
 
-def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
+def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
     if bias is not None:
         xg = xg + bias
     sizes = [int(b) for b in batch_sizes]
@@ -46,7 +47,7 @@ def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         b, start = sizes[t], offsets[t]
         h_t, c_t = cell_step(cell, xg[start:start + b], h[:b], None if c is None else c[:b],
-                             w_hh, b_hn, w_hr)
+                             w_hh, b_hn, w_hr, w_cell)
         ys[t] = h_t
         # Rows at and beyond b are not active at this step: they keep their state (their last
         # state going forward; h0 going in reverse, where they have not started yet).
@@ -58,7 +59,7 @@ def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
 
 
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
-                       bias=None):
+                       bias=None, w_cell=None):
     """Run one layer in one direction over a whole (possibly packed) sequence.
 
     The kernel contract, shared by every backend:
@@ -74,6 +75,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
       and return ``saved = ()``.
     * ``bias``: (G*H,) or None, added to every row of ``xg`` (the input projection's bias, kept
       out of the projection GEMM: a bias there costs a pass over the (N, G*H) result).
+    * ``w_cell``: (K, H) or None, the cell's own per-unit weights (``CellSpec.cell_weights``:
+      the peephole LSTM's w_ci, w_cf, w_co); None for the torch.nn cells.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P) outputs in the same packed layout, h_n (B, P) and
     c_n (B, H) or None the state of each row after its last active step, and ``saved`` a tuple of
@@ -81,30 +84,32 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     All tensors share xg's dtype and device.
     """
     with torch.no_grad():
-        y, h_n, c_n = _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias)
+        y, h_n, c_n = _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
+                                w_cell)
     return y, h_n, c_n, (xg,)
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved, bias=None):
+                        batch_sizes, reverse, y, saved, bias=None, w_cell=None):
     """BPTT for :func:`recurrence_forward` (kernel contract).
 
     ``grad_y``: (N, P), ``grad_h_n``: (B, P), ``grad_c_n``: (B, H) or None; the other arguments
     are those given to and returned by the forward. Returns the gradients
-    ``(d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias)``, None where the input was None.
+    ``(d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias, d_w_cell)``, None where the input was
+    None.
 
     The reference computes them by re-running the loop under autograd; the kernels hand-write
     BPTT, reduce weight gradients once after the time loop, and never use atomics.
     """
     (xg,) = saved
-    inputs = [xg, h0, c0, w_hh, b_hn, w_hr, bias]
+    inputs = [xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell]
     present = [i for i, t in enumerate(inputs) if t is not None]
 
     def run(*tensors):
         args = list(inputs)
         for i, t in zip(present, tensors):
             args[i] = t
-        y, h_n, c_n = _sequence(cell, *args[:6], batch_sizes, reverse, args[6])
+        y, h_n, c_n = _sequence(cell, *args[:6], batch_sizes, reverse, *args[6:])
         return (y, h_n) if c_n is None else (y, h_n, c_n)
 
     outs, vjp = torch.func.vjp(run, *[inputs[i] for i in present])
@@ -113,7 +118,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     return tuple(next(grads) if t is not None else None for t in inputs)
 
 
-def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None):
+def recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
     """The differentiable reference recurrence: same arguments as :func:`recurrence_forward`,
     returns ``(y, h_n, c_n)`` with autograd (double backward included) through the loop."""
-    return _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias)
+    return _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)

@@ -87,16 +87,15 @@ from __future__ import annotations
 
 import os
 
-
 from fastrnn.kernels import Capabilities
-from fastrnn.kernels.triton_gpu.configs import (CONFIGS, DTYPES, KernelConfig, forced_strategy,
-                                                fused_max_hidden, select_config)
+from fastrnn.kernels.triton_gpu.configs import (CELLS, CONFIGS, DTYPES, KernelConfig,
+                                                forced_strategy, fused_max_hidden, select_config)
 
 #: Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CAPABILITIES = Capabilities(
     devices=("cuda", "cpu") if INTERPRETED else ("cuda",), dtypes=tuple(DTYPES.values()),
-    cells=("rnn_tanh", "rnn_relu", "lstm", "gru"), projection=False,
+    cells=CELLS, projection=False,
     device_note=" (or CPU tensors under TRITON_INTERPRET=1)")
 
 

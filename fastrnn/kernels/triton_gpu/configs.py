@@ -9,7 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrnn.cells import CELLS, GATES
+from fastrnn.cells import GATES
+
+#: The cells this backend implements.
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 STASH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
