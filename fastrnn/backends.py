@@ -72,7 +72,7 @@ def why_not(name, cell, device, dtype, proj_size=0):
         return f"proj_size is supported for lstm only, got {cell}"
     if name in ("reference", "native"):
         return None if name == "reference" or spec.torch_mode else f"torch.nn has no {cell} cell"
-    return KERNELS[name].CAPABILITIES.why_not(name, cell, device, dtype, proj_size)
+    return KERNELS[name].CAPABILITIES.why_not(cell, device, dtype, proj_size)
 
 
 @functools.lru_cache(maxsize=None)

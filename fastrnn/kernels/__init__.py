@@ -9,6 +9,7 @@ anything:
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -18,17 +19,19 @@ from fastrnn import cells
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a kernel backend runs: ``devices`` (device types), ``dtypes``, ``cells`` (names) and
-    whether it implements LSTM's ``proj_size`` (``projection``)."""
+    """What kernel backend ``name`` runs: ``devices`` (device types), ``dtypes``, ``cells`` (names)
+    and whether it implements LSTM's ``proj_size`` (``projection``)."""
 
+    name: str
     devices: tuple
     dtypes: tuple
     cells: tuple
     projection: bool
     device_note: str = ""  # said after the device list when a device is refused
 
-    def why_not(self, backend, cell, device, dtype, proj_size=0):
-        """Why ``backend`` cannot run ``cell`` on ``device``/``dtype`` (``proj_size``), or None."""
+    def why_not(self, cell, device, dtype, proj_size=0):
+        """Why this backend cannot run ``cell`` on ``device``/``dtype`` (``proj_size``), or None."""
+        backend = self.name
         if cell not in self.cells:
             return f"{backend} does not implement the {cell!r} cell (it runs {', '.join(self.cells)})"
         device = torch.device(device)
@@ -43,3 +46,18 @@ class Capabilities:
         if proj_size and not self.projection:
             return f"the {backend} backend does not implement LSTM proj_size (w_hr)"
         return None
+
+
+#: The two functions of the kernel contract (:mod:`fastrnn.kernels.reference`).
+CONTRACT = ("recurrence_forward", "recurrence_backward")
+
+
+def contract_on_first_use(package):
+    """A module ``__getattr__`` for backend package ``package`` (its ``__name__``) that hands out
+    the contract's functions from ``<package>.launch``, imported on first use: importing a backend
+    package stays cheap, Numba or Triton load only when a kernel first runs."""
+    def module_getattr(name):
+        if name not in CONTRACT:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(package + ".launch"), name)
+    return module_getattr

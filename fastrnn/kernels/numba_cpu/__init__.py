@@ -38,24 +38,10 @@ from __future__ import annotations
 
 import torch
 
-from fastrnn.kernels import Capabilities
+from fastrnn.kernels import Capabilities, contract_on_first_use
 
-CAPABILITIES = Capabilities(devices=("cpu",), dtypes=(torch.float32, torch.float64),
+CAPABILITIES = Capabilities("numba", devices=("cpu",), dtypes=(torch.float32, torch.float64),
                             cells=("rnn_tanh", "rnn_relu", "lstm", "gru"), projection=True)
 
-
-def why_not(cell, device, dtype, proj_size=0):
-    """Why this backend cannot run ``cell`` on ``device``/``dtype``, or None if it can."""
-    return CAPABILITIES.why_not("numba", cell, device, dtype, proj_size)
-
-
-def recurrence_forward(*args, **kwargs):
-    """The kernel contract's forward (:func:`fastrnn.kernels.numba_cpu.launch.recurrence_forward`)."""
-    from fastrnn.kernels.numba_cpu import launch
-    return launch.recurrence_forward(*args, **kwargs)
-
-
-def recurrence_backward(*args, **kwargs):
-    """The kernel contract's BPTT (:func:`fastrnn.kernels.numba_cpu.launch.recurrence_backward`)."""
-    from fastrnn.kernels.numba_cpu import launch
-    return launch.recurrence_backward(*args, **kwargs)
+why_not = CAPABILITIES.why_not
+__getattr__ = contract_on_first_use(__name__)  # recurrence_forward/_backward: Numba loads then

@@ -87,33 +87,20 @@ from __future__ import annotations
 
 import os
 
-from fastrnn.kernels import Capabilities
+from fastrnn.kernels import Capabilities, contract_on_first_use
 from fastrnn.kernels.triton_gpu.configs import (CELLS, CONFIGS, DTYPES, KernelConfig,
                                                 forced_strategy, fused_max_hidden, select_config)
 
 #: Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CAPABILITIES = Capabilities(
-    devices=("cuda", "cpu") if INTERPRETED else ("cuda",), dtypes=tuple(DTYPES.values()),
+    "triton", devices=("cuda", "cpu") if INTERPRETED else ("cuda",), dtypes=tuple(DTYPES.values()),
     cells=CELLS, projection=False,
     device_note=" (or CPU tensors under TRITON_INTERPRET=1)")
 
 
-def why_not(cell, device, dtype, proj_size=0):
-    """Why the triton backend cannot run this case, or None."""
-    return CAPABILITIES.why_not("triton", cell, device, dtype, proj_size)
-
-
-def recurrence_forward(*args, **kwargs):
-    """The kernel contract's forward (:func:`fastrnn.kernels.triton_gpu.launch.recurrence_forward`)."""
-    from fastrnn.kernels.triton_gpu import launch
-    return launch.recurrence_forward(*args, **kwargs)
-
-
-def recurrence_backward(*args, **kwargs):
-    """The kernel contract's BPTT (:func:`fastrnn.kernels.triton_gpu.launch.recurrence_backward`)."""
-    from fastrnn.kernels.triton_gpu import launch
-    return launch.recurrence_backward(*args, **kwargs)
+why_not = CAPABILITIES.why_not
+__getattr__ = contract_on_first_use(__name__)  # recurrence_forward/_backward: Triton loads then
 
 
 __all__ = ["recurrence_forward", "recurrence_backward", "why_not", "select_config",
