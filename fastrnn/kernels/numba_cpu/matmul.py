@@ -161,34 +161,6 @@ def _rows4(acc, ai, a, bi, w, j0, j1):
 
 
 @njit(**_JIT)
-def _rows2(acc, ai, a, bi, w, j0, j1):
-    """acc[ai+r, j0:j1] += a[bi+r, :K] @ w[:K, j0:j1] for r = 0, 1."""
-    _prefer_wide_vectors()
-    k_total = w.shape[0]
-    n = j1 - j0
-    c0, c1 = acc[ai, j0:j1], acc[ai + 1, j0:j1]
-    x0, x1 = a[bi], a[bi + 1]
-    k = 0
-    while k + 4 <= k_total:
-        a00, a01, a02, a03 = x0[k], x0[k + 1], x0[k + 2], x0[k + 3]
-        a10, a11, a12, a13 = x1[k], x1[k + 1], x1[k + 2], x1[k + 3]
-        w0, w1, w2, w3 = w[k, j0:j1], w[k + 1, j0:j1], w[k + 2, j0:j1], w[k + 3, j0:j1]
-        for j in range(n):
-            v0, v1, v2, v3 = w0[j], w1[j], w2[j], w3[j]
-            c0[j] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
-            c1[j] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
-        k += 4
-    while k < k_total:
-        a00, a10 = x0[k], x1[k]
-        w0 = w[k, j0:j1]
-        for j in range(n):
-            v0 = w0[j]
-            c0[j] += a00 * v0
-            c1[j] += a10 * v0
-        k += 1
-
-
-@njit(**_JIT)
 def _rows1(acc, ai, a, bi, w, j0, j1):
     """acc[ai, j0:j1] += a[bi, :K] @ w[:K, j0:j1]."""
     _prefer_wide_vectors()
@@ -245,11 +217,9 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, 
             while b + 4 <= g1:
                 _rows4(acc, acc_base + b, a, a_base + b, w, j0, j1)
                 b += 4
-            if b + 2 <= g1:
-                _rows2(acc, acc_base + b, a, a_base + b, w, j0, j1)
-                b += 2
-            if b < g1:
+            while b < g1:  # the last 1-3 rows one at a time (same sums as _rows4's, per row)
                 _rows1(acc, acc_base + b, a, a_base + b, w, j0, j1)
+                b += 1
             g0 += nthreads * group
 
 
