@@ -11,6 +11,7 @@ import triton
 
 from fastrnn.kernels.triton_gpu import kernels
 from fastrnn.kernels.triton_gpu.configs import CONFIGS, KernelConfig, TRITON_DTYPE
+from fastrnn.kernels.triton_gpu.step_math import cell_math
 
 #: Largest dynamic shared memory one block may request, per compute capability (bytes).
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -36,7 +37,8 @@ def aot_source(config):
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("AOT compilation needs the compiled Triton frontend: run it in a "
                            "process without TRITON_INTERPRET=1 (see aot_resources)")
-    constexprs = {"CELL": config.cell, "BLOCK_B": config.block_b, "DOT_FP32": False}
+    # CELL: the cell's step math (a CellMath of @triton.jit helpers), a constexpr like the rest.
+    constexprs = {"CELL": cell_math(config.cell), "BLOCK_B": config.block_b, "DOT_FP32": False}
     if config.strategy == "fused":
         constexprs["H_PAD"] = config.h_pad
     else:

@@ -145,6 +145,37 @@ def test_lstm_c_n_unused(strategy):
         assert_close(a, e, TOL[torch.float32], name)
 
 
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("cell", configs.CELLS)
+def test_bias_gradient(cell, strategy):
+    """``bias`` (G*H,) through the Recurrence Function: triton's outputs and its gradients of bias
+    and xg equal the reference Function's (run in float64 on the same float32 inputs; the
+    interpreter runs no float64, so this stands in for a gradcheck of triton's bias)."""
+    G = cells.GATES[cell]
+    inputs = [None if t is None else t.float().to(DEVICE)
+              for t in make_inputs(cell, HIDDEN, PACKED, seed=6)]
+    gen = torch.Generator().manual_seed(7)
+    bias = (torch.randn(G * HIDDEN, generator=gen) * 0.5).to(DEVICE)
+    n_out = 3 if cell == "lstm" else 2
+    shapes = [(sum(PACKED), HIDDEN), (PACKED[0], HIDDEN), (PACKED[0], HIDDEN)][:n_out]
+    out_grads = [torch.randn(*s, generator=gen).to(DEVICE) for s in shapes]
+    results = {}
+    for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
+        leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True)
+                  for t in inputs + [bias]]
+        tiles = STEP_TILES if strategy == "step" else {}
+        forced = (tg.forced_strategy(strategy, **tiles) if backend == "triton"
+                  else contextlib.nullcontext())
+        with forced:
+            outs = Recurrence.apply(backend, cell, torch.tensor(PACKED), False, *leaves[:5], None,
+                                    leaves[5])
+            torch.autograd.backward(outs, [g.to(dtype) for g in out_grads])
+        results[backend] = [o.detach() for o in outs] + [leaves[5].grad, leaves[0].grad]
+    names = ("y", "h_n", "c_n")[:n_out] + ("d_bias", "d_xg")
+    for name, a, e in zip(names, results["triton"], results["reference"]):
+        assert_close(a, e.float(), TOL[torch.float32], name)
+
+
 def test_backward_is_deterministic():
     """Same inputs, same gradients bit for bit (no atomics; one GEMM for the weights)."""
     inputs = [None if t is None else t.float().to(DEVICE) for t in make_inputs("gru", 24, PACKED)]

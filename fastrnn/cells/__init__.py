@@ -19,6 +19,8 @@ _MODULES = (rnn_tanh, rnn_relu, lstm, gru, peephole_lstm)
 
 #: name -> :class:`CellSpec` of every cell, in registry order.
 SPECS = {m.SPEC.name: m.SPEC for m in _MODULES}
+#: name -> the cell's module (its SPEC, reference step and the backends' step math).
+MODULES = {m.SPEC.name: m for m in _MODULES}
 #: The cell names.
 CELLS = tuple(SPECS)
 #: name -> G, the gate count (rows of ``W_hh`` per hidden unit).
@@ -35,4 +37,4 @@ def spec(name):
         raise ValueError(f"unknown cell {name!r}; expected one of {CELLS}") from None
 
 
-__all__ = ["CellSpec", "SPECS", "CELLS", "GATES", "CELL_OF_MODE", "spec"]
+__all__ = ["CellSpec", "SPECS", "MODULES", "CELLS", "GATES", "CELL_OF_MODE", "spec"]

@@ -27,3 +27,58 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
 
 SPEC = CellSpec(name="gru", gates=3, states=("h",), torch_mode="GRU", code=3,
                 step=reference_step, has_b_hn=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton step math (built on first use: importing this file does not import triton).
+# ----------------------------------------------------------------------------------------------
+def triton_step_math():
+    """The ``CELL`` of the Triton kernels (:mod:`fastrnn.kernels.triton_gpu.step_math`).
+    Pre-activations p = (x_r + h W_hr^T, x_z + h W_hz^T, x_n, hn = h W_hn^T + b_hn); stash: r, z,
+    n and hn. The gradient of hn (d_hn, not that of x_n) has its own (N, H) buffer. Tiles are
+    float32."""
+    import triton.language as tl
+
+    from fastrnn.kernels.triton_gpu.step_math import (CellMath, cell_jit, load_d_hidden,
+                                                      load_f32, tanh)
+
+    @cell_jit
+    def preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn, DOT_FP32: tl.constexpr):
+        r = PRODUCT(h, w[0], load_f32(x_ptrs, mask), DOT_FP32)
+        z = PRODUCT(h, w[1], load_f32(x_ptrs + H, mask), DOT_FP32)
+        x_n = load_f32(x_ptrs + 2 * H, mask)
+        return r, z, x_n, PRODUCT(h, w[2], b_hn + tl.zeros_like(x_n), DOT_FP32)
+
+    @cell_jit
+    def forward(p, h, c):
+        r = tl.sigmoid(p[0])
+        z = tl.sigmoid(p[1])
+        n = tanh(p[2] + r * p[3])
+        return (1.0 - z) * n + z * h, c, (r, z, n, p[3])
+
+    @cell_jit
+    def backward(dh, dc, stash, h_prev):
+        r, z, n, hn = stash
+        d_n = dh * (1.0 - z) * (1.0 - n * n)
+        d_r = d_n * hn * r * (1.0 - r)
+        d_z = dh * (h_prev - n) * z * (1.0 - z)
+        return (d_r, d_z, d_n), (d_r, d_z, d_n * r), dh * z, dc
+
+    @cell_jit
+    def load_b_hn(ptrs, mask):
+        return load_f32(ptrs, mask)[None, :]
+
+    @cell_jit
+    def store_d_hn(ptrs, d_hidden, mask):
+        tl.store(ptrs, d_hidden[2], mask=mask)
+
+    @cell_jit
+    def load_d_hn(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
+        if gate == 2:
+            d = tl.load(dhn_rows + ks[None, :], mask=mask, other=0.0)
+        else:
+            d = load_d_hidden(dgate_rows, dhn_rows, ks, gate, H, mask)
+        return d
+
+    return CellMath(SPEC, preacts=preacts, forward=forward, backward=backward,
+                    load_b_hn=load_b_hn, store_d_hn=store_d_hn, load_d_hidden=load_d_hn)

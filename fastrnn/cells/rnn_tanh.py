@@ -13,3 +13,26 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
 
 SPEC = CellSpec(name="rnn_tanh", gates=1, states=("h",), torch_mode="RNN_TANH", code=0,
                 step=reference_step)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton step math (built on first use: importing this file does not import triton).
+# ----------------------------------------------------------------------------------------------
+def triton_step_math():
+    """The ``CELL`` of the Triton kernels (:mod:`fastrnn.kernels.triton_gpu.step_math`).
+    Stash: h'. Tiles are float32."""
+    import triton.language as tl
+
+    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, tanh
+
+    @cell_jit
+    def forward(p, h, c):
+        h_new = tanh(p[0])
+        return h_new, c, (h_new,)
+
+    @cell_jit
+    def backward(dh, dc, stash, h_prev):
+        d = dh * (1.0 - stash[0] * stash[0])  # tanh' from h'
+        return (d,), (d,), tl.zeros_like(dh), dc
+
+    return CellMath(SPEC, forward=forward, backward=backward)

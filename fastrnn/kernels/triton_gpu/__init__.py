@@ -1,8 +1,10 @@
 """Triton GPU kernels for the fastrnn kernel contract (:mod:`fastrnn.kernels.reference`).
 
 Cells ``rnn_tanh``, ``rnn_relu``, ``lstm`` (without ``proj_size``) and ``gru``; dtypes float32,
-float16 and bfloat16. The cell is a ``tl.constexpr`` of one kernel body per direction of work;
-T (sequence length) and the batch are runtime arguments, never compile-time constants.
+float16 and bfloat16. One kernel body per strategy and direction of work serves every cell: the
+cell is its ``CELL`` ``tl.constexpr``, the ``@triton.jit`` step helpers of the cell's own file
+(:mod:`.step_math` says what they are). T (sequence length) and the batch are runtime
+arguments, never compile-time constants.
 The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
 The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
 
@@ -80,7 +82,9 @@ The kernel configurations the dispatcher can choose are listed in ONE place, :da
 ``bench/triton_aot.py`` compile exactly that list.
 
 Files: ``configs.py`` (the configuration list and the choice of one; no Triton import),
-``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (the contract's two functions).
+``step_math.py`` (what the kernels ask of a cell, and the device helpers kernels and cells
+share), ``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (the contract's two
+functions).
 Importing this package does not import Triton; the first kernel call does.
 """
 from __future__ import annotations

@@ -1,115 +1,23 @@
-"""The Triton kernels: the cell math (forward and BPTT of one step on float32 tiles), the fused
-whole-sequence kernels and the per-step kernels. Shapes and strategies: :mod:`fastrnn.kernels.triton_gpu`."""
+"""The Triton kernels: the fused whole-sequence kernels and the per-step kernels, one body each for
+every cell. ``CELL`` is the cell's :class:`~fastrnn.kernels.triton_gpu.step_math.CellMath`: its
+``@triton.jit`` helpers (in the cell's file) do the step math and the cell's own loads and stores.
+Shapes and strategies: :mod:`fastrnn.kernels.triton_gpu`."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-#: tl.dot input precision of float32 operands (see "Precision" in the module docstring).
-FP32_DOT_PRECISION = tl.constexpr("tf32x3")
+from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product,
+                                                  load_weight_tile, mm, zero_tiles)
 
-
-# ----------------------------------------------------------------------------------------------
-# Shared device helpers: the cell math is written once, used by both strategies.
-# ----------------------------------------------------------------------------------------------
-@triton.jit
-def _tanh(x):
-    """tanh from tl.sigmoid (libdevice.tanh is missing in the interpreter)."""
-    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
-
-
-@triton.jit
-def _mm(a, b, acc, DOT_FP32: tl.constexpr):
-    """acc + a @ b with float32 accumulation; float32 operands in FP32_DOT_PRECISION (tf32x3).
-    DOT_FP32 (interpreter only): upcast both operands and multiply exactly."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b, acc, input_precision=FP32_DOT_PRECISION)
-    else:
-        return tl.dot(a, b, acc)
-
-
-@triton.jit
-def _cell_forward(CELL: tl.constexpr, p0, p1, p2, p3, c):
-    """One cell step on float32 tiles (BLOCK_B, BLOCK_H).
-
-    p0..p3: for rnn/lstm, the gate pre-activations ``xg + h W^T`` (unused ones ignored); for gru
-    ``p0 = x_r + h W_hr^T``, ``p1 = x_z + h W_hz^T``, ``p2 = x_n``, ``p3 = h W_hn^T + b_hn``.
-    c: the cell state (lstm) or, for gru, the previous h. Returns (h', c', s0, s1, s2, s3)
-    where s* are the stash slots (c' is the new cell state for lstm, else c unchanged).
-    """
-    if CELL == "rnn_tanh":
-        h = _tanh(p0)
-        return h, c, h, h, h, h
-    elif CELL == "rnn_relu":
-        h = tl.maximum(p0, 0.0)
-        return h, c, h, h, h, h
-    elif CELL == "lstm":
-        i = tl.sigmoid(p0)
-        f = tl.sigmoid(p1)
-        g = _tanh(p2)
-        o = tl.sigmoid(p3)
-        c_new = f * c + i * g
-        h = o * _tanh(c_new)
-        return h, c_new, i, f, g, o
-    else:  # gru; c is the previous h
-        r = tl.sigmoid(p0)
-        z = tl.sigmoid(p1)
-        n = _tanh(p2 + r * p3)
-        h = (1.0 - z) * n + z * c
-        return h, c, r, z, n, p3
-
-
-@triton.jit
-def _cell_backward(CELL: tl.constexpr, dh, dc, s0, s1, s2, s3, s4):
-    """BPTT of one cell step on float32 tiles.
-
-    dh: gradient w.r.t. h' (carried + this step's output gradient); dc: w.r.t. c' (lstm).
-    s0..s4: the stash slots (rnn: h'; lstm: i, f, g, o, c; gru: r, z, n, hn, and s4 = h).
-    Returns (d0, d1, d2, d3, d_hn, direct, dc_prev): d0..d3 the gradients of the xg gate
-    pre-activations, d_hn (gru) the gradient of ``h W_hn^T + b_hn``, direct the part of the
-    gradient of h that does not go through W_hh (gru: dh * z, else 0), dc_prev (lstm).
-    """
-    zero = tl.zeros_like(dh)
-    if CELL == "rnn_tanh":
-        d = dh * (1.0 - s0 * s0)
-        return d, d, d, d, d, zero, zero
-    elif CELL == "rnn_relu":
-        d = tl.where(s0 > 0.0, dh, 0.0)
-        return d, d, d, d, d, zero, zero
-    elif CELL == "lstm":
-        c_new = s1 * s4 + s0 * s2
-        tc = _tanh(c_new)
-        dct = dc + dh * s3 * (1.0 - tc * tc)
-        d_i = dct * s2 * s0 * (1.0 - s0)
-        d_f = dct * s4 * s1 * (1.0 - s1)
-        d_g = dct * s0 * (1.0 - s2 * s2)
-        d_o = dh * tc * s3 * (1.0 - s3)
-        return d_i, d_f, d_g, d_o, d_g, zero, dct * s1
-    else:
-        d_n = dh * (1.0 - s1) * (1.0 - s2 * s2)
-        d_r = d_n * s3 * s0 * (1.0 - s0)
-        d_z = dh * (s4 - s2) * s1 * (1.0 - s1)
-        return d_r, d_z, d_n, d_n, d_n * s0, dh * s1, zero
+# The tuples of tiles (one per gate or stash slot) are built and stored by static loops in the
+# kernels themselves, not by more helpers: each level of inlined helper adds line-info scopes to
+# the PTX, and those alone moved ptxas's register allocation (Triton 3.6, sm_80).
 
 
 # ----------------------------------------------------------------------------------------------
 # Fused strategy: one launch for the whole sequence, W_hh resident on-chip.
 # ----------------------------------------------------------------------------------------------
-@triton.jit
-def _load_weight_tile(w_ptr, gate, H, H_PAD: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """Gate ``gate`` of w_hh (G*H, H) as an (H_PAD, H_PAD) tile, zero-padded.
-    TRANSPOSE: tile[k, j] = w[gate*H + j, k] (for h @ W^T); else tile[j, k] = w[gate*H + j, k]."""
-    a = tl.arange(0, H_PAD)[:, None]
-    b = tl.arange(0, H_PAD)[None, :]
-    mask = (a < H) & (b < H)
-    if TRANSPOSE:
-        return tl.load(w_ptr + (gate * H + b) * H + a, mask=mask, other=0.0)
-    else:
-        return tl.load(w_ptr + (gate * H + a) * H + b, mask=mask, other=0.0)
-
-
 @triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
 def _forward_fused_kernel(
     xg_ptr, h0_ptr, c0_ptr, w_ptr, bhn_ptr,            # inputs
@@ -124,26 +32,19 @@ def _forward_fused_kernel(
     y: (N, H) in the input dtype; hn/cn: (B, H); hprev: (N, H) fp32; stash: (N, S*H) fp32;
     bs/off: (T,) int32 batch size and first packed row of each step.
     """
-    G: tl.constexpr = 4 if CELL == "lstm" else (3 if CELL == "gru" else 1)
-    S: tl.constexpr = 5 if CELL == "lstm" else (4 if CELL == "gru" else 1)
+    G: tl.constexpr = CELL.n_gates
+    S: tl.constexpr = CELL.n_stash
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, H_PAD)
     col_ok = cols < H
     state_mask = (rows < B)[:, None] & col_ok[None, :]
     state_off = rows[:, None] * H + cols[None, :]
     h = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
-    if CELL == "lstm":
-        c = tl.load(c0_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
-    else:
-        c = h
-    w0 = _load_weight_tile(w_ptr, 0, H, H_PAD, True)
-    if G > 1:
-        w1 = _load_weight_tile(w_ptr, 1, H, H_PAD, True)
-        w2 = _load_weight_tile(w_ptr, 2, H, H_PAD, True)
-    if G > 3:
-        w3 = _load_weight_tile(w_ptr, 3, H, H_PAD, True)
-    if CELL == "gru":
-        bhn = tl.load(bhn_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    c = CELL.load_c(c0_ptr + state_off, state_mask, h)
+    w = ()
+    for gate in tl.static_range(G):
+        w = w + (load_weight_tile(w_ptr, gate, H, H_PAD, True),)
+    b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     for s in range(0, T):
         t = s + reverse * (T - 1 - 2 * s)
         n_active = tl.load(bs_ptr + t)
@@ -152,39 +53,20 @@ def _forward_fused_kernel(
         m = active[:, None] & col_ok[None, :]
         prow = (first + rows)[:, None]  # int32: select_config sends N*S*H >= 2**31 to step
         h_off = prow * H + cols[None, :]
-        x_base = xg_ptr + prow * (G * H) + cols[None, :]
+        x_ptrs = xg_ptr + prow * (G * H) + cols[None, :]
         hd = h.to(w_ptr.dtype.element_ty)
-        zero = tl.zeros([BLOCK_B, H_PAD], tl.float32)
-        p0 = _mm(hd, w0, tl.load(x_base, mask=m, other=0.0).to(tl.float32), DOT_FP32)
-        p1 = zero
-        p2 = zero
-        p3 = zero
-        if CELL == "lstm":
-            p1 = _mm(hd, w1, tl.load(x_base + H, mask=m, other=0.0).to(tl.float32), DOT_FP32)
-            p2 = _mm(hd, w2, tl.load(x_base + 2 * H, mask=m, other=0.0).to(tl.float32), DOT_FP32)
-            p3 = _mm(hd, w3, tl.load(x_base + 3 * H, mask=m, other=0.0).to(tl.float32), DOT_FP32)
-        if CELL == "gru":
-            p1 = _mm(hd, w1, tl.load(x_base + H, mask=m, other=0.0).to(tl.float32), DOT_FP32)
-            p2 = tl.load(x_base + 2 * H, mask=m, other=0.0).to(tl.float32)
-            p3 = _mm(hd, w2, bhn + zero, DOT_FP32)
-            c = h
-        h_new, c_new, s0, s1, s2, s3 = _cell_forward(CELL, p0, p1, p2, p3, c)
+        p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn, DOT_FP32)
+        h_new, c_new, stash = CELL.forward(p, h, c)
+        tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
         tl.store(hprev_ptr + h_off, h, mask=m)
-        st_base = stash_ptr + prow * (S * H) + cols[None, :]
-        tl.store(st_base, s0, mask=m)
-        if S > 1:
-            tl.store(st_base + H, s1, mask=m)
-            tl.store(st_base + 2 * H, s2, mask=m)
-            tl.store(st_base + 3 * H, s3, mask=m)
-        if S > 4:
-            tl.store(st_base + 4 * H, c, mask=m)
+        st_ptrs = stash_ptr + prow * (S * H) + cols[None, :]
+        for k in tl.static_range(S):
+            tl.store(st_ptrs + k * H, stash[k], mask=m)
         tl.store(y_ptr + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
         h = tl.where(active[:, None], h_new, h)
-        if CELL == "lstm":
-            c = tl.where(active[:, None], c_new, c)
+        c = tl.where(active[:, None], c_new, c)
     tl.store(hn_ptr + state_off, h.to(hn_ptr.dtype.element_ty), mask=state_mask)
-    if CELL == "lstm":
-        tl.store(cn_ptr + state_off, c.to(cn_ptr.dtype.element_ty), mask=state_mask)
+    CELL.store_c(cn_ptr + state_off, c, state_mask)
 
 
 @triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
@@ -201,23 +83,18 @@ def _backward_fused_kernel(
     hprev: (N, H) fp32 and stash: (N, S*H) fp32 from the forward; dgate: (N, G*H) fp32 gate
     pre-activation gradients (= d_xg); dhn: (N, H) fp32 (gru); dh0/dc0: (B, H) fp32.
     """
-    G: tl.constexpr = 4 if CELL == "lstm" else (3 if CELL == "gru" else 1)
-    S: tl.constexpr = 5 if CELL == "lstm" else (4 if CELL == "gru" else 1)
+    G: tl.constexpr = CELL.n_gates
+    S: tl.constexpr = CELL.n_stash
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, H_PAD)
     col_ok = cols < H
     state_mask = (rows < B)[:, None] & col_ok[None, :]
     state_off = rows[:, None] * H + cols[None, :]
     dh = tl.load(ghn_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
-    dc = tl.zeros([BLOCK_B, H_PAD], tl.float32)
-    if CELL == "lstm":
-        dc = tl.load(gcn_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
-    w0 = _load_weight_tile(w_ptr, 0, H, H_PAD, False)
-    if G > 1:
-        w1 = _load_weight_tile(w_ptr, 1, H, H_PAD, False)
-        w2 = _load_weight_tile(w_ptr, 2, H, H_PAD, False)
-    if G > 3:
-        w3 = _load_weight_tile(w_ptr, 3, H, H_PAD, False)
+    dc = CELL.load_c(gcn_ptr + state_off, state_mask, tl.zeros([BLOCK_B, H_PAD], tl.float32))
+    w = ()
+    for gate in tl.static_range(G):
+        w = w + (load_weight_tile(w_ptr, gate, H, H_PAD, False),)
     dot_dtype = w_ptr.dtype.element_ty
     for s in range(0, T):
         t = T - 1 - s - reverse * (T - 1 - 2 * s)
@@ -228,43 +105,27 @@ def _backward_fused_kernel(
         prow = (first + rows)[:, None]  # int32: select_config sends N*S*H >= 2**31 to step
         h_off = prow * H + cols[None, :]
         dh_t = dh + tl.load(gy_ptr + h_off, mask=m, other=0.0).to(tl.float32)
-        st_base = stash_ptr + prow * (S * H) + cols[None, :]
-        s0 = tl.load(st_base, mask=m, other=0.0)
-        s1 = s0
-        s2 = s0
-        s3 = s0
-        s4 = s0
-        if S > 1:
-            s1 = tl.load(st_base + H, mask=m, other=0.0)
-            s2 = tl.load(st_base + 2 * H, mask=m, other=0.0)
-            s3 = tl.load(st_base + 3 * H, mask=m, other=0.0)
-        if S > 4:
-            s4 = tl.load(st_base + 4 * H, mask=m, other=0.0)
-        if CELL == "gru":
-            s4 = tl.load(hprev_ptr + h_off, mask=m, other=0.0)
-        d0, d1, d2, d3, d_hn, direct, dc_prev = _cell_backward(CELL, dh_t, dc, s0, s1, s2, s3, s4)
-        g_base = dgate_ptr + prow * (G * H) + cols[None, :]
-        tl.store(g_base, d0, mask=m)
-        dh_prev = _mm(d0.to(dot_dtype), w0, direct, DOT_FP32)
-        if CELL == "lstm":
-            tl.store(g_base + H, d1, mask=m)
-            tl.store(g_base + 2 * H, d2, mask=m)
-            tl.store(g_base + 3 * H, d3, mask=m)
-            dh_prev = _mm(d1.to(dot_dtype), w1, dh_prev, DOT_FP32)
-            dh_prev = _mm(d2.to(dot_dtype), w2, dh_prev, DOT_FP32)
-            dh_prev = _mm(d3.to(dot_dtype), w3, dh_prev, DOT_FP32)
-        if CELL == "gru":
-            tl.store(g_base + H, d1, mask=m)
-            tl.store(g_base + 2 * H, d2, mask=m)
-            tl.store(dhn_ptr + h_off, d_hn, mask=m)
-            dh_prev = _mm(d1.to(dot_dtype), w1, dh_prev, DOT_FP32)
-            dh_prev = _mm(d_hn.to(dot_dtype), w2, dh_prev, DOT_FP32)
+        st_ptrs = stash_ptr + prow * (S * H) + cols[None, :]
+        stash = ()
+        for k in tl.static_range(S):
+            stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
+        h_prev = tl.load(hprev_ptr + h_off, mask=m, other=0.0)
+        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash, h_prev)
+        # dh_prev = direct + sum_g d_hidden[g] W_g. The order of these stores and products steers
+        # register allocation (storing every d_xg first made the float32 LSTM spill on sm_90):
+        # compile the configurations ahead of time before changing it.
+        g_ptrs = dgate_ptr + prow * (G * H) + cols[None, :]
+        tl.store(g_ptrs, d_xg[0], mask=m)
+        dh_prev = mm(d_hidden[0].to(dot_dtype), w[0], direct, DOT_FP32)
+        for gate in tl.static_range(1, G):
+            tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+        CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
+        for gate in tl.static_range(1, G):
+            dh_prev = mm(d_hidden[gate].to(dot_dtype), w[gate], dh_prev, DOT_FP32)
         dh = tl.where(active[:, None], dh_prev, dh)
-        if CELL == "lstm":
-            dc = tl.where(active[:, None], dc_prev, dc)
+        dc = tl.where(active[:, None], dc_prev, dc)
     tl.store(dh0_ptr + state_off, dh, mask=state_mask)
-    if CELL == "lstm":
-        tl.store(dc0_ptr + state_off, dc, mask=state_mask)
+    CELL.store_c(dc0_ptr + state_off, dc, state_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,8 +145,8 @@ def _forward_step_kernel(
     (inactive rows copy h_in); c: (B, H) fp32 updated in place (each program owns its units).
     Other pointers as in :func:`_forward_fused_kernel`.
     """
-    G: tl.constexpr = 4 if CELL == "lstm" else (3 if CELL == "gru" else 1)
-    S: tl.constexpr = 5 if CELL == "lstm" else (4 if CELL == "gru" else 1)
+    G: tl.constexpr = CELL.n_gates
+    S: tl.constexpr = CELL.n_stash
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
@@ -295,58 +156,34 @@ def _forward_step_kernel(
     active = rows < n_active
     m = active[:, None] & col_ok[None, :]
     dot_dtype = w_ptr.dtype.element_ty
-    acc0 = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-    acc1 = acc0
-    acc2 = acc0
-    acc3 = acc0
+    acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
     for k0 in range(0, H, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < H
         hk = tl.load(h_in_ptr + rows[:, None] * H + ks[None, :],
                      mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w_base = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
-        acc0 = _mm(hk, tl.load(w_base, mask=w_mask, other=0.0), acc0, DOT_FP32)
-        if G > 1:
-            acc1 = _mm(hk, tl.load(w_base + H * H, mask=w_mask, other=0.0), acc1, DOT_FP32)
-            acc2 = _mm(hk, tl.load(w_base + 2 * H * H, mask=w_mask, other=0.0), acc2, DOT_FP32)
-        if G > 3:
-            acc3 = _mm(hk, tl.load(w_base + 3 * H * H, mask=w_mask, other=0.0), acc3, DOT_FP32)
+        w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
+        acc = accumulate_products(hk, w_ptrs, w_mask, H, acc, DOT_FP32)
     first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
     prow = rows[:, None]
     h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
-    x_base = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
+    x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
     state_mask = row_ok[:, None] & col_ok[None, :]
     state_off = rows[:, None] * H + cols[None, :]
     h = tl.load(h_in_ptr + state_off, mask=state_mask, other=0.0)
-    p0 = acc0 + tl.load(x_base, mask=m, other=0.0).to(tl.float32)
-    p1 = acc1
-    p2 = acc2
-    p3 = acc3
-    c = h
-    if CELL == "lstm":
-        p1 = acc1 + tl.load(x_base + H, mask=m, other=0.0).to(tl.float32)
-        p2 = acc2 + tl.load(x_base + 2 * H, mask=m, other=0.0).to(tl.float32)
-        p3 = acc3 + tl.load(x_base + 3 * H, mask=m, other=0.0).to(tl.float32)
-        c = tl.load(c_ptr + state_off, mask=state_mask, other=0.0)
-    if CELL == "gru":
-        p1 = acc1 + tl.load(x_base + H, mask=m, other=0.0).to(tl.float32)
-        p2 = tl.load(x_base + 2 * H, mask=m, other=0.0).to(tl.float32)
-        p3 = acc2 + tl.load(bhn_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    h_new, c_new, s0, s1, s2, s3 = _cell_forward(CELL, p0, p1, p2, p3, c)
+    b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
+    p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn, DOT_FP32)
+    c = CELL.load_c(c_ptr + state_off, state_mask, h)
+    h_new, c_new, stash = CELL.forward(p, h, c)
+    tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
     tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
-    st_base = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
-    tl.store(st_base, s0, mask=m)
-    if S > 1:
-        tl.store(st_base + H, s1, mask=m)
-        tl.store(st_base + 2 * H, s2, mask=m)
-        tl.store(st_base + 3 * H, s3, mask=m)
-    if S > 4:
-        tl.store(st_base + 4 * H, c, mask=m)
+    st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
+    for k in tl.static_range(S):
+        tl.store(st_ptrs + k * H, stash[k], mask=m)
     tl.store(y_ptr + first64 * H + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
     tl.store(h_out_ptr + state_off, tl.where(active[:, None], h_new, h), mask=state_mask)
-    if CELL == "lstm":
-        tl.store(c_ptr + state_off, tl.where(active[:, None], c_new, c), mask=state_mask)
+    CELL.store_c(c_ptr + state_off, tl.where(active[:, None], c_new, c), state_mask)
 
 
 @triton.jit(do_not_specialize=["t_done", "t_next", "B", "H"])
@@ -367,8 +204,8 @@ def _backward_step_kernel(
     in dc the cell-state gradient. Each program reads and writes only its own units of dh/dc.
     Shapes as in :func:`_backward_fused_kernel`.
     """
-    G: tl.constexpr = 4 if CELL == "lstm" else (3 if CELL == "gru" else 1)
-    S: tl.constexpr = 5 if CELL == "lstm" else (4 if CELL == "gru" else 1)
+    G: tl.constexpr = CELL.n_gates
+    S: tl.constexpr = CELL.n_stash
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     col_ok = cols < H
@@ -388,15 +225,11 @@ def _backward_step_kernel(
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 g_mask = done[:, None] & k_ok[None, :]
-                if CELL == "gru" and gate == 2:
-                    dk = tl.load(dhn_ptr + done64 * H + grow * H + ks[None, :], mask=g_mask,
-                                 other=0.0)
-                else:
-                    dk = tl.load(dgate_ptr + done64 * (G * H) + grow * (G * H) + gate * H
-                                 + ks[None, :], mask=g_mask, other=0.0)
+                dk = CELL.load_d_hidden(dgate_ptr + done64 * (G * H) + grow * (G * H),
+                                        dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
                 wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = _mm(dk.to(dot_dtype), wt, acc, DOT_FP32)
+                acc = mm(dk.to(dot_dtype), wt, acc, DOT_FP32)
         dh = tl.where(done[:, None], dh + acc, dh)
     if t_next >= 0:
         n_active = tl.load(bs_ptr + t_next)
@@ -407,35 +240,17 @@ def _backward_step_kernel(
         prow = rows[:, None]
         h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
         dh_t = dh + tl.load(gy_ptr + first64 * H + h_off, mask=m, other=0.0).to(tl.float32)
-        dc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        if CELL == "lstm":
-            dc = tl.load(dc_ptr + state_off, mask=state_mask, other=0.0)
-        st_base = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
-        s0 = tl.load(st_base, mask=m, other=0.0)
-        s1 = s0
-        s2 = s0
-        s3 = s0
-        s4 = s0
-        if S > 1:
-            s1 = tl.load(st_base + H, mask=m, other=0.0)
-            s2 = tl.load(st_base + 2 * H, mask=m, other=0.0)
-            s3 = tl.load(st_base + 3 * H, mask=m, other=0.0)
-        if S > 4:
-            s4 = tl.load(st_base + 4 * H, mask=m, other=0.0)
-        if CELL == "gru":
-            s4 = tl.load(hprev_ptr + first64 * H + h_off, mask=m, other=0.0)
-        d0, d1, d2, d3, d_hn, direct, dc_prev = _cell_backward(CELL, dh_t, dc, s0, s1, s2, s3, s4)
-        g_base = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
-        tl.store(g_base, d0, mask=m)
-        if G > 1:
-            tl.store(g_base + H, d1, mask=m)
-            tl.store(g_base + 2 * H, d2, mask=m)
-        if G > 3:
-            tl.store(g_base + 3 * H, d3, mask=m)
-        if CELL == "gru":
-            tl.store(dhn_ptr + first64 * H + h_off, d_hn, mask=m)
+        dc = CELL.load_c(dc_ptr + state_off, state_mask, tl.zeros([BLOCK_B, BLOCK_H], tl.float32))
+        st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
+        stash = ()
+        for k in tl.static_range(S):
+            stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
+        h_prev = tl.load(hprev_ptr + first64 * H + h_off, mask=m, other=0.0)
+        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash, h_prev)
+        g_ptrs = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
+        for gate in tl.static_range(G):
+            tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+        CELL.store_d_hn(dhn_ptr + first64 * H + h_off, d_hidden, m)
         dh = tl.where(active[:, None], direct, dh)
-        if CELL == "lstm":
-            tl.store(dc_ptr + state_off, tl.where(active[:, None], dc_prev, dc), mask=state_mask)
+        CELL.store_c(dc_ptr + state_off, tl.where(active[:, None], dc_prev, dc), state_mask)
     tl.store(dh_ptr + state_off, dh, mask=state_mask)
-

@@ -8,6 +8,7 @@ from fastrnn.kernels.triton_gpu import why_not
 from fastrnn.kernels.triton_gpu.configs import GATES, STASH, _interpreted, select_config
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_step_kernel,
                                                 _forward_fused_kernel, _forward_step_kernel)
+from fastrnn.kernels.triton_gpu.step_math import cell_math
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (the kernel contract of fastrnn.kernels.reference).
@@ -58,6 +59,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         return y, h0.clone(), None if c0 is None else c0.clone(), (h_prev, stash)
     bs, off = _steps(batch_sizes, dev)
     config = select_config("forward", cell, dtype, H, rows=N)
+    step_math = cell_math(cell)  # the cell's @triton.jit helpers, the kernels' CELL constexpr
     n_blocks = triton.cdiv(B, config.block_b)
     if cell == "gru":
         bhn = b_hn.contiguous() if b_hn is not None else torch.zeros(H, device=dev, dtype=dtype)
@@ -70,7 +72,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
             bs, off, T, B, H, int(bool(reverse)),
-            CELL=cell, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
+            CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
             num_warps=config.num_warps)
         return y, h_n, c_n, (h_prev, stash)
     h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
@@ -81,7 +83,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         _forward_step_kernel[grid](
             xg, w_hh, bhn, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
             y, h_prev, stash, bs, off, t, B, H,
-            CELL=cell, BLOCK_B=config.block_b,
+            CELL=step_math, BLOCK_B=config.block_b,
             BLOCK_H=config.block_h, BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
             num_warps=config.num_warps)
     h_n = h_bufs[T % 2].to(dtype)
@@ -115,6 +117,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     if T > 0 and B > 0:
         bs, off = _steps(batch_sizes, dev)
         config = select_config("backward", cell, dtype, H, rows=N)
+        step_math = cell_math(cell)
         n_blocks = triton.cdiv(B, config.block_b)
         dhn_arg = d_hn if d_hn is not None else d_gates
         if config.strategy == "fused":
@@ -122,7 +125,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                 grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh,
                 h_prev, stash, d_gates, dhn_arg, d_h0, d_c0 if d_c0 is not None else d_h0,
                 bs, off, T, B, H, int(bool(reverse)),
-                CELL=cell, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
+                CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
                 num_warps=config.num_warps)
         else:
             order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
@@ -134,7 +137,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                     grad_y, w_hh, h_prev, stash, d_gates, dhn_arg,
                     d_h0, d_c0 if d_c0 is not None else d_h0,
                     bs, off, t_done, t_next, B, H,
-                    CELL=cell, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
+                    CELL=step_math, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
                     BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
                     num_warps=config.num_warps)
     # Weight gradients: one float32 GEMM over all steps, after the loop (deterministic).

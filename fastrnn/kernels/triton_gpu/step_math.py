@@ -1,0 +1,229 @@
+"""What the Triton kernels ask of a cell, and the device helpers kernels and cells share.
+
+The four kernels (:mod:`.kernels`) have one body for every cell. Everything cell-specific -- the
+step math and the cell's own loads and stores of a step's tiles -- is a set of ``@triton.jit``
+helpers written in the cell's file (``fastrnn/cells/<cell>.py``, ``triton_step_math()``) and
+handed to the kernels as their ``CELL`` ``tl.constexpr``: a :class:`CellMath`, whose helpers the
+kernels call as ``CELL.forward(...)``. Triton inlines them, so a kernel compiles as if the cell's
+code were written in it; a different ``CELL`` is a different compiled kernel, like any constexpr.
+
+The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``, ``stash``,
+``d_xg`` and ``d_hidden`` are tuples of tiles, one per gate (G) or stash slot (S)):
+
+``preacts(PRODUCT, h, w, x_ptrs, H, mask, b_hn, DOT_FP32) -> p``
+    The gate pre-activations of a step from the xg tiles at ``x_ptrs + g*H``, ``b_hn`` and the
+    hidden products: ``PRODUCT(h, w[g], a, DOT_FP32)`` is ``a + h W_g^T``. The strategy picks
+    ``PRODUCT``: :func:`mm` with the resident weight tiles ``w`` (fused) or :func:`add_product`
+    with ``w`` the products the step kernel accumulated over chunks of H (``h`` is None).
+    Default :func:`plain_preacts`: ``p[g] = xg_g + h W_g^T`` for every gate.
+``forward(p, h, c) -> (h', c', stash)``
+    The step on float32 tiles; ``c`` is the cell state (cells without one: a stand-in, returned
+    as is); ``stash`` the S tiles the backward needs (besides h, which it always gets).
+``backward(dh, dc, stash, h_prev) -> (d_xg, d_hidden, direct, dc_prev)``
+    BPTT of the step: ``dh``/``dc`` the gradients of h'/c'; ``d_xg`` the gradients of the G xg
+    gate tiles (written to ``d_gates``), ``d_hidden`` those of the G hidden products
+    ``h W_g^T (+ b)``, ``direct`` the part of the gradient of h that bypasses ``W_hh``
+    (``dh_prev = direct + sum_g d_hidden[g] W_g``), ``dc_prev`` that of c (cells without c:
+    ``dc``, returned as is, so that the kernels carry nothing for it).
+``load_b_hn(ptrs, mask)``, ``store_d_hn(ptrs, d_hidden, mask)``,
+``load_d_hidden(dgate_rows, dhn_rows, ks, gate, H, mask)``
+    A bias inside the hidden product and the gradient buffer of that product (GRU's ``b_hn``,
+    ``d_hn``). Defaults: no bias, nothing stored, ``d_hidden[g]`` read from ``d_gates``.
+
+The cell state's load and store (:func:`load_state`, :func:`store_state`) follow the cell's spec
+(``states``); the stash width S is :data:`.configs.STASH` (the launcher allocates with it, the
+kernels check it against the stash tuple at compile time).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import types
+
+import triton
+import triton.language as tl
+
+from fastrnn import cells
+from fastrnn.kernels.triton_gpu.configs import STASH
+
+#: tl.dot input precision of float32 operands (see "Precision" in the package docstring).
+FP32_DOT_PRECISION = tl.constexpr("tf32x3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Device helpers the kernels and the cells share.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def tanh(x):
+    """tanh from tl.sigmoid (libdevice.tanh is missing in the interpreter)."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def mm(a, b, acc, DOT_FP32: tl.constexpr):
+    """acc + a @ b with float32 accumulation; float32 operands in FP32_DOT_PRECISION (tf32x3).
+    DOT_FP32 (interpreter only): upcast both operands and multiply exactly."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=FP32_DOT_PRECISION)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def add_product(h, hw, acc, DOT_FP32: tl.constexpr):
+    """``PRODUCT`` of the step kernels: ``hw`` is h W_g^T, already accumulated (h is None)."""
+    return hw + acc
+
+
+@triton.jit
+def load_f32(ptrs, mask):
+    """A masked tile (0 outside ``mask``) as float32."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_weight_tile(w_ptr, gate, H, H_PAD: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Gate ``gate`` of w_hh (G*H, H) as an (H_PAD, H_PAD) tile, zero-padded.
+    TRANSPOSE: tile[k, j] = w[gate*H + j, k] (for h @ W^T); else tile[j, k] = w[gate*H + j, k]."""
+    a = tl.arange(0, H_PAD)[:, None]
+    b = tl.arange(0, H_PAD)[None, :]
+    mask = (a < H) & (b < H)
+    if TRANSPOSE:
+        return tl.load(w_ptr + (gate * H + b) * H + a, mask=mask, other=0.0)
+    else:
+        return tl.load(w_ptr + (gate * H + a) * H + b, mask=mask, other=0.0)
+
+
+@triton.jit
+def accumulate_products(hk, w_ptrs, w_mask, H, acc, DOT_FP32: tl.constexpr):
+    """One chunk of the step kernels' hidden products: ``acc[g] + hk @ W_g[chunk]^T`` for each
+    gate g, ``w_ptrs`` the chunk's pointers in gate 0 (tile[k, j] = w[j, k])."""
+    out = ()
+    for gate in tl.static_range(len(acc)):
+        w = tl.load(w_ptrs + gate * H * H, mask=w_mask, other=0.0)
+        out = out + (mm(hk, w, acc[gate], DOT_FP32),)
+    return out
+
+
+@triton.jit
+def zero_tiles(N: tl.constexpr, SHAPE: tl.constexpr):
+    """N float32 zero tiles of SHAPE, a tuple."""
+    tiles = ()
+    for _ in tl.static_range(N):
+        tiles = tiles + (tl.zeros(SHAPE, tl.float32),)
+    return tiles
+
+
+# ----------------------------------------------------------------------------------------------
+# Defaults of the cell helpers.
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def plain_preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn, DOT_FP32: tl.constexpr):
+    """``p[g] = xg_g + h W_g^T`` for every gate g (rnn, lstm)."""
+    p = ()
+    for gate in tl.static_range(len(w)):
+        p = p + (PRODUCT(h, w[gate], load_f32(x_ptrs + gate * H, mask), DOT_FP32),)
+    return p
+
+
+@triton.jit
+def load_state(ptrs, mask, other):
+    """The cell state tile (or its gradient) as float32; ``other`` unused."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_state(ptrs, value, mask):
+    """The cell state tile (or its gradient) in the pointer's dtype."""
+    tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def no_state(ptrs, mask, other):
+    """A cell without a cell state: ``other`` stands in for it (and is never used)."""
+    return other
+
+
+@triton.jit
+def no_store(ptrs, value, mask):
+    """Nothing to store for this cell."""
+    pass
+
+
+@triton.jit
+def no_b_hn(ptrs, mask):
+    """A cell without a bias inside its hidden products: zero."""
+    return tl.zeros([1, 1], tl.float32)
+
+
+@triton.jit
+def load_d_hidden(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
+    """The gradient of gate ``gate``'s hidden product for columns ``ks``: the xg gradient in
+    ``d_gates`` (rows ``dgate_rows``), which it equals for cells without ``d_hn``."""
+    return tl.load(dgate_rows + gate * H + ks[None, :], mask=mask, other=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The CELL constexpr.
+# ----------------------------------------------------------------------------------------------
+def cell_jit(fn):
+    """``triton.jit`` for a helper a cell file defines inside its ``triton_step_math()``.
+
+    The names it takes from there (``tl``, the helpers of this module, the cell's other helpers)
+    become its globals: Triton's compiler reads closure variables, but its interpreter re-runs a
+    helper's source in the helper's globals (and wants ``triton.language`` among them)."""
+    scope = {**fn.__globals__, "tl": tl, **inspect.getclosurevars(fn).nonlocals}
+    helper = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    helper.__qualname__, helper.__doc__ = fn.__qualname__, fn.__doc__
+    helper.__annotations__ = fn.__annotations__
+    return triton.jit(helper)
+
+
+class CellMath:
+    """A cell's step math for the Triton kernels, their ``CELL`` constexpr (module docstring).
+
+    ``spec``: the cell's :class:`fastrnn.cells.CellSpec`; the keyword arguments are its
+    ``@triton.jit`` helpers (``forward`` and ``backward`` required). Attributes ``n_gates`` (G)
+    and ``n_stash`` (S) size the kernels' tuples and strides. Compared, and keyed in Triton's
+    caches, by the helpers' sources (``cache_key``), like a ``JITFunction``.
+    """
+
+    _DEFAULTS = dict(preacts=plain_preacts, load_b_hn=no_b_hn, store_d_hn=no_store,
+                     load_d_hidden=load_d_hidden)
+
+    def __init__(self, spec, **helpers):
+        unknown = set(helpers) - set(self._DEFAULTS) - {"forward", "backward"}
+        if unknown or not {"forward", "backward"} <= set(helpers):
+            raise TypeError(f"CellMath({spec.name}): forward and backward are required; "
+                            f"unknown helpers: {sorted(unknown)}")
+        self.name, self.n_gates, self.n_stash = spec.name, spec.gates, STASH[spec.name]
+        state = (load_state, store_state) if spec.has_c else (no_state, no_store)
+        self.helpers = {**self._DEFAULTS, "load_c": state[0], "store_c": state[1], **helpers}
+        for name, helper in self.helpers.items():
+            setattr(self, name, helper)
+
+    @functools.cached_property
+    def cache_key(self):
+        # (interpreted helpers have no cache_key, and no cache needs one)
+        keys = ";".join(f"{name}={getattr(fn, 'cache_key', fn.__name__)}"
+                        for name, fn in sorted(self.helpers.items()))
+        text = f"{self.name};G={self.n_gates};S={self.n_stash};{keys}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def __eq__(self, other):
+        return isinstance(other, CellMath) and self.cache_key == other.cache_key
+
+    def __hash__(self):
+        return hash((self.name, self.n_gates, self.n_stash))
+
+    def __repr__(self):
+        return f"CellMath({self.name}, {self.cache_key[:16]})"
+
+
+@functools.cache
+def cell_math(name):
+    """The :class:`CellMath` of cell ``name``: its file's ``triton_step_math()``, built once."""
+    return cells.MODULES[name].triton_step_math()
