@@ -1,19 +1,24 @@
 """The Numba CPU kernels against the reference recurrence: outputs, every gradient, gradcheck,
 determinism, long sequences.
 
-Every case draws fresh random inputs. Buffers the kernels allocate are NaN-filled during these tests
+Every case draws its own random inputs, from a seed derived from its test id (``seed_of``), so a
+failure replays. Buffers the kernels allocate are NaN-filled during these tests
 (``numba_cpu.launch._alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from _support import seed_of
 
 from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
+from fastrnn.cells import scalar
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import activations, jit, launch
+from fastrnn.kernels.numba_cpu import jit, launch, loops
 from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
@@ -80,9 +85,11 @@ def matmul(request, monkeypatch):
     return request.param
 
 
-def fresh_generator():
-    """A generator with a fresh seed, printed so that a failing case can be replayed."""
-    seed = torch.seed()
+@pytest.fixture
+def generator(request):
+    """A generator seeded from the test's id (parameters included): each case its own inputs,
+    the same ones every run."""
+    seed = seed_of(request.node.nodeid)
     print(f"seed = {seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -136,8 +143,8 @@ def assert_close(actual, expected, dtype, what):
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
-    g = fresh_generator()
+def test_matches_reference(variant, dtype, packed, reverse, threading, matmul, generator):
+    g = generator
     cell, inputs, sizes = make_inputs(variant, dtype, steps=7, batch=9, hidden=12, packed=packed,
                                       generator=g)
 
@@ -171,7 +178,7 @@ def test_matches_reference(variant, dtype, packed, reverse, threading, matmul):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_activations_match_torch(dtype):
+def test_activations_match_torch(dtype, generator):
     """The vectorizable tanh/sigmoid of the loops against torch's, over the whole float range,
     NaN and infinities included. Max abs error: float32 3e-7 (rational tanh), float64 4e-16."""
     from numba import njit
@@ -180,10 +187,10 @@ def test_activations_match_torch(dtype):
     def apply(x, which):
         out = np.empty_like(x)
         for j in range(x.shape[0]):
-            out[j] = activations._tanh(x[j]) if which == 0 else activations._sigmoid(x[j])
+            out[j] = scalar.tanh(x[j]) if which == 0 else scalar.sigmoid(x[j])
         return out
 
-    g = fresh_generator()
+    g = generator
     scales = torch.tensor([1e-30, 1e-6, 1e-2, 0.3, 1.0, 3.0, 10.0, 30.0, 300.0], dtype=torch.float64)
     x = (torch.randn(len(scales), 2000, generator=g, dtype=torch.float64) * scales[:, None]).flatten()
     special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1e-300, -700.0])
@@ -200,14 +207,14 @@ def test_activations_match_torch(dtype):
 
 @pytest.mark.parametrize("with_mkl", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_transposed_weights(dtype, with_mkl, monkeypatch):
+def test_transposed_weights(dtype, with_mkl, monkeypatch, generator):
     """The once-per-call transpose of the recurrent weights: numpy's (small), MKL's or torch's."""
     if with_mkl and numba_matmul._OMATCOPY is None:
         pytest.skip("torch exports no MKL transpose here")
     if not with_mkl:
         monkeypatch.setattr(numba_matmul, "_OMATCOPY", None)
     for shape in ((12, 3), (1, 7), (128, 32), (256, 64), (2048, 512)):
-        w = torch.randn(shape, generator=fresh_generator(), dtype=dtype)
+        w = torch.randn(shape, generator=generator, dtype=dtype)
         got = launch._transposed(w)
         assert got.flags.c_contiguous and torch.equal(torch.from_numpy(got), w.t())
 
@@ -223,11 +230,11 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
     def wide(x):
         jit._prefer_wide_vectors()
         for j in range(x.shape[0]):
-            x[j] = activations._tanh(x[j])
+            x[j] = scalar.tanh(x[j])
 
     def narrow(x):
         for j in range(x.shape[0]):
-            x[j] = activations._tanh(x[j])
+            x[j] = scalar.tanh(x[j])
 
     for loop, expected in ((wide, True), (narrow, False)):
         fn = njit(fastmath=jit._FASTMATH, error_model="numpy")(loop)
@@ -236,8 +243,8 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_gradcheck_float64(variant, matmul):
-    g = fresh_generator()
+def test_gradcheck_float64(variant, matmul, generator):
+    g = generator
     for packed, reverse in ((False, False), (True, True)):
         cell, inputs, sizes = make_inputs(variant, torch.float64, steps=4, batch=3, hidden=3,
                                           packed=packed, generator=g, proj=2)
@@ -252,8 +259,8 @@ def test_gradcheck_float64(variant, matmul):
         assert torch.autograd.gradcheck(run, [inputs[i] for i in present])
 
 
-def test_backward_is_bitwise_deterministic(matmul, threading):
-    g = fresh_generator()
+def test_backward_is_bitwise_deterministic(matmul, threading, generator):
+    g = generator
     for variant in ("lstm", "lstm_proj", "gru"):
         cell, inputs, sizes = make_inputs(variant, torch.float32, steps=12, batch=16, hidden=64,
                                           packed=True, generator=g)
@@ -267,8 +274,8 @@ def test_backward_is_bitwise_deterministic(matmul, threading):
             assert torch.equal(first, second)
 
 
-def test_long_sequence_stays_finite():
-    g = fresh_generator()
+def test_long_sequence_stays_finite(generator):
+    g = generator
     cell, inputs, sizes = make_inputs("lstm", torch.float32, steps=5000, batch=2, hidden=16,
                                       packed=False, generator=g)
     wrt = [t for t in inputs if t is not None]
@@ -280,8 +287,8 @@ def test_long_sequence_stays_finite():
     assert torch.equal(h_n, y[-2:])
 
 
-def test_non_contiguous_inputs():
-    g = fresh_generator()
+def test_non_contiguous_inputs(generator):
+    g = generator
     dtype = torch.float64
     cell, (xg, h0, c0, w_hh, b_hn, w_hr, _), sizes = make_inputs(
         "lstm", dtype, steps=5, batch=4, hidden=6, packed=True, generator=g)
@@ -301,14 +308,70 @@ def test_non_contiguous_inputs():
         assert_close(got, want, dtype, "gradient")
 
 
-def test_saved_tensors_are_small():
+def test_saved_tensors_are_small(generator):
     """Forward saves at most the activated gates and cell states (RNN: nothing)."""
-    g = fresh_generator()
+    g = generator
     for variant, per_row in (("rnn_tanh", 0), ("lstm", 5), ("gru", 4)):
         cell, inputs, sizes = make_inputs(variant, torch.float32, steps=6, batch=3, hidden=8,
                                           packed=True, generator=g)
         *_, saved = forward(numba_cpu, cell, inputs, sizes, False)
         assert sum(t.numel() for t in saved) == per_row * 8 * int(sizes.sum())
+
+
+def _step_arguments(cell, direction, rng):
+    """Random float64 arguments of one row step (loops.py: the argument roles), rows 1 of 3."""
+    spec = cells.spec(cell)
+    h = 5
+    g = spec.gates * h
+
+    def rand(*shape):
+        return rng.standard_normal(shape)
+
+    c = rand(3, h) if spec.has_c else np.zeros((0, 0))
+    b_hn = rand(h) if spec.has_b_hn else np.zeros(0)
+    if direction == "forward":  # a, r, xg, q, bias, b_hn, h, c, b, out, o
+        return (rand(3, spec.row_blocks * h), 1, rand(3, g), 1, rand(g), b_hn, rand(3, h), c, 1,
+                rand(3, h), 1)
+    gates = 1 / (1 + np.exp(-rand(3, spec.row_blocks * h)))  # in (0, 1), like activated gates
+    # gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, d_xg, d_hn, dg
+    return (gates, np.tanh(rand(3, h)), rand(3, h), 1, rand(3, h), 1, rand(3, h), 1, rand(3, h),
+            rand(3, h), c, 1, rand(3, h), 1, spec.projection, rand(3, g), rand(3, h), rand(3, g))
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("cell", list(loops.CODES))
+def test_cell_step_math_runs_unjitted(cell, direction):
+    """The "numba step math" of a cell file is plain Python: run as such (numpy, the stubs of
+    fastrnn.cells.scalar) and compiled (the loops' activations), it writes the same rows."""
+    from numba import njit
+    fn = getattr(cells.MODULES[cell], f"numba_{direction}")
+    args = _step_arguments(cell, direction, np.random.default_rng(seed_of(cell, direction)))
+    plain, compiled = ([a.copy() if isinstance(a, np.ndarray) else a for a in args] for _ in "ab")
+    fn(*plain)
+    njit(**jit._JIT)(fn)(*compiled)
+    for before, want, got in zip(args, plain, compiled):
+        if isinstance(before, np.ndarray):
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+    assert any(isinstance(a, np.ndarray) and not np.array_equal(a, b) for a, b in zip(args, plain))
+
+
+def test_loops_load_from_the_disk_cache():
+    """Each cell's loops are specializations on a literal cell code, which a second process
+    loads from Numba's disk cache instead of compiling them again."""
+    script = """if True:
+        import torch
+        from fastrnn.kernels.numba_cpu import launch, loops
+        xg, h0, c0, w = torch.ones(6, 8), torch.zeros(3, 2), torch.zeros(3, 2), torch.ones(8, 2)
+        launch.recurrence_forward("lstm", xg, h0, c0, w, None, None, torch.tensor([3, 3]), False)
+        stats = loops._forward_thread.stats
+        print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),
+              [str(sig[4]) for sig in loops._forward_thread.signatures])
+    """
+    runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           check=True).stdout.split(maxsplit=2) for _ in range(2)]
+    hits, misses, signatures = runs[1]
+    assert (hits, misses) == ("1", "0"), runs
+    assert signatures.strip() == "['Literal[int](2)']"
 
 
 def test_dispatcher_offers_numba():
@@ -321,9 +384,9 @@ def test_dispatcher_offers_numba():
     assert numba_cpu.why_not("gru", torch.device("cpu"), torch.float32, 4) is not None
 
 
-def test_rejects_inconsistent_arguments():
+def test_rejects_inconsistent_arguments(generator):
     """The loops index without bounds checks, so bad sizes must be refused before they run."""
-    g = fresh_generator()
+    g = generator
     cell, (xg, h0, c0, w_hh, b_hn, w_hr, _), sizes = make_inputs(
         "lstm", torch.float32, steps=5, batch=4, hidden=6, packed=True, generator=g)
     growing = sizes.flip(0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrnn.cells import scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -25,8 +26,65 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     return (1 - z) * n + z * h, None
 
 
+# ------------------------------------------------------------------------------ numba step math
+# One batch row of one step for the numba backend's one forward and one backward time loop
+# (fastrnn/kernels/numba_cpu/loops.py documents every argument): Numba-compilable plain Python,
+# activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
+# array (so that they vectorize).
+
+def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+    """a[r, :3H] (a: (., 4H)) holds the row's h W_hh^T and leaves with r, z, hn = h W_hn^T + b_hn,
+    n; xg (N, 3H) row q, bias (3H,), b_hn (H,); h (B, H) row b: h; h' into out[o] (out: (., H)).
+    c: unused."""
+    hidden = h.shape[1]
+    for j in range(2 * hidden):  # r, z
+        a[r, j] = scalar.sigmoid(a[r, j] + (xg[q, j] + bias[j]))
+    for u in range(hidden):
+        a[r, 2 * hidden + u] += b_hn[u]
+    for u in range(hidden):  # n, kept in out until the update
+        j = 2 * hidden + u
+        out[o, u] = scalar.tanh((xg[q, j] + bias[j]) + a[r, u] * a[r, j])
+    for u in range(hidden):
+        a[r, 3 * hidden + u] = out[o, u]
+    for u in range(hidden):
+        n = out[o, u]
+        out[o, u] = n + a[r, hidden + u] * (h[b, u] - n)
+
+
+def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                   d_xg, d_hn, dg):
+    """gates (N, 4H) row q: r, z, hn, n; h_prev[hr] (., H): h; dm (B, H) row b: the gradient
+    w.r.t. h'; d_xg (N, 3H) row q: the gates' pre-activation gradient; d_hn (N, H) row q: the
+    gradient w.r.t. hn; dg (B, 3H) row b: the gradient w.r.t. the step's h W_hh^T (the backward
+    matmul's operand); dh (B, H) row b: receives dm z, the gradient w.r.t. h outside the matmul.
+    y, c_all, c_prev, cr, dc, tc, tr, proj: unused."""
+    hidden = dh.shape[1]
+    one = scalar.one(dh)
+    for u in range(hidden):  # d n
+        z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
+        d_xg[q, 2 * hidden + u] = dm[b, u] * (one - z) * (one - n * n)
+    for u in range(hidden):  # d r
+        r, z, n = gates[q, u], gates[q, hidden + u], gates[q, 3 * hidden + u]
+        d_xg[q, u] = (dm[b, u] * (one - z) * (one - n * n) * gates[q, 2 * hidden + u]
+                      * r * (one - r))
+    for u in range(hidden):  # d z
+        z = gates[q, hidden + u]
+        d_xg[q, hidden + u] = (dm[b, u] * (h_prev[hr, u] - gates[q, 3 * hidden + u])
+                               * z * (one - z))
+    for j in range(2 * hidden):
+        dg[b, j] = d_xg[q, j]
+    for u in range(hidden):
+        z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
+        d_hn[q, u] = dm[b, u] * (one - z) * (one - n * n) * gates[q, u]
+    for u in range(hidden):
+        dg[b, 2 * hidden + u] = d_hn[q, u]
+    for u in range(hidden):
+        dh[b, u] = dm[b, u] * gates[q, hidden + u]
+
+
 SPEC = CellSpec(name="gru", gates=3, states=("h",), torch_mode="GRU", code=3,
-                step=reference_step, has_b_hn=True)
+                step=reference_step, has_b_hn=True, saved=("gates",),
+                extra_blocks=1, direct_h=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrnn.cells import scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -11,8 +12,33 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     return torch.relu(xg_t + h @ w_hh.t()), None
 
 
+# ------------------------------------------------------------------------------ numba step math
+# One batch row of one step for the numba backend's one forward and one backward time loop
+# (fastrnn/kernels/numba_cpu/loops.py documents every argument): Numba-compilable plain Python,
+# activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
+# array (so that they vectorize).
+
+def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+    """h' = relu(h W_hh^T + (xg + bias)) in place of a[r, :H], the row's h W_hh^T, which is the
+    output row (SPEC.gates_in_y: a is y, r = q); xg (N, H) row q, bias (H,); h (B, H). b_hn, c,
+    b, out, o: unused."""
+    zero = scalar.one(a) - scalar.one(a)
+    for u in range(h.shape[1]):
+        v = a[r, u] + (xg[q, u] + bias[u])
+        a[r, u] = zero if v <= zero else v  # NaN passes through, as in torch.relu
+
+
+def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                   d_xg, d_hn, dg):
+    """d_xg[q] (d_xg: (N, H)) from dm[b] (dm: (B, H)), the gradient w.r.t. the row's h' = y[q]
+    (y: (N, H)). The other arguments: unused."""
+    zero = scalar.one(dm) - scalar.one(dm)
+    for u in range(dm.shape[1]):
+        d_xg[q, u] = dm[b, u] if y[q, u] > zero else zero
+
+
 SPEC = CellSpec(name="rnn_relu", gates=1, states=("h",), torch_mode="RNN_RELU", code=1,
-                step=reference_step)
+                step=reference_step, gates_in_y=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrnn.cells import scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -11,8 +12,31 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
     return torch.tanh(xg_t + h @ w_hh.t()), None
 
 
+# ------------------------------------------------------------------------------ numba step math
+# One batch row of one step for the numba backend's one forward and one backward time loop
+# (fastrnn/kernels/numba_cpu/loops.py documents every argument): Numba-compilable plain Python,
+# activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
+# array (so that they vectorize).
+
+def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+    """h' = tanh(h W_hh^T + (xg + bias)) in place of a[r, :H], the row's h W_hh^T, which is the
+    output row (SPEC.gates_in_y: a is y, r = q; written in place, as one array, it vectorizes);
+    xg (N, H) row q, bias (H,); h (B, H). b_hn, c, b, out, o: unused."""
+    for u in range(h.shape[1]):
+        a[r, u] = scalar.tanh(a[r, u] + (xg[q, u] + bias[u]))
+
+
+def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                   d_xg, d_hn, dg):
+    """d_xg[q] (d_xg: (N, H)) from dm[b] (dm: (B, H)), the gradient w.r.t. the row's h' = y[q]
+    (y: (N, H)). The other arguments: unused."""
+    one = scalar.one(dm)
+    for u in range(dm.shape[1]):
+        d_xg[q, u] = dm[b, u] * (one - y[q, u] * y[q, u])
+
+
 SPEC = CellSpec(name="rnn_tanh", gates=1, states=("h",), torch_mode="RNN_TANH", code=0,
-                step=reference_step)
+                step=reference_step, gates_in_y=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
   deterministic, no atomics.
 
 Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vectorize), ``matmul.py``
-(the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (the time loops),
+(the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (one forward and one BPTT
+time loop, each inlining the cell's own step math from its file in ``fastrnn/cells/``),
 ``launch.py`` (checks, thread plan, buffers: the contract's two functions). Importing this package
 does not import Numba; the first kernel call does.
 """

@@ -9,20 +9,14 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
+from fastrnn.cells.scalar import sigmoid as _sigmoid
+from fastrnn.cells.scalar import tanh as _tanh
 from fastrnn.kernels.numba_cpu.jit import _FASTMATH, _JIT
 
-# instead, which LLVM vectorizes; NaN propagates as in torch, +-inf saturate.
-def _tanh(x):
-    """tanh for jitted code: Eigen's rational approximation in float32 (~2e-7), float64 through
-    expm1 (error ~1e-16)."""
-    raise NotImplementedError  # replaced by the overload below inside jitted code
-
-
-def _sigmoid(x):
-    """sigmoid for jitted code: 0.5 tanh(x/2) + 0.5 in float32; 1 / (1 + e^-x) through expm1
-    in float64 (full relative precision, also for x << 0)."""
-    raise NotImplementedError
-
+# The overloads at the end register these on the plain-Python stubs of fastrnn.cells.scalar (which
+# the cells' step math calls): tanh is Eigen's rational approximation in float32 (~2e-7), float64
+# through expm1 (error ~1e-16); sigmoid 0.5 tanh(x/2) + 0.5 in float32, 1 / (1 + e^-x) through
+# expm1 in float64 (full relative precision, also for x << 0).
 
 _F32 = np.float32
 # Eigen's float32 tanh: odd/even polynomial ratio on x clamped to [-c, c] (where it reaches 1).

@@ -1,10 +1,13 @@
 """Compile settings shared by every jitted function of the numba backend: the ``@njit`` options,
-the 512-bit vector request and a dtype-typed ``1`` for jitted code."""
+the 512-bit vector request and a dtype-typed ``1`` for jitted code (``fastrnn.cells.scalar.one``
+compiled)."""
 from __future__ import annotations
 
 import numpy as np
 from numba import types
 from numba.extending import intrinsic, overload
+
+from fastrnn.cells.scalar import one as _one
 
 # Floating-point contraction (FMA) only: no reassociation, no finite-math assumptions, so results do
 # not depend on vector width and NaN/inf propagate as in torch.
@@ -38,12 +41,8 @@ def _prefer_wide_vectors(typingctx):
     return types.void(), codegen
 
 
-
-def _one(a):
-    """1 in the dtype of array ``a``, for jitted code."""
-    raise NotImplementedError  # replaced by the overload below inside jitted code
-
-
+# 1 in an array's dtype for jitted code: the plain-Python stub lives in fastrnn.cells.scalar, where
+# the cells' step math calls it.
 @overload(_one, jit_options=dict(fastmath=_FASTMATH))
 def _one_overload(a):
     if a.dtype == types.float32:

@@ -12,15 +12,11 @@ import numpy as np
 import torch
 from numba import njit
 
-from fastrnn.cells import CELLS, GATES
+from fastrnn import cells
 from fastrnn.kernels.numba_cpu import matmul
 from fastrnn.kernels.numba_cpu.jit import _JIT
-from fastrnn.kernels.numba_cpu.loops import (_gather_rows, _gru_backward_thread,
-                                             _gru_forward_thread, _lstm_backward_thread,
-                                             _lstm_forward_thread, _previous_rows,
-                                             _rnn_backward_thread, _rnn_forward_thread)
-
-CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1}
+from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_thread,
+                                             _gather_rows, _previous_rows)
 
 # How a call uses torch.get_num_threads() threads (measured on the 2-core machine, module calls,
 # where torch's OpenMP workers keep spinning for milliseconds after the input projection and slow
@@ -213,8 +209,9 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
 def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
     """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
     ``n_rows`` = sum(batch_sizes)."""
-    if cell not in CELLS:
-        raise ValueError(f"unknown cell {cell!r}; expected one of {CELLS}")
+    if cell not in CODES:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {tuple(CODES)}")
+    spec = cells.spec(cell)
     dtype = xg.dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
         raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
@@ -224,15 +221,16 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
             raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
         if t is not None and not t.is_cpu:
             raise ValueError(f"numba kernels run on CPU tensors, {name} is on {t.device}")
-    if (cell == "lstm") != (c0 is not None):
-        raise ValueError("c0 is required for lstm and must be None otherwise")
-    if w_hr is not None and cell != "lstm":
-        raise ValueError("w_hr (projection) is supported for lstm only")
-    gates = GATES[cell]
+    if spec.has_c != (c0 is not None):
+        raise ValueError(f"c0 is required for {cell} and must be None otherwise" if spec.has_c
+                         else f"c0 must be None for {cell}")
+    if w_hr is not None and not spec.projection:
+        raise ValueError(f"w_hr (projection) is not supported for {cell}")
+    gates = spec.gates
     if w_hh.dim() != 2 or w_hh.shape[0] % gates:
         raise ValueError(f"w_hh must be ({gates}*H, P), got {tuple(w_hh.shape)}")
     hidden, proj = w_hh.shape[0] // gates, w_hh.shape[1]
-    if w_hr is None and cell == "lstm" and proj != hidden:
+    if w_hr is None and proj != hidden:
         raise ValueError(f"w_hh is {tuple(w_hh.shape)}: P != H needs w_hr")
     batch = h0.shape[0]
     for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
@@ -273,15 +271,16 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     float32 or float64 CPU tensors, all of one dtype.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
-    () for rnn_* and whenever ``save`` is False (no backward follows); (gates (N, 4H) = i, f, g, o
-    after activation; c (N, H) cell state after each step) for lstm; (gates (N, 4H) = r, z,
-    h W_hn^T + b_hn, n) for gru.
+    () whenever ``save`` is False (no backward follows), else what the cell's ``SPEC.saved``
+    names: () for rnn_*; (gates (N, 4H) = i, f, g, o after activation; c (N, H) cell state after
+    each step) for lstm; (gates (N, 4H) = r, z, h W_hn^T + b_hn, n) for gru.
     """
+    spec = cells.spec(cell)
     batch, proj = h0.shape
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
     _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = matmul._gemm_address(xg.dtype)
-    hidden = w_hh.shape[0] // GATES[cell]
+    hidden = w_hh.shape[0] // spec.gates
     xg_a = _array(xg)
     dtype = xg_a.dtype
     b_x = _array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
@@ -291,32 +290,29 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
     # per step (B=8, H=128) than this one copy per call.
     w_t = _transposed(w_hh)
-    c_n, saved = None, ()
-    schedule = plan[:3]
-    if cell in CELL_CODES:
-        _run(_rnn_forward_thread, plan, gemm, cell == "rnn_relu", xg_a, b_x, h, w_t, y,
-             *schedule)
-        return torch.from_numpy(y), torch.from_numpy(h), None, ()
-    # Pre-activations go straight into the saved gates when training, else into a scratch row per
-    # batch row.
-    gates = _alloc((n_rows if save else 0, 4 * hidden), dtype)
-    acc = _alloc((0 if save else batch, 4 * hidden), dtype)
-    if cell == "lstm":
-        c = _owned(c0)
-        c_all = _alloc((n_rows if save else 0, hidden), dtype)
-        has_proj = w_hr is not None
-        wr_t = _transposed(w_hr) if has_proj else np.zeros((0, 0), dtype)
-        m = _alloc((batch if has_proj else 0, hidden), dtype)
-        _run(_lstm_forward_thread, plan, gemm, save, xg_a, b_x, h, c, w_t, wr_t, has_proj,
-             y, gates, c_all, acc, m, *schedule)
-        c_n = torch.from_numpy(c)
-        saved = (torch.from_numpy(gates), torch.from_numpy(c_all))
+    empty = np.zeros((0, 0), dtype)  # what the cell does not use
+    has_proj = w_hr is not None
+    # The steps' gate rows: y itself where they are the output (the RNNs, activated in place);
+    # else kept for backward when training (spec.saved: "gates", then "c", the cell state after
+    # each step), or a scratch row per batch row.
+    save = save and bool(spec.saved)
+    width = spec.row_blocks * hidden
+    if spec.gates_in_y:
+        gates, acc = y, empty
     else:
-        b = _array(b_hn) if b_hn is not None else np.zeros(hidden, dtype)
-        _run(_gru_forward_thread, plan, gemm, save, xg_a, b_x, h, w_t, b, y, gates, acc,
-             *schedule)
-        saved = (torch.from_numpy(gates),)
-    return torch.from_numpy(y), torch.from_numpy(h), c_n, saved if save else ()
+        gates = _alloc((n_rows, width), dtype) if save else empty
+        acc = empty if save else _alloc((batch, width), dtype)
+    c = _owned(c0) if spec.has_c else empty
+    c_all = _alloc((n_rows, hidden), dtype) if save and "c" in spec.saved else empty
+    b = _array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype)
+    wr_t = _transposed(w_hr) if has_proj else empty
+    m = _alloc((batch, hidden), dtype) if has_proj else empty
+    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y, xg_a, b_x, b, h, c,
+         w_t, wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
+    kept = {"gates": gates, "c": c_all}
+    saved = tuple(torch.from_numpy(kept[name]) for name in spec.saved) if save else ()
+    return (torch.from_numpy(y), torch.from_numpy(h), torch.from_numpy(c) if spec.has_c else None,
+            saved)
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
@@ -330,7 +326,8 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_w_hr (P, H) or None, d_bias (G*H,) or None)``. Weight gradients are reduced once, after the
     time loop, as GEMMs (d_bias as one sum over rows).
     """
-    hidden = w_hh.shape[0] // GATES[cell]
+    spec = cells.spec(cell)
+    hidden = w_hh.shape[0] // spec.gates
     batch, proj = h0.shape
     n_rows = grad_y.shape[0]
     gy = _array(grad_y)
@@ -343,54 +340,56 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     order, offsets, sizes = plan[:3]
     _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
     gemm = matmul._gemm_address(grad_y.dtype)
+    if len(saved) != len(spec.saved):
+        raise ValueError(f"saved must hold {spec.saved} of {cell}, got {len(saved)} tensors")
+    widths = {"gates": spec.row_blocks * hidden, "c": hidden}
     expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
                 "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
-    expected.update({f"saved[{i}]": (t, (n_rows, 4 * hidden if i == 0 else hidden))
-                     for i, t in enumerate(saved)})
+    expected.update({f"saved[{i}]": (t, (n_rows, widths[name]))
+                     for i, (name, t) in enumerate(zip(spec.saved, saved))})
     for name, (t, shape) in expected.items():
         if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
             raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
     d_xg_t, d_xg = d_xg, d_xg.numpy()
     prev = np.empty(n_rows, np.int64)
     _previous_rows(order, offsets, sizes, prev)
+    empty = np.zeros((0, 0), dtype)  # what the cell does not use
+    kept = {name: _array(t) for name, t in zip(spec.saved, saved)}
+    has_proj = w_hr is not None
+    dc = empty
+    if spec.has_c:
+        dc = np.zeros((batch, hidden), dtype) if grad_c_n is None else _owned(grad_c_n)
+    wr = _array(w_hr) if has_proj else empty
+    dm = _alloc((batch, hidden), dtype)
+    dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
+    m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
+    tc = empty if has_proj else _alloc((batch, hidden), dtype)
+    # With b_hn inside r * (h W_hn^T + b_hn) (GRU), the gradient w.r.t. that block of h W_hh^T is
+    # d_hn = d(n's pre-activation) * r, not d_xg's: the row step writes it per packed row (for
+    # d_w_hh and d_b_hn) and the step matmul's operand to the scratch dg.
+    scratch_grad = spec.has_b_hn
+    d_hn = _alloc((n_rows, hidden), dtype) if scratch_grad else empty
+    dg = _alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
+    _run(_backward_thread, plan, gemm, CODES[cell], gy, y_a, _array(h0),
+         _array(c0) if spec.has_c else empty, kept.get("gates", empty), kept.get("c", empty), w,
+         wr, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
+         prev, order, offsets, sizes)
 
     def weight_grad(d_pre):
         """d_pre^T @ h_prev (h_prev (N, P): each row's state before its step)."""
         return _weight_grad(d_pre, y, h0, plan, reverse, prev)
 
-    d_c0 = d_b_hn = d_w_hr = None
-    if cell in CELL_CODES:
-        relu = cell == "rnn_relu"
-        args = (relu, gy, y_a, w, dh, d_xg, order, offsets, sizes)
-        _run(_rnn_backward_thread, plan, gemm, *args)
-        d_w_hh = weight_grad(d_xg_t)
-    elif cell == "lstm":
-        gates, c_all = (_array(s) for s in saved)
-        dc = (np.zeros((batch, hidden), dtype) if grad_c_n is None
-              else _owned(grad_c_n))
-        has_proj = w_hr is not None
-        empty = np.zeros((0, 0), dtype)
-        wr = _array(w_hr) if has_proj else empty
-        dm = _alloc((batch, hidden), dtype)
-        dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
-        m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
-        tc = _alloc((0 if has_proj else batch, hidden), dtype)
-        args = (gy, _array(c0), w, wr, has_proj, gates, c_all, dh, dc, dm, d_xg, dy_all, m_all,
-                tc, prev, order, offsets, sizes)
-        _run(_lstm_backward_thread, plan, gemm, *args)
-        d_w_hh = weight_grad(d_xg_t)
-        d_c0 = torch.from_numpy(dc)
-        if has_proj:
-            d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
-    else:
-        (gates,) = (_array(s) for s in saved)
-        d_hn = _alloc((n_rows, hidden), dtype)
-        dg = _alloc((batch, 3 * hidden), dtype)
-        args = (gy, _array(h0), y_a, w, gates, dh, d_xg, d_hn, dg, prev, order, offsets, sizes)
-        _run(_gru_backward_thread, plan, gemm, *args)
+    d_b_hn = d_w_hr = None
+    if scratch_grad:
         d_hn_t = torch.from_numpy(d_hn)
-        d_w_hh = torch.cat([weight_grad(d_xg_t[:, :2 * hidden]), weight_grad(d_hn_t)])
+        split = w_hh.shape[0] - hidden
+        d_w_hh = torch.cat([weight_grad(d_xg_t[:, :split]), weight_grad(d_hn_t)])
         if b_hn is not None:
             d_b_hn = d_hn_t.sum(0)
+    else:
+        d_w_hh = weight_grad(d_xg_t)
+    if has_proj:
+        d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
+    d_c0 = torch.from_numpy(dc) if spec.has_c else None
     d_bias = d_xg_t.sum(0) if bias is not None else None
     return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias

@@ -1,13 +1,128 @@
-"""The compiled time loops, forward and BPTT, one per cell family; each runs one thread's rows of a
-whole (possibly packed) sequence."""
+"""The compiled time loops, one forward and one BPTT loop for every cell; each runs one thread's
+rows of a whole (possibly packed) sequence and inlines the cell's own row step (the "numba step
+math" section of its file in :mod:`fastrnn.cells`), picked at compile time by the cell's code."""
 from __future__ import annotations
 
-import numpy as np
-from numba import njit
+import hashlib
+import pathlib
 
-from fastrnn.kernels.numba_cpu.activations import _sigmoid, _tanh
-from fastrnn.kernels.numba_cpu.jit import _JIT, _one, _prefer_wide_vectors
+import numpy as np
+from numba import literally, njit, types
+from numba.core import cgutils
+from numba.core.caching import FunctionCache
+from numba.extending import intrinsic, overload
+
+from fastrnn import cells
+from fastrnn.kernels.numba_cpu import activations  # noqa: F401  (compiled tanh/sigmoid)
+from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
 from fastrnn.kernels.numba_cpu.matmul import _matmul_rows
+
+# --------------------------------------------------------------------------- cells
+# A cell reaches the loops as its ``SPEC.code`` typed as a literal (a :class:`CellCode`), and the
+# loops call ``forward_step(literally(code), ...)``: the overload below resolves the literal to the
+# cell's compiled row step, so each cell gets its own specialization of the one loop, which loads
+# from Numba's disk cache like any module-level function (a step function passed as an argument
+# or closed over in a factory never loads from it: shared/notes/cpu-kernels.md).
+
+
+class CellCode:
+    """A cell's code as a loop argument, typed by Numba as ``Literal[int](code)`` (through
+    ``_numba_type_``, which the dispatcher reads in its C fast path: about 1 µs a call). A plain
+    int would be typed int64, and ``literally`` would retype every call (12 ms)."""
+
+    __slots__ = ("value", "_numba_type_")
+
+    def __init__(self, value):
+        self.value = value
+        self._numba_type_ = types.literal(value)
+
+    def __index__(self):
+        return self.value
+
+
+#: name -> :class:`CellCode` of every cell that has numba step math.
+CODES = {}
+_STEPS = {}  # code -> (forward, backward) row steps, inlined where called
+for _name, _module in cells.MODULES.items():
+    if hasattr(_module, "numba_forward"):
+        CODES[_name] = CellCode(_module.SPEC.code)
+        _STEPS[_module.SPEC.code] = tuple(njit(inline="always", **_JIT)(fn) for fn in (
+            _module.numba_forward, _module.numba_backward))
+
+
+def forward_step(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+    """Batch row ``b`` (packed row ``q``) of a step of cell ``code`` (an integer literal): the
+    cell's ``numba_forward`` with these arguments. ``a[r]``: the row's gate row, on entry the
+    matmul's h W_hh^T in its first G*H columns, on exit what backward reads (saved when training);
+    ``xg[q]``, ``bias``, ``b_hn``; ``h[b]``: the state before the step (the loop copies the output
+    into h after the step); ``c[b]``: the cell state, updated in place; ``out[o]``: receives the
+    step's output h' (y's row q, or m's row b ahead of a projection), except where the gate row
+    is the output row (``SPEC.gates_in_y``): the step activates ``a[r]`` in place (a loop
+    reading ``a[r]`` and writing ``out[o]``, the same row, would fail its alias check and run
+    scalar: 1.5x slower RNN inference)."""
+    raise NotImplementedError  # only jitted code calls it, through the overload below
+
+
+def backward_step(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                  d_xg, d_hn, dg):
+    """Batch row ``b`` (packed row ``q``) of a step of cell ``code`` in BPTT: the cell's
+    ``numba_backward`` with these arguments. Row q of what forward kept (``gates``, ``c_all``) and
+    of ``y``; the states before the step, ``h_prev[hr]`` (y or h0) and ``c_prev[cr]`` (c_all or
+    c0); row b of ``dm`` (the gradient w.r.t. the step's output), ``dh`` (where the step leaves the
+    gradient w.r.t. h outside the matmul, with ``direct_h``) and ``dc`` (in: w.r.t. c', out: w.r.t.
+    c); ``tc[tr]``: a scratch row, m_all's row q with ``proj``; the step writes ``d_xg[q]`` and,
+    where the cell has b_hn, ``d_hn[q]`` and ``dg[b]`` (the step matmul's operand)."""
+    raise NotImplementedError  # only jitted code calls it, through the overload below
+
+
+# Each overload returns the cell's step, both inlined into the loop (Numba IR): a call per row
+# would pass its arrays with a reference-count increment and decrement each (atomics: the LSTM
+# at B=1 H=32 ran 1.5x slower). The arguments are spelled out: Numba does not inline a call with
+# *args.
+@overload(forward_step, jit_options=_JIT, inline="always")
+def _forward_step(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+    if isinstance(code, types.IntegerLiteral):
+        step = _STEPS[code.literal_value][0]
+
+        def impl(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+            _prefer_wide_vectors()
+            step(a, r, xg, q, bias, b_hn, h, c, b, out, o)
+        return impl
+    return None
+
+
+@overload(backward_step, jit_options=_JIT, inline="always")
+def _backward_step(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                   d_xg, d_hn, dg):
+    if isinstance(code, types.IntegerLiteral):
+        step = _STEPS[code.literal_value][1]
+
+        def impl(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                 d_xg, d_hn, dg):
+            _prefer_wide_vectors()
+            step(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, d_xg,
+                 d_hn, dg)
+        return impl
+    return None
+
+
+@intrinsic
+def _borrowed(typingctx, arrays):
+    """The arrays of the tuple ``arrays`` without reference counting (meminfo and parent null): the
+    inlined row step binds its array arguments anew each row, which otherwise costs an atomic
+    increment and decrement per array (up to 14 a row: +25-80 ns a row measured). The caller's
+    references keep the arrays alive for the call."""
+    def codegen(context, builder, signature, args):
+        views = []
+        for i, ty in enumerate(signature.args[0]):
+            ary = cgutils.create_struct_proxy(ty)(context, builder,
+                                                  value=builder.extract_value(args[0], i))
+            ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+            ary.parent = cgutils.get_null_value(ary.parent.type)
+            views.append(ary._getvalue())
+        return context.make_tuple(builder, signature.return_type, views)
+    return arrays(arrays), codegen
+
 
 # --------------------------------------------------------------------------- time loops
 # How the pointwise work is written (each choice measured here, LSTM/GRU rows of H = 32 … 128):
@@ -17,15 +132,30 @@ from fastrnn.kernels.numba_cpu.matmul import _matmul_rows
 # * each loop writes one array and never reads the array it writes at another offset, so LLVM
 #   vectorizes it with a few runtime alias checks (a loop writing several arrays stayed scalar,
 #   4x slower on the LSTM gates);
-# * constants are of the array's dtype (``_one``): an int literal would promote float32 to float64.
+# * constants are of the array's dtype (``scalar.one``): an int literal would promote float32 to
+#   float64.
+# The cells' row steps follow the same rules.
 #
-# Arguments shared by the loops: ``order`` (T,) steps in processing order, ``offsets``/``sizes``
-# (T,) packed row offset and batch size of each step; (tid, nthreads, group) pick this thread's
-# rows. Forward: ``save`` keeps what backward needs (training); without it (inference) the
-# pre-activations go to the per-row scratch ``acc`` instead of the saved ``gates``.
+# Arguments shared by the loops: ``code`` the cell (:class:`CellCode`); ``order`` (T,) steps in
+# processing order, ``offsets``/``sizes`` (T,) packed row offset and batch size of each step;
+# (tid, nthreads, group) pick this thread's rows; ``has_proj``: LSTM's projection ``w_hr``, whose
+# matmul follows the row step (its input ``m``, o tanh(c), is then the step's output).
+#
+# Forward: xg (N, G*H), bias (G*H,), b_hn (H,) or (0,) where the cell has none; h (B, P) and c
+# (B, H) or (0, 0) the states, updated in place; w_t (P, G*H) and wr_t (H, P) the transposed
+# weights; y (N, P). Each step runs the matmul into the row's gate row ``a[r]`` (``row_blocks``
+# blocks of H), then the row step. With ``packed`` the gate rows are the packed rows of ``gates``
+# (N, ·): kept for backward (training), or y itself for cells whose gate row is their output (the
+# RNNs: activated in place); else they are the per-row scratch ``acc`` (B, ·). ``c_all`` (N, H)
+# receives the cell state after each step where it is kept, else it is (0, 0).
+#
 # Backward: ``prev`` (N,) is the packed row of each row's previous state in processing order, or
 # -1 - b when it is the initial state h0[b] / c0[b]; ``dh``/``dc`` (B, ·) carry the gradient
-# w.r.t. each row's current state: on entry grad_h_n / grad_c_n, on exit d_h0 / d_c0.
+# w.r.t. each row's current state: on entry grad_h_n / grad_c_n, on exit d_h0 / d_c0. ``dm`` (B, H)
+# is the gradient w.r.t. the row step's output: dh + grad_y, through w_hr with a projection (whose
+# (N, P) input ``dy_all`` and (N, H) m_all are kept for d_w_hr). The step matmul's operand is
+# d_xg's rows, or with ``scratch_grad`` the step's own ``dg`` (B, G*H) (GRU: r scales the n part);
+# with ``direct_h`` it adds onto what the row step left in dh, else it overwrites dh.
 
 @njit(**_JIT)
 def _thread_rows(tid, nthreads, group, batch):
@@ -45,66 +175,29 @@ def _thread_rows(tid, nthreads, group, batch):
 
 
 @njit(**_JIT)
-def _rnn_forward_thread(tid, nthreads, group, gemm, relu, xg, bias, h, w_t, y, order, offsets,
-                        sizes):
+def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, h, c, w_t, wr_t,
+                    has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
     _prefer_wide_vectors()
-    hidden = h.shape[1]
-    zero = _one(y) - _one(y)
+    xg, bias, b_hn, h, c, y, gates, c_all, acc, m = _borrowed((xg, bias, b_hn, h, c, y, gates,
+                                                               c_all, acc, m))
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
+    out = m if has_proj else y  # the row step's output: the projection's input, or y itself
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        _matmul_rows(y, off, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
-            if relu:
-                for u in range(hidden):
-                    v = y[q, u] + (xg[q, u] + bias[u])
-                    y[q, u] = zero if v <= zero else v  # NaN passes through, as in torch.relu
-            else:
-                for u in range(hidden):
-                    y[q, u] = _tanh(y[q, u] + (xg[q, u] + bias[u]))
-            for u in range(hidden):
-                h[b, u] = y[q, u]
-
-
-@njit(**_JIT)
-def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, bias, h, c, w_t, wr_t, has_proj, y,
-                         gates, c_all, acc, m, order, offsets, sizes):
-    _prefer_wide_vectors()
-    hidden = c.shape[1]
-    mine = _thread_rows(tid, nthreads, group, h.shape[0])
-    out = m if has_proj else y  # o tanh(c): the projection's input, or the output itself
-    for p in range(order.shape[0]):
-        t = order[p]
-        rows, off = sizes[t], offsets[t]
-        a, base = (gates, off) if save else (acc, 0)
+        a, base = (gates, off) if packed else (acc, 0)
         _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
-            r, q = base + b, off + b
-            o = b if has_proj else q
-            for j in range(2 * hidden):  # i, f
-                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
-            for u in range(hidden):  # g (a loop from a nonzero start stayed scalar: 8x slower)
-                j = 2 * hidden + u
-                a[r, j] = _tanh(a[r, j] + (xg[q, j] + bias[j]))
-            for u in range(hidden):  # o
-                j = 3 * hidden + u
-                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
-            for u in range(hidden):
-                c[b, u] = a[r, hidden + u] * c[b, u] + a[r, u] * a[r, 2 * hidden + u]
-            for u in range(hidden):
-                out[o, u] = a[r, 3 * hidden + u] * _tanh(c[b, u])
-            if save:
-                for u in range(hidden):
-                    c_all[q, u] = c[b, u]
+            q = off + b
+            forward_step(literally(code), a, base + b, xg, q, bias, b_hn, h, c, b, out,
+                         b if has_proj else q)
+            for u in range(c_all.shape[1]):
+                c_all[q, u] = c[b, u]
             if not has_proj:
-                for u in range(hidden):
-                    h[b, u] = y[q, u]
+                for k in range(h.shape[1]):
+                    h[b, k] = y[q, k]
         if has_proj:
             _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm, True)
             for b in mine:
@@ -115,162 +208,54 @@ def _lstm_forward_thread(tid, nthreads, group, gemm, save, xg, bias, h, c, w_t, 
 
 
 @njit(**_JIT)
-def _gru_forward_thread(tid, nthreads, group, gemm, save, xg, bias, h, w_t, b_hn, y, gates, acc,
-                        order, offsets, sizes):
-    """Row of ``a`` after a step: (r, z, hn = h W_hn^T + b_hn, n), the saved gates."""
+def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, wr,
+                     has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all,
+                     tc, prev, order, offsets, sizes):
+    """``tc`` (B, H) or (0, H): the LSTM step's scratch for tanh(c), per packed row in ``m_all``
+    with a projection (where it becomes m = o tanh(c))."""
     _prefer_wide_vectors()
-    hidden = h.shape[1]
-    mine = _thread_rows(tid, nthreads, group, h.shape[0])
-    for p in range(order.shape[0]):
-        t = order[p]
-        rows, off = sizes[t], offsets[t]
-        a, base = (gates, off) if save else (acc, 0)
-        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
-        for b in mine:
-            if b >= rows:
-                break
-            r, q = base + b, off + b
-            for j in range(2 * hidden):  # r, z
-                a[r, j] = _sigmoid(a[r, j] + (xg[q, j] + bias[j]))
-            for u in range(hidden):
-                a[r, 2 * hidden + u] += b_hn[u]
-            for u in range(hidden):  # n, kept in y until the update
-                j = 2 * hidden + u
-                y[q, u] = _tanh((xg[q, j] + bias[j]) + a[r, u] * a[r, j])
-            if save:
-                for u in range(hidden):
-                    a[r, 3 * hidden + u] = y[q, u]
-            for u in range(hidden):
-                n = y[q, u]
-                y[q, u] = n + a[r, hidden + u] * (h[b, u] - n)
-            for u in range(hidden):
-                h[b, u] = y[q, u]
-
-
-@njit(**_JIT)
-def _rnn_backward_thread(tid, nthreads, group, gemm, relu, grad_y, y, w, dh, d_xg, order, offsets,
-                         sizes):
-    _prefer_wide_vectors()
-    hidden = dh.shape[1]
-    one = _one(dh)
-    zero = one - one
-    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
-    for p in range(order.shape[0] - 1, -1, -1):
-        t = order[p]
-        rows, off = sizes[t], offsets[t]
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
-            if relu:
-                for u in range(hidden):
-                    d_xg[q, u] = (dh[b, u] + grad_y[q, u]) if y[q, u] > zero else zero
-            else:
-                for u in range(hidden):
-                    d_xg[q, u] = (dh[b, u] + grad_y[q, u]) * (one - y[q, u] * y[q, u])
-        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
-
-
-@njit(**_JIT)
-def _lstm_backward_thread(tid, nthreads, group, gemm, grad_y, c0, w, wr, has_proj, gates, c_all, dh,
-                          dc, dm, d_xg, dy_all, m_all, tc, prev, order, offsets, sizes):
-    """``dm`` (B, H): gradient w.r.t. o tanh(c); ``tc``: tanh(c) of the step (per batch row, or
-    per packed row in ``m_all`` with a projection, which then holds m = o tanh(c) for d_w_hr)."""
-    _prefer_wide_vectors()
-    hidden = dc.shape[1]
-    one = _one(dc)
+    grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc = _borrowed((
+        grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc))
     mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     tanh_c = m_all if has_proj else tc
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
-            if has_proj:  # carry + grad_y, kept per packed row for d_w_hr; dm = that @ w_hr
+        if has_proj:  # carry + grad_y, kept per packed row for d_w_hr; dm = that @ w_hr
+            for b in mine:
+                if b >= rows:
+                    break
                 for k in range(dh.shape[1]):
-                    dy_all[q, k] = dh[b, k] + grad_y[q, k]
-            else:
-                for u in range(hidden):
-                    dm[b, u] = dh[b, u] + grad_y[q, u]
-        if has_proj:
+                    dy_all[off + b, k] = dh[b, k] + grad_y[off + b, k]
             _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm, True)
         for b in mine:
             if b >= rows:
                 break
             q = off + b
-            tr = q if has_proj else b
-            pr = prev[q]
-            c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
-            for u in range(hidden):
-                tanh_c[tr, u] = _tanh(c_all[q, u])
-            for u in range(hidden):
-                o, tcu = gates[q, 3 * hidden + u], tanh_c[tr, u]
-                dc[b, u] += dm[b, u] * o * (one - tcu * tcu)
-            for u in range(hidden):  # d o
-                o = gates[q, 3 * hidden + u]
-                d_xg[q, 3 * hidden + u] = dm[b, u] * tanh_c[tr, u] * o * (one - o)
-            for u in range(hidden):  # d i
-                i = gates[q, u]
-                d_xg[q, u] = dc[b, u] * gates[q, 2 * hidden + u] * i * (one - i)
-            for u in range(hidden):  # d f
-                f = gates[q, hidden + u]
-                d_xg[q, hidden + u] = dc[b, u] * c_prev[cr, u] * f * (one - f)
-            for u in range(hidden):  # d g
-                g = gates[q, 2 * hidden + u]
-                d_xg[q, 2 * hidden + u] = dc[b, u] * gates[q, u] * (one - g * g)
-            for u in range(hidden):
-                dc[b, u] *= gates[q, hidden + u]
-            if has_proj:
-                for u in range(hidden):
-                    m_all[q, u] *= gates[q, 3 * hidden + u]
-        _matmul_rows(dh, 0, d_xg, off, w, tid, nthreads, group, rows, gemm, True)
-
-
-@njit(**_JIT)
-def _gru_backward_thread(tid, nthreads, group, gemm, grad_y, h0, y, w, gates, dh, d_xg, d_hn, dg,
-                         prev, order, offsets, sizes):
-    """``gates`` rows (r, z, hn, n); ``d_hn`` (N, H) receives the gradient w.r.t.
-    hn = h W_hn^T + b_hn; ``dg`` (B, 3H) is the step's gradient w.r.t. (h W_hr^T, h W_hz^T, hn),
-    the left operand of the step's matmul (scratch: an (N, 3H) copy would cost a fresh 3H per
-    row)."""
-    _prefer_wide_vectors()
-    hidden = dh.shape[1]
-    one = _one(dh)
-    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
-    for p in range(order.shape[0] - 1, -1, -1):
-        t = order[p]
-        rows, off = sizes[t], offsets[t]
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
+            if not has_proj:
+                for u in range(dm.shape[1]):
+                    dm[b, u] = dh[b, u] + grad_y[q, u]
             pr = prev[q]
             h_prev, hr = (y, pr) if pr >= 0 else (h0, -1 - pr)
-            for u in range(hidden):
-                dh[b, u] += grad_y[q, u]
-            for u in range(hidden):  # d n
-                z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
-                d_xg[q, 2 * hidden + u] = dh[b, u] * (one - z) * (one - n * n)
-            for u in range(hidden):  # d r
-                r, z, n = gates[q, u], gates[q, hidden + u], gates[q, 3 * hidden + u]
-                d_xg[q, u] = (dh[b, u] * (one - z) * (one - n * n) * gates[q, 2 * hidden + u]
-                              * r * (one - r))
-            for u in range(hidden):  # d z
-                z = gates[q, hidden + u]
-                d_xg[q, hidden + u] = (dh[b, u] * (h_prev[hr, u] - gates[q, 3 * hidden + u])
-                                       * z * (one - z))
-            for j in range(2 * hidden):
-                dg[b, j] = d_xg[q, j]
-            for u in range(hidden):
-                z, n = gates[q, hidden + u], gates[q, 3 * hidden + u]
-                d_hn[q, u] = dh[b, u] * (one - z) * (one - n * n) * gates[q, u]
-            for u in range(hidden):
-                dg[b, 2 * hidden + u] = d_hn[q, u]
-            for u in range(hidden):
-                dh[b, u] *= gates[q, hidden + u]
-        _matmul_rows(dh, 0, dg, 0, w, tid, nthreads, group, rows, gemm, False)
+            c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
+            backward_step(literally(code), gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc,
+                          b, tanh_c, q if has_proj else b, has_proj, d_xg, d_hn, dg)
+        operand, base = (dg, 0) if scratch_grad else (d_xg, off)
+        _matmul_rows(dh, 0, operand, base, w, tid, nthreads, group, rows, gemm, not direct_h)
+
+
+class _StepMathCache(FunctionCache):
+    """Numba's disk cache of a time loop, each entry keyed also by the cells' step math: Numba keys
+    it by the loop's own file and bytecode only, so an edited cell would load a stale loop."""
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (_STEP_MATH,)
+
+
+_STEP_MATH = hashlib.sha256(b"".join(pathlib.Path(cells.MODULES[name].__file__).read_bytes()
+                                     for name in CODES)).hexdigest()  # their files: 0.2 ms
+for _loop in (_forward_thread, _backward_thread):
+    _loop._cache = _StepMathCache(_loop.py_func)
 
 
 @njit(**_JIT)
