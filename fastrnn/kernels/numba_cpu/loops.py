@@ -211,8 +211,8 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, h,
 def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, wr,
                      has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all,
                      tc, prev, order, offsets, sizes):
-    """``tc`` (B, H) or (0, H): the LSTM step's scratch for tanh(c), per packed row in ``m_all``
-    with a projection (where it becomes m = o tanh(c))."""
+    """``tc`` (B, H), or (0, 0) with a projection: the row step's scratch (LSTM: tanh(c)), per
+    packed row in ``m_all`` with a projection (where it becomes m = o tanh(c))."""
     _prefer_wide_vectors()
     grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc = _borrowed((
         grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc))
