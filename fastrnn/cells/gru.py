@@ -32,10 +32,10 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
 # activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
 # array (so that they vectorize).
 
-def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+def numba_forward(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     """a[r, :3H] (a: (., 4H)) holds the row's h W_hh^T and leaves with r, z, hn = h W_hn^T + b_hn,
     n; xg (N, 3H) row q, bias (3H,), b_hn (H,); h (B, H) row b: h; h' into out[o] (out: (., H)).
-    c: unused."""
+    w_cell, c: unused."""
     hidden = h.shape[1]
     for j in range(2 * hidden):  # r, z
         a[r, j] = scalar.sigmoid(a[r, j] + (xg[q, j] + bias[j]))
@@ -52,12 +52,12 @@ def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
 
 
 def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                   d_xg, d_hn, dg):
+                   w_cell, d_xg, d_hn, dg):
     """gates (N, 4H) row q: r, z, hn, n; h_prev[hr] (., H): h; dm (B, H) row b: the gradient
     w.r.t. h'; d_xg (N, 3H) row q: the gates' pre-activation gradient; d_hn (N, H) row q: the
     gradient w.r.t. hn; dg (B, 3H) row b: the gradient w.r.t. the step's h W_hh^T (the backward
     matmul's operand); dh (B, H) row b: receives dm z, the gradient w.r.t. h outside the matmul.
-    y, c_all, c_prev, cr, dc, tc, tr, proj: unused."""
+    w_cell, y, c_all, c_prev, cr, dc, tc, tr, proj: unused."""
     hidden = dh.shape[1]
     one = scalar.one(dh)
     for u in range(hidden):  # d n

@@ -29,10 +29,10 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
 # activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
 # array (so that they vectorize).
 
-def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+def numba_forward(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     """a[r, :4H] (a: (., 4H)) holds the row's h W_hh^T and leaves with the activated gates
     i, f, g, o; xg (N, 4H) row q, bias (4H,); c (B, H) row b: c, updated to c'; h' = o tanh(c')
-    into out[o] (out: (., H); the projection's input when there is one). b_hn, h: unused."""
+    into out[o] (out: (., H); the projection's input when there is one). b_hn, w_cell, h: unused."""
     hidden = c.shape[1]
     for j in range(2 * hidden):  # i, f
         a[r, j] = scalar.sigmoid(a[r, j] + (xg[q, j] + bias[j]))
@@ -49,12 +49,13 @@ def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
 
 
 def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                   d_xg, d_hn, dg):
+                   w_cell, d_xg, d_hn, dg):
     """gates (N, 4H) row q: i, f, g, o; c_all (N, H) row q: c'; c_prev[cr] (., H): c; dm (B, H)
     row b: the gradient w.r.t. h' (before any projection); dc (B, H) row b: on entry the carried
     gradient w.r.t. c', on exit w.r.t. c; d_xg (N, 4H) row q: the gates' pre-activation gradient.
     tc[tr] (., H): scratch for tanh(c'); with ``proj`` it is a row of m_all and leaves holding
-    m = o tanh(c') (the projection's input, for d_w_hr). y, h_prev, hr, dh, d_hn, dg: unused."""
+    m = o tanh(c') (the projection's input, for d_w_hr). w_cell, y, h_prev, hr, dh, d_hn, dg:
+    unused."""
     hidden = dc.shape[1]
     one = scalar.one(dc)
     for u in range(hidden):

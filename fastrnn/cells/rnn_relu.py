@@ -18,10 +18,10 @@ def reference_step(xg_t, h, c, w_hh, b_hn=None, w_hr=None, w_cell=None):
 # activations from fastrnn.cells.scalar, rows indexed in the 2-D arrays, each loop writing one
 # array (so that they vectorize).
 
-def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
+def numba_forward(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     """h' = relu(h W_hh^T + (xg + bias)) in place of a[r, :H], the row's h W_hh^T, which is the
     output row (SPEC.gates_in_y: a is y, r = q); xg (N, H) row q, bias (H,); h (B, H). b_hn, c,
-    b, out, o: unused."""
+    w_cell, b, out, o: unused."""
     zero = scalar.one(a) - scalar.one(a)
     for u in range(h.shape[1]):
         v = a[r, u] + (xg[q, u] + bias[u])
@@ -29,7 +29,7 @@ def numba_forward(a, r, xg, q, bias, b_hn, h, c, b, out, o):
 
 
 def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                   d_xg, d_hn, dg):
+                   w_cell, d_xg, d_hn, dg):
     """d_xg[q] (d_xg: (N, H)) from dm[b] (dm: (B, H)), the gradient w.r.t. the row's h' = y[q]
     (y: (N, H)). The other arguments: unused."""
     zero = scalar.one(dm) - scalar.one(dm)

@@ -19,7 +19,11 @@ class CellSpec:
     ``r ⊙ (…)``, so the gradient w.r.t. that block of ``h W_hh^T`` is its own, ``d_hn``);
     ``projection``: supports ``proj_size`` (``w_hr``); ``cell_weights``: the names (torch style,
     without the ``_l{k}`` suffix) of the cell's own per-unit weights, each (H,), which the time
-    loops receive stacked as ``w_cell`` (K, H) (the peephole LSTM's w_ci, w_cf, w_co).
+    loops receive stacked as ``w_cell`` (K, H) (the peephole LSTM's w_ci, w_cf, w_co);
+    ``cell_weight_grad``: with ``cell_weights``, ``cell_weight_grad(d_pre, c_prev, c_new)``, the
+    gradient d_w_cell (K, H) from the gates' pre-activation gradients d_pre (N, G*H) and the cell
+    state before and after each packed row's step (N, H): torch ops every backend's BPTT calls
+    after its loop.
 
     For the compiled step math (the "numba step math" section of a cell file): ``saved``: what
     the compiled forward keeps per packed row for backward, in this order: "gates" (the step's
@@ -41,6 +45,7 @@ class CellSpec:
     has_b_hn: bool = False
     projection: bool = False
     cell_weights: tuple = ()
+    cell_weight_grad: Callable = None
     saved: tuple = ()
     gates_in_y: bool = False
     extra_blocks: int = 0

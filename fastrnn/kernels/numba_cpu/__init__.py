@@ -42,7 +42,8 @@ import torch
 from fastrnn.kernels import Capabilities, contract_on_first_use
 
 CAPABILITIES = Capabilities("numba", devices=("cpu",), dtypes=(torch.float32, torch.float64),
-                            cells=("rnn_tanh", "rnn_relu", "lstm", "gru"), projection=True)
+                            cells=("rnn_tanh", "rnn_relu", "lstm", "gru", "peephole_lstm"),
+                            projection=True)
 
 why_not = CAPABILITIES.why_not
 __getattr__ = contract_on_first_use(__name__)  # recurrence_forward/_backward: Numba loads then

@@ -206,7 +206,7 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows)
 
 
-def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
+def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None, w_cell=None):
     """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
     ``n_rows`` = sum(batch_sizes)."""
     if cell not in CODES:
@@ -216,7 +216,7 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
     if dtype is not torch.float32 and dtype is not torch.float64:
         raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
     for name, t in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn),
-                    ("w_hr", w_hr), ("bias", bias)):
+                    ("w_hr", w_hr), ("bias", bias), ("w_cell", w_cell)):
         if t is not None and t.dtype is not dtype:
             raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
         if t is not None and not t.is_cpu:
@@ -224,6 +224,10 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
     if spec.has_c != (c0 is not None):
         raise ValueError(f"c0 is required for {cell} and must be None otherwise" if spec.has_c
                          else f"c0 must be None for {cell}")
+    if spec.cell_weights and w_cell is None:
+        raise ValueError(f"w_cell ({spec.cell_weights}) is required for {cell}")
+    if w_cell is not None and not spec.cell_weights:
+        raise ValueError(f"w_cell must be None for {cell}")
     if w_hr is not None and not spec.projection:
         raise ValueError(f"w_hr (projection) is not supported for {cell}")
     gates = spec.gates
@@ -235,7 +239,8 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None):
     batch = h0.shape[0]
     for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
                            ("c0", c0, (batch, hidden)), ("b_hn", b_hn, (hidden,)),
-                           ("w_hr", w_hr, (proj, hidden)), ("bias", bias, (gates * hidden,))):
+                           ("w_hr", w_hr, (proj, hidden)), ("bias", bias, (gates * hidden,)),
+                           ("w_cell", w_cell, (len(spec.cell_weights), hidden))):
         if t is not None and t.shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
@@ -261,14 +266,14 @@ def _weight_grad(d_pre, y, h0, plan, reverse, prev):
 
 
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
-                       bias=None):
+                       bias=None, w_cell=None):
     """One layer, one direction, whole (possibly packed) sequence (kernel contract of
     :func:`fastrnn.kernels.reference.recurrence_forward`).
 
     xg: (N, G*H); h0: (B, P); c0: (B, H) (lstm) or None; w_hh: (G*H, P); b_hn: (H,) (gru) or None;
     w_hr: (P, H) (lstm with projection) or None; batch_sizes: int64 (T,), non-increasing, B =
-    batch_sizes[0], N = sum(batch_sizes); bias: (G*H,) or None, added to every row of xg.
-    float32 or float64 CPU tensors, all of one dtype.
+    batch_sizes[0], N = sum(batch_sizes); bias: (G*H,) or None, added to every row of xg;
+    w_cell: (K, H), the cell's own per-unit weights (peephole_lstm), else None. float32 or float64 CPU tensors, all of one dtype.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
     () whenever ``save`` is False (no backward follows), else what the cell's ``SPEC.saved``
@@ -278,7 +283,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     spec = cells.spec(cell)
     batch, proj = h0.shape
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
-    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
     gemm = matmul._gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // spec.gates
     xg_a = _array(xg)
@@ -292,6 +297,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     w_t = _transposed(w_hh)
     empty = np.zeros((0, 0), dtype)  # what the cell does not use
     has_proj = w_hr is not None
+    w_c = _array(w_cell) if w_cell is not None else empty
     # The steps' gate rows: y itself where they are the output (the RNNs, activated in place);
     # else kept for backward when training (spec.saved: "gates", then "c", the cell state after
     # each step), or a scratch row per batch row.
@@ -307,8 +313,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     b = _array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype)
     wr_t = _transposed(w_hr) if has_proj else empty
     m = _alloc((batch, hidden), dtype) if has_proj else empty
-    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y, xg_a, b_x, b, h, c,
-         w_t, wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
+    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y, xg_a, b_x, b, w_c, h,
+         c, w_t, wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
     saved = tuple(torch.from_numpy(kept[name]) for name in spec.saved) if save else ()
     return (torch.from_numpy(y), torch.from_numpy(h), torch.from_numpy(c) if spec.has_c else None,
@@ -316,15 +322,16 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved, bias=None):
+                        batch_sizes, reverse, y, saved, bias=None, w_cell=None):
     """Hand-written BPTT for :func:`recurrence_forward` (kernel contract of
     :func:`fastrnn.kernels.reference.recurrence_backward`).
 
     grad_y: (N, P); grad_h_n: (B, P); grad_c_n: (B, H) or None (None is read as zeros for lstm);
     the rest as given to / returned by :func:`recurrence_forward`. Returns
     ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
-    d_w_hr (P, H) or None, d_bias (G*H,) or None)``. Weight gradients are reduced once, after the
-    time loop, as GEMMs (d_bias as one sum over rows).
+    d_w_hr (P, H) or None, d_bias (G*H,) or None, d_w_cell (K, H) or None)``. Weight gradients
+    are reduced once, after the time loop, as GEMMs (d_bias as one sum over rows, d_w_cell by the
+    cell's ``SPEC.cell_weight_grad``).
     """
     spec = cells.spec(cell)
     hidden = w_hh.shape[0] // spec.gates
@@ -338,7 +345,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
     plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
     order, offsets, sizes = plan[:3]
-    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias)
+    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
     gemm = matmul._gemm_address(grad_y.dtype)
     if len(saved) != len(spec.saved):
         raise ValueError(f"saved must hold {spec.saved} of {cell}, got {len(saved)} tensors")
@@ -372,7 +379,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     dg = _alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
     _run(_backward_thread, plan, gemm, CODES[cell], gy, y_a, _array(h0),
          _array(c0) if spec.has_c else empty, kept.get("gates", empty), kept.get("c", empty), w,
-         wr, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
+         wr, _array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
          prev, order, offsets, sizes)
 
     def weight_grad(d_pre):
@@ -392,4 +399,10 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
     d_c0 = torch.from_numpy(dc) if spec.has_c else None
     d_bias = d_xg_t.sum(0) if bias is not None else None
-    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias
+    d_w_cell = None
+    if w_cell is not None:  # from the cell state before (gathered) and after each row's step
+        c_prev = _alloc((n_rows, hidden), dtype)
+        _gather_rows(kept["c"], _array(c0), prev, c_prev)
+        d_w_cell = spec.cell_weight_grad(d_xg_t, torch.from_numpy(c_prev),
+                                         torch.from_numpy(kept["c"]))
+    return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias, d_w_cell

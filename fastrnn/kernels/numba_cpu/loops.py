@@ -50,7 +50,7 @@ for _name, _module in cells.MODULES.items():
             _module.numba_forward, _module.numba_backward))
 
 
-def forward_step(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+def forward_step(code, a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     """Batch row ``b`` (packed row ``q``) of a step of cell ``code`` (an integer literal): the
     cell's ``numba_forward`` with these arguments. ``a[r]``: the row's gate row, on entry the
     matmul's h W_hh^T in its first G*H columns, on exit what backward reads (saved when training);
@@ -64,7 +64,7 @@ def forward_step(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
 
 
 def backward_step(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                  d_xg, d_hn, dg):
+                  w_cell, d_xg, d_hn, dg):
     """Batch row ``b`` (packed row ``q``) of a step of cell ``code`` in BPTT: the cell's
     ``numba_backward`` with these arguments. Row q of what forward kept (``gates``, ``c_all``) and
     of ``y``; the states before the step, ``h_prev[hr]`` (y or h0) and ``c_prev[cr]`` (c_all or
@@ -80,28 +80,28 @@ def backward_step(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, 
 # at B=1 H=32 ran 1.5x slower). The arguments are spelled out: Numba does not inline a call with
 # *args.
 @overload(forward_step, jit_options=_JIT, inline="always")
-def _forward_step(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+def _forward_step(code, a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     if isinstance(code, types.IntegerLiteral):
         step = _STEPS[code.literal_value][0]
 
-        def impl(code, a, r, xg, q, bias, b_hn, h, c, b, out, o):
+        def impl(code, a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
             _prefer_wide_vectors()
-            step(a, r, xg, q, bias, b_hn, h, c, b, out, o)
+            step(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o)
         return impl
     return None
 
 
 @overload(backward_step, jit_options=_JIT, inline="always")
 def _backward_step(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                   d_xg, d_hn, dg):
+                   w_cell, d_xg, d_hn, dg):
     if isinstance(code, types.IntegerLiteral):
         step = _STEPS[code.literal_value][1]
 
         def impl(code, gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
-                 d_xg, d_hn, dg):
+                 w_cell, d_xg, d_hn, dg):
             _prefer_wide_vectors()
-            step(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, d_xg,
-                 d_hn, dg)
+            step(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, w_cell,
+                 d_xg, d_hn, dg)
         return impl
     return None
 
@@ -141,7 +141,8 @@ def _borrowed(typingctx, arrays):
 # (tid, nthreads, group) pick this thread's rows; ``has_proj``: LSTM's projection ``w_hr``, whose
 # matmul follows the row step (its input ``m``, o tanh(c), is then the step's output).
 #
-# Forward: xg (N, G*H), bias (G*H,), b_hn (H,) or (0,) where the cell has none; h (B, P) and c
+# Forward: xg (N, G*H), bias (G*H,), b_hn (H,) or (0,) where the cell has none, w_cell (K, H) the
+# cell's own per-unit weights or (0, 0) (``SPEC.cell_weights``; backward too); h (B, P) and c
 # (B, H) or (0, 0) the states, updated in place; w_t (P, G*H) and wr_t (H, P) the transposed
 # weights; y (N, P). Each step runs the matmul into the row's gate row ``a[r]`` (``row_blocks``
 # blocks of H), then the row step. With ``packed`` the gate rows are the packed rows of ``gates``
@@ -175,11 +176,11 @@ def _thread_rows(tid, nthreads, group, batch):
 
 
 @njit(**_JIT)
-def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, h, c, w_t, wr_t,
-                    has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
+                    wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
     _prefer_wide_vectors()
-    xg, bias, b_hn, h, c, y, gates, c_all, acc, m = _borrowed((xg, bias, b_hn, h, c, y, gates,
-                                                               c_all, acc, m))
+    xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m = _borrowed((
+        xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m))
     mine = _thread_rows(tid, nthreads, group, h.shape[0])
     out = m if has_proj else y  # the row step's output: the projection's input, or y itself
     for p in range(order.shape[0]):
@@ -191,7 +192,7 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, h,
             if b >= rows:
                 break
             q = off + b
-            forward_step(literally(code), a, base + b, xg, q, bias, b_hn, h, c, b, out,
+            forward_step(literally(code), a, base + b, xg, q, bias, b_hn, w_cell, h, c, b, out,
                          b if has_proj else q)
             for u in range(c_all.shape[1]):
                 c_all[q, u] = c[b, u]
@@ -209,13 +210,14 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, h,
 
 @njit(**_JIT)
 def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, wr,
-                     has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all,
-                     tc, prev, order, offsets, sizes):
+                     w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all,
+                     m_all, tc, prev, order, offsets, sizes):
     """``tc`` (B, H), or (0, 0) with a projection: the row step's scratch (LSTM: tanh(c)), per
     packed row in ``m_all`` with a projection (where it becomes m = o tanh(c))."""
     _prefer_wide_vectors()
-    grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc = _borrowed((
-        grad_y, y, h0, c0, gates, c_all, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc))
+    grad_y, y, h0, c0, gates, c_all, w_cell, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc = \
+        _borrowed((grad_y, y, h0, c0, gates, c_all, w_cell, dh, dc, dm, d_xg, d_hn, dg, dy_all,
+                   m_all, tc))
     mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     tanh_c = m_all if has_proj else tc
     for p in range(order.shape[0] - 1, -1, -1):
@@ -239,7 +241,8 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
             h_prev, hr = (y, pr) if pr >= 0 else (h0, -1 - pr)
             c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
             backward_step(literally(code), gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc,
-                          b, tanh_c, q if has_proj else b, has_proj, d_xg, d_hn, dg)
+                          b, tanh_c, q if has_proj else b, has_proj, w_cell, d_xg, d_hn,
+                          dg)
         operand, base = (dg, 0) if scratch_grad else (d_xg, off)
         _matmul_rows(dh, 0, operand, base, w, tid, nthreads, group, rows, gemm, not direct_h)
 
