@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrnn.cells import scalar
+from fastrnn.cells import elman, scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -45,20 +45,18 @@ SPEC = CellSpec(name="rnn_relu", gates=1, states=("h",), torch_mode="RNN_RELU", 
 # Triton step math (built on first use: importing this file does not import triton).
 # ----------------------------------------------------------------------------------------------
 def triton_step_math():
-    """The ``CELL`` of the Triton kernels (:mod:`fastrnn.kernels.triton_gpu.step_math`).
-    Stash: h'. Tiles are float32."""
+    """The ``CELL`` of the Triton kernels: :func:`fastrnn.cells.elman.triton_step_math` with
+    relu."""
     import triton.language as tl
 
-    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit
+    from fastrnn.kernels.triton_gpu.step_math import cell_jit
 
     @cell_jit
-    def forward(p, h, c):
-        h_new = tl.maximum(p[0], 0.0)
-        return h_new, c, (h_new,)
+    def relu(x):
+        return tl.maximum(x, 0.0)
 
     @cell_jit
-    def backward(dh, dc, stash, h_prev):
-        d = tl.where(stash[0] > 0.0, dh, 0.0)
-        return (d,), (d,), tl.zeros_like(dh), dc
+    def relu_grad(dh, h_new):
+        return tl.where(h_new > 0.0, dh, 0.0)
 
-    return CellMath(SPEC, forward=forward, backward=backward)
+    return elman.triton_step_math(SPEC, relu, relu_grad)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrnn.cells import scalar
+from fastrnn.cells import elman, scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -43,20 +43,12 @@ SPEC = CellSpec(name="rnn_tanh", gates=1, states=("h",), torch_mode="RNN_TANH", 
 # Triton step math (built on first use: importing this file does not import triton).
 # ----------------------------------------------------------------------------------------------
 def triton_step_math():
-    """The ``CELL`` of the Triton kernels (:mod:`fastrnn.kernels.triton_gpu.step_math`).
-    Stash: h'. Tiles are float32."""
-    import triton.language as tl
-
-    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, tanh
+    """The ``CELL`` of the Triton kernels: :func:`fastrnn.cells.elman.triton_step_math` with
+    tanh."""
+    from fastrnn.kernels.triton_gpu.step_math import cell_jit, tanh
 
     @cell_jit
-    def forward(p, h, c):
-        h_new = tanh(p[0])
-        return h_new, c, (h_new,)
+    def tanh_grad(dh, h_new):
+        return dh * (1.0 - h_new * h_new)  # tanh' from h'
 
-    @cell_jit
-    def backward(dh, dc, stash, h_prev):
-        d = dh * (1.0 - stash[0] * stash[0])  # tanh' from h'
-        return (d,), (d,), tl.zeros_like(dh), dc
-
-    return CellMath(SPEC, forward=forward, backward=backward)
+    return elman.triton_step_math(SPEC, tanh, tanh_grad)

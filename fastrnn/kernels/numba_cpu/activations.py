@@ -19,16 +19,26 @@ from fastrnn.kernels.numba_cpu.jit import _FASTMATH, _JIT
 # expm1 in float64 (full relative precision, also for x << 0).
 
 _F32 = np.float32
-# Eigen's float32 tanh: odd/even polynomial ratio on x clamped to [-c, c] (where it reaches 1).
+# Eigen's float32 tanh: x P(x^2) / Q(x^2) on x clamped to [-c, c] (where it reaches 1); the
+# coefficients of P and Q highest degree first, as _horner takes them.
 _T_CLAMP = _F32(7.90531110763549805)
-_A1, _A3, _A5, _A7 = _F32(4.89352455891786e-03), _F32(6.37261928875436e-04), \
-    _F32(1.48572235717979e-05), _F32(5.12229709037114e-08)
-_A9, _A11, _A13 = _F32(-8.60467152213735e-11), _F32(2.00018790482477e-13), \
-    _F32(-2.76076847742355e-16)
-_B0, _B2, _B4, _B6 = _F32(4.89352518554385e-03), _F32(2.26843463243900e-03), \
-    _F32(1.18534705686654e-04), _F32(1.19825839466702e-06)
+_TANH_P = tuple(_F32(a) for a in (
+    -2.76076847742355e-16, 2.00018790482477e-13, -8.60467152213735e-11, 5.12229709037114e-08,
+    1.48572235717979e-05, 6.37261928875436e-04, 4.89352455891786e-03))
+_TANH_Q = tuple(_F32(b) for b in (
+    1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03))
 _HALF32 = _F32(0.5)
 _TINY32 = _F32(0.0004)
+
+
+@njit(**_JIT)
+def _horner(x, coeffs):
+    """The polynomial with coefficients ``coeffs`` (highest degree first) at x: one multiply-add
+    per coefficient, which LLVM unrolls (the tuple is a constant) and vectorizes."""
+    p = coeffs[0]
+    for k in range(1, len(coeffs)):
+        p = x * p + coeffs[k]
+    return p
 
 
 def _tanh_f32(x):
@@ -37,17 +47,7 @@ def _tanh_f32(x):
     xc = _T_CLAMP if x > _T_CLAMP else x
     xc = -_T_CLAMP if xc < -_T_CLAMP else xc
     x2 = xc * xc
-    p = x2 * _A13 + _A11
-    p = x2 * p + _A9
-    p = x2 * p + _A7
-    p = x2 * p + _A5
-    p = x2 * p + _A3
-    p = x2 * p + _A1
-    p = xc * p
-    q = x2 * _B6 + _B4
-    q = x2 * q + _B2
-    q = x2 * q + _B0
-    r = p / q
+    r = xc * _horner(x2, _TANH_P) / _horner(x2, _TANH_Q)
     return x if ax < _TINY32 else r
 
 
@@ -64,7 +64,6 @@ _LN2_HI, _LN2_LO = 6.93147180369123816490e-01, 1.90821492927058770002e-10  # Cod
 # 1/k! for k = 13 … 2: Taylor series of expm1(r) - r on |r| <= ln2/2 (remainder < 1e-17 r)
 _EXPM1_TAYLOR = tuple(1.0 / float(np.prod(np.arange(1, k + 1, dtype=np.float64)))
                       for k in range(13, 1, -1))
-_C13, _C12, _C11, _C10, _C9, _C8, _C7, _C6, _C5, _C4, _C3, _C2 = _EXPM1_TAYLOR
 
 
 @njit(**_JIT)
@@ -75,17 +74,7 @@ def _expm1_neg_f64(y):
     n = np.floor(y * _LOG2E + 0.5)
     n = n if n <= 0.0 else 0.0  # NaN -> 0 (the result is NaN through r anyway)
     r = (y - n * _LN2_HI) - n * _LN2_LO
-    q = r * _C13 + _C12
-    q = r * q + _C11
-    q = r * q + _C10
-    q = r * q + _C9
-    q = r * q + _C8
-    q = r * q + _C7
-    q = r * q + _C6
-    q = r * q + _C5
-    q = r * q + _C4
-    q = r * q + _C3
-    q = r * q + _C2
+    q = _horner(r, _EXPM1_TAYLOR)
     q = r + r * r * q  # expm1(r)
     scale = _f64_from_bits((np.int64(n) + 1023) << 52)  # 2^n
     return scale * q + (scale - 1.0)  # 2^n (1 + q) - 1, exact in q when n = 0
