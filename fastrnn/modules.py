@@ -10,17 +10,98 @@ The sequence modules subclass ``nn.RNNBase``, not ``nn.LSTM``/``nn.GRU``/``nn.RN
 Dynamo refuses to compile any module that is an ``nn.RNN``/``nn.GRU``/``nn.LSTM``
 ("Attempted to wrap RNN, GRU, or LSTM") while an ``nn.RNNBase`` subclass compiles. The cells
 subclass ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
+
+Tracing and export: under ``torch.jit.trace`` and ``torch.onnx.export`` (either exporter) every
+module runs torch.nn's own forward, whatever its ``backend``, so the graph holds what torch.nn's
+holds (``aten::lstm``, …; in ONNX the standard LSTM/GRU/RNN nodes); ``torch.jit.script`` scripts
+the torch.nn twin (``__prepare_scriptable__``). What torch.nn cannot run or export, the reference
+loop runs, unrolled over the traced steps: :class:`PeepholeLSTM` under trace and ONNX, and an
+LSTM with ``proj_size`` under ONNX (ONNX's LSTM has no projection). Plain ``torch.export`` and
+``torch.compile`` are not affected: they trace the custom op ``fastrnn::recurrence``.
 """
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backends, cells, functional
 from fastrnn.cells import CELL_OF_MODE
+from fastrnn.kernels import reference
+
+
+def onnx_exporting():
+    """Whether ``torch.onnx.export`` runs (either exporter: dynamo=False traces with the JIT,
+    dynamo=True runs ``torch.export`` under the flag). No export runs before torch.onnx is
+    imported, so this never imports it."""
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and onnx.is_in_onnx_export()
+
+
+def exporting():
+    """Whether this call is being traced for a graph that leaves Python: ``torch.jit.trace`` or
+    ``torch.onnx.export`` (either exporter). Plain ``torch.export`` and ``torch.compile`` are not
+    meant here: they trace fastrnn's custom op (see :mod:`fastrnn.custom_ops`).
+
+    dynamo=False traces with the JIT; dynamo=True runs ``torch.export``, so an eager call pays
+    two flag reads and never asks torch.onnx (whose check costs microseconds)."""
+    return torch.jit.is_tracing() or (torch.compiler.is_exporting() and onnx_exporting())
+
+
+def _torch_twin(module, torch_class):
+    """A ``torch_class`` module sharing ``module``'s parameters, buffers, submodules and hooks
+    (its own containers of them, so that registering on one leaves the other alone)."""
+    twin = torch_class.__new__(torch_class)
+    state = {k: v.copy() if isinstance(v, (dict, list)) else v for k, v in vars(module).items()}
+    state.pop("backend", None)
+    twin.__dict__.update(state)
+    return twin
+
+
+def _unrolled(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
+              batch_first, batch_sizes):
+    """:func:`fastrnn.functional._recurrent` on the reference loop, run by plain torch ops even
+    under ``torch.export`` (where the functional API routes to the custom op): the route of a
+    trace or export that torch.nn cannot give. The loop unrolls over the steps (and packed batch
+    sizes) of the traced input, so the graph is valid for inputs of that length only."""
+    has_c = cells.spec(cell).has_c
+    h0, c0 = hx if has_c else (hx, None)
+    if batch_sizes is None:
+        x = input.transpose(0, 1) if batch_first else input
+        steps, batch = x.shape[0], x.shape[1]
+        sizes = [batch] * steps
+        x = x.reshape(steps * batch, x.shape[2])
+    else:
+        x, sizes = input, batch_sizes
+    directions = 2 if bidirectional else 1
+    layers = functional.layer_weights(cell, params, has_biases, num_layers, directions)
+    layer_input, h_n, c_n = x, [], []
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = layers[k]
+            xg, bias, b_hn = functional.input_projection(cell, layer_input, w.w_ih, w.b_ih, w.b_hh)
+            y, h, c = reference.recurrence(cell, xg, h0[k], None if c0 is None else c0[k], w.w_hh,
+                                           b_hn, w.w_hr, sizes, direction == 1, bias, w.w_cell)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 1) if directions == 2 else outputs[0]
+        if dropout > 0 and train and layer < num_layers - 1:
+            layer_input = nn.functional.dropout(layer_input, dropout, training=True)
+    out = layer_input
+    if batch_sizes is None:
+        out = out.view(steps, batch, out.shape[-1])
+        if batch_first:
+            out = out.transpose(0, 1)
+    h_n = torch.stack(h_n)
+    return (out, h_n, torch.stack(c_n)) if has_c else (out, h_n)
 
 
 class _Backend:
@@ -35,6 +116,23 @@ class _Backend:
     def extra_repr(self):
         s = super().extra_repr()
         return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script``'s hook: script the torch.nn twin of this module (same class as
+        ``fastrnn.convert(..., inverse=True)`` gives), which shares its parameters, so the
+        scripted module computes what torch.nn's does. torch.jit.script writes the twins it gets
+        back into the model it scripts (``model.lstm`` is then a ``torch.nn.LSTM`` with the same
+        parameters; ``fastrnn.convert(model)`` turns it back)."""
+        if parametrize.is_parametrized(self):
+            # The twin would hold the last computed weights, not the parametrization: refuse, as
+            # torch.nn does (with a less telling error).
+            raise RuntimeError(
+                f"fastrnn.{self._torch_class.__name__} with parametrizations "
+                f"({', '.join(self.parametrizations)}) cannot be scripted: TorchScript does not "
+                "support torch.nn.utils.parametrize (torch.nn's modules fail too). Bake them in "
+                "first: parametrize.remove_parametrizations(module, name, "
+                "leave_parametrized=True).")
+        return _torch_twin(self, self._torch_class)
 
 
 class _Recurrent(_Backend, nn.RNNBase):
@@ -85,12 +183,22 @@ class _Recurrent(_Backend, nn.RNNBase):
             raise RuntimeError(f"For {kind} input, hx should also be {dims}-D but got "
                                f"{hx.dim()}-D tensor")
 
+    def _export_with_torch(self):
+        """Whether a traced or exported call (:func:`exporting`) runs torch.nn's forward (the
+        graph torch.nn gives), else the reference loop, unrolled (:func:`_unrolled`)."""
+        return True
+
     def forward(self, input, hx=None):
-        weight = self._flat_weights[0]
-        backend = backends.resolve(self.backend, self.cell, weight.device, weight.dtype,
-                                   self.proj_size)
-        if backend == "native":
+        unrolled = exporting()  # traced or exported: torch.nn's forward, else unrolled
+        if unrolled and self._export_with_torch():
             return self._torch_class.forward(self, input, hx)
+        backend = None
+        if not unrolled:
+            weight = self._flat_weights[0]
+            backend = backends.resolve(self.backend, self.cell, weight.device, weight.dtype,
+                                       self.proj_size)
+            if backend == "native":
+                return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
@@ -116,10 +224,18 @@ class _Recurrent(_Backend, nn.RNNBase):
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if is_lstm else hx.unsqueeze(1)
         # torch.nn skips this for packed LSTM input and fails later, inside aten; we check here.
         self.check_forward_args(input, hx, batch_sizes)
-        result = functional._recurrent(
-            self.cell, input, tuple(hx) if is_lstm else hx, self._cell_params(), self.bias,
-            self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
-            batch_sizes, backend)
+        args = (self.cell, input, tuple(hx) if is_lstm else hx, self._cell_params(), self.bias,
+                self.num_layers, self.dropout, self.training, self.bidirectional, self.batch_first,
+                batch_sizes)
+        if unrolled:
+            steps = len(batch_sizes) if packed else input.shape[1 if self.batch_first else 0]
+            warnings.warn(f"{type(self).__name__}: {self._unrolled_reason()}, so this trace/export "
+                          f"runs fastrnn's reference loop, unrolled over the {steps} steps of "
+                          "this input: the graph is valid for inputs of that length only",
+                          stacklevel=2)
+            result = _unrolled(*args)
+        else:
+            result = functional._recurrent(*args, backend)
         output = result[0]
         hidden = (result[1], result[2]) if is_lstm else result[1]
         if packed:
@@ -166,6 +282,15 @@ class LSTM(_Recurrent):
     def __init__(self, *args, backend="auto", **kwargs):
         super().__init__("LSTM", *args, backend=backend, **kwargs)
 
+    def _export_with_torch(self):
+        # torch.nn's LSTM with proj_size traces and scripts, but no ONNX exporter takes it:
+        # dynamo=False raises "LSTMs with projections", dynamo=True writes a model ONNX Runtime
+        # refuses (a Concat of mismatched ranks).
+        return not (self.proj_size > 0 and onnx_exporting())
+
+    def _unrolled_reason(self):
+        return "ONNX's LSTM node has no projection (proj_size)"
+
 
 class PeepholeLSTM(_Recurrent):
     """LSTM with peephole connections (Gers & Schmidhuber 2000; :mod:`fastrnn.cells.peephole_lstm`):
@@ -176,7 +301,9 @@ class PeepholeLSTM(_Recurrent):
     ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``_reverse`` for the second direction) and
     ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``, each (H,), initialised like the
     others from U(-1/sqrt(H), 1/sqrt(H)). torch.nn has no such module, so the ``native`` backend
-    cannot run it.
+    cannot run it. Under ``torch.jit.trace`` and ``torch.onnx.export`` it runs the reference
+    loop, unrolled over the traced steps (with a warning: the graph is valid for inputs of that
+    length only); ``torch.jit.script`` raises (no torch.nn twin to script).
     """
 
     _torch_class = nn.LSTM
@@ -202,6 +329,18 @@ class PeepholeLSTM(_Recurrent):
     @property
     def cell(self):
         return "peephole_lstm"
+
+    def _export_with_torch(self):
+        return False
+
+    def _unrolled_reason(self):
+        return "torch.nn has no peephole LSTM"
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError("fastrnn.PeepholeLSTM cannot be scripted: torch.nn has no peephole "
+                           "LSTM to script in its place, and fastrnn's forward is not "
+                           "TorchScript. Use torch.jit.trace or torch.onnx.export (they run its "
+                           "reference loop, unrolled over the traced steps) or torch.export.")
 
     def _cell_params(self):
         """torch.nn.LSTM's flat weights of each layer and direction, each group followed by its
@@ -242,6 +381,8 @@ class _Cell(_Backend):
                                step=True)
 
     def forward(self, input, hx=None):
+        if exporting():  # the graph torch.nn gives
+            return super().forward(input, hx)
         backend = backends.resolve(self.backend, self.cell, self.weight_ih.device,
                                    self.weight_ih.dtype, step=True)
         if backend == "native":
@@ -279,15 +420,18 @@ class RNNCell(_Cell, nn.RNNCell):
     """Drop-in ``torch.nn.RNNCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "RNNCell"
+    _torch_class = nn.RNNCell
 
 
 class LSTMCell(_Cell, nn.LSTMCell):
     """Drop-in ``torch.nn.LSTMCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "LSTMCell"
+    _torch_class = nn.LSTMCell
 
 
 class GRUCell(_Cell, nn.GRUCell):
     """Drop-in ``torch.nn.GRUCell`` (same arguments) with a keyword-only ``backend``."""
 
     _name = "GRUCell"
+    _torch_class = nn.GRUCell
