@@ -65,17 +65,19 @@ def route(backend, x, xg_bytes, tensors):
     not "native"; ``x`` the layer's input, ``xg_bytes`` the size its projection would have,
     ``tensors`` everything autograd could record through):
 
-    * ``"custom-op"``: under torch.compile, the custom op ``fastrnn::recurrence`` (every backend);
-    * ``"reference"``: autograd through the reference loop (double backward included);
+    * ``"reference"``: autograd through the reference loop (double backward included; traced as
+      plain torch ops under torch.compile and export);
+    * ``"custom-op"``: under torch.compile, the custom op ``fastrnn::recurrence`` (every kernel
+      backend);
     * ``"chunked"``: no gradient recorded and a long CPU input: the projection made chunk by chunk
       (see ``PROJECTION_CHUNK_BYTES``), the kernel's forward without saving;
     * ``"inference"``: no gradient recorded: the kernel's forward without saving;
     * ``"autograd"``: :class:`Recurrence` (the kernel's forward, then its BPTT).
     """
+    if backend == "reference":  # plain torch ops: torch.compile and export trace them as such
+        return "reference"
     if torch.compiler.is_compiling():
         return "custom-op"
-    if backend == "reference":
-        return "reference"
     if needs_grad(*tensors):
         return "autograd"
     if x.device.type == "cpu" and xg_bytes > PROJECTION_CHUNK_MIN_BYTES:

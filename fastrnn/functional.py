@@ -182,7 +182,9 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
         steps, batch = x.shape[0], x.shape[1]
         if steps == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        sizes = torch.full((steps,), batch, dtype=torch.int64)
+        # The reference loop takes the sizes as ints: a trace or export unrolls over them.
+        sizes = ([batch] * steps if backend == "reference"
+                 else torch.full((steps,), batch, dtype=torch.int64))
         out, h_n, c_n = stack(cell, x.reshape(steps * batch, x.shape[2]), sizes, h0, c0, params,
                               has_biases, num_layers, dropout, train, bidirectional, backend)
         out = out.view(steps, batch, out.shape[-1])

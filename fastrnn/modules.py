@@ -32,7 +32,6 @@ from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backends, cells, functional
 from fastrnn.cells import CELL_OF_MODE
-from fastrnn.kernels import reference
 
 
 def onnx_exporting():
@@ -61,47 +60,6 @@ def _torch_twin(module, torch_class):
     state.pop("backend", None)
     twin.__dict__.update(state)
     return twin
-
-
-def _unrolled(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
-              batch_first, batch_sizes):
-    """:func:`fastrnn.functional._recurrent` on the reference loop, run by plain torch ops even
-    under ``torch.export`` (where the functional API routes to the custom op): the route of a
-    trace or export that torch.nn cannot give. The loop unrolls over the steps (and packed batch
-    sizes) of the traced input, so the graph is valid for inputs of that length only."""
-    has_c = cells.spec(cell).has_c
-    h0, c0 = hx if has_c else (hx, None)
-    if batch_sizes is None:
-        x = input.transpose(0, 1) if batch_first else input
-        steps, batch = x.shape[0], x.shape[1]
-        sizes = [batch] * steps
-        x = x.reshape(steps * batch, x.shape[2])
-    else:
-        x, sizes = input, batch_sizes
-    directions = 2 if bidirectional else 1
-    layers = functional.layer_weights(cell, params, has_biases, num_layers, directions)
-    layer_input, h_n, c_n = x, [], []
-    for layer in range(num_layers):
-        outputs = []
-        for direction in range(directions):
-            k = layer * directions + direction
-            w = layers[k]
-            xg, bias, b_hn = functional.input_projection(cell, layer_input, w.w_ih, w.b_ih, w.b_hh)
-            y, h, c = reference.recurrence(cell, xg, h0[k], None if c0 is None else c0[k], w.w_hh,
-                                           b_hn, w.w_hr, sizes, direction == 1, bias, w.w_cell)
-            outputs.append(y)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = torch.cat(outputs, 1) if directions == 2 else outputs[0]
-        if dropout > 0 and train and layer < num_layers - 1:
-            layer_input = nn.functional.dropout(layer_input, dropout, training=True)
-    out = layer_input
-    if batch_sizes is None:
-        out = out.view(steps, batch, out.shape[-1])
-        if batch_first:
-            out = out.transpose(0, 1)
-    h_n = torch.stack(h_n)
-    return (out, h_n, torch.stack(c_n)) if has_c else (out, h_n)
 
 
 class _Backend:
@@ -185,7 +143,7 @@ class _Recurrent(_Backend, nn.RNNBase):
 
     def _export_with_torch(self):
         """Whether a traced or exported call (:func:`exporting`) runs torch.nn's forward (the
-        graph torch.nn gives), else the reference loop, unrolled (:func:`_unrolled`)."""
+        graph torch.nn gives), else the reference loop, unrolled over the traced steps."""
         return True
 
     def forward(self, input, hx=None):
@@ -233,7 +191,7 @@ class _Recurrent(_Backend, nn.RNNBase):
                           f"runs fastrnn's reference loop, unrolled over the {steps} steps of "
                           "this input: the graph is valid for inputs of that length only",
                           stacklevel=2)
-            result = _unrolled(*args)
+            result = functional._recurrent(*args, "reference")
         else:
             result = functional._recurrent(*args, backend)
         output = result[0]
