@@ -2,6 +2,8 @@
 place, :func:`route`), and the autograd Function at the core of fastrnn (:class:`Recurrence`)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -16,26 +18,42 @@ PROJECTION_CHUNK_BYTES = 8 << 20
 PROJECTION_CHUNK_MIN_BYTES = 32 << 20
 
 
+class _Call(NamedTuple):
+    """What one :class:`Recurrence` call worked out once, in forward, and backward reuses: the
+    backend's kernel package (``kern``), the cell, the steps (``batch_sizes``, ``reverse``) and
+    the backend's checked plan of the call (``kern.make_plan``: for numba the schedule of the
+    steps and threads, for triton its step tables)."""
+
+    kern: object
+    cell: str
+    batch_sizes: torch.Tensor
+    reverse: bool
+    plan: object
+
+
 class Recurrence(torch.autograd.Function):
     """One recurrent layer in one direction over a whole (possibly packed) sequence.
 
     ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias[,
     w_cell]])`` returns ``(y, h_n, c_n)`` (``(y, h_n)`` for cells without a cell state); shapes as
     in :func:`fastrnn.kernels.reference.recurrence_forward` (xg: (N, G*H), h0: (B, P), c0: (B, H)
-    or None, bias: (G*H,) or None, w_cell: (K, H) or None, y: (N, P)). ``forward`` calls the
-    backend's forward kernel; ``backward`` its hand-written BPTT kernel, which returns the
-    gradients of xg, h0, c0, w_hh, b_hn, w_hr, bias and w_cell. Once differentiable: for double
-    backward use ``backend="reference"``.
+    or None, bias: (G*H,) or None, w_cell: (K, H) or None, y: (N, P)). ``forward`` makes the
+    call's plan (checks, schedule) once and runs the backend's forward kernel; ``backward`` runs
+    its hand-written BPTT kernel with that plan, which returns the gradients of xg, h0, c0, w_hh,
+    b_hn, w_hr, bias and w_cell. Once differentiable: for double backward use
+    ``backend="reference"``.
     """
 
     @staticmethod
     def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None,
                 w_cell=None):
         kern = backends.kernels(backend)
-        extra = {} if w_cell is None else {"w_cell": w_cell}
+        plan = kern.make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
+                              w_cell)
         y, h_n, c_n, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr,
-                                                     batch_sizes, reverse, bias=bias, **extra)
-        ctx.kern, ctx.cell, ctx.batch_sizes, ctx.reverse = kern, cell, batch_sizes, reverse
+                                                     batch_sizes, reverse, bias=bias,
+                                                     w_cell=w_cell, plan=plan)
+        ctx.call = _Call(kern, cell, batch_sizes, reverse, plan)
         ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved)
         if c_n is None:
             return y, h_n
@@ -45,14 +63,13 @@ class Recurrence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y, grad_h_n, grad_c_n=None):
         h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved = ctx.saved_tensors
-        extra = {} if w_cell is None else {"w_cell": w_cell}
-        grads = ctx.kern.recurrence_backward(
-            ctx.cell, grad_y.contiguous(), grad_h_n.contiguous(),
-            None if grad_c_n is None else grad_c_n.contiguous(),
-            h0, c0, w_hh, b_hn, w_hr, ctx.batch_sizes, ctx.reverse, y, tuple(saved), bias=bias,
-            **extra)
-        grads = tuple(grads) + (None,) * (8 - len(grads))
-        return (None, None, None, None) + grads
+        call = ctx.call
+        grads = call.kern.recurrence_backward(
+            call.cell, grad_y.contiguous(), grad_h_n.contiguous(),
+            None if grad_c_n is None else grad_c_n.contiguous(), h0, c0, w_hh, b_hn, w_hr,
+            call.batch_sizes, call.reverse, y, tuple(saved), bias=bias, w_cell=w_cell,
+            plan=call.plan)
+        return (None, None, None, None) + tuple(grads)
 
 
 def needs_grad(*tensors):
@@ -101,10 +118,9 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
         return reference.recurrence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
                                     bias, w_cell)
     if how in ("inference", "chunked"):
-        extra = {} if w_cell is None else {"w_cell": w_cell}
         y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
             cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias,
-            **extra)
+            w_cell=w_cell)
         return y, h_n, c_n
     out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr,
                            bias, w_cell)

@@ -11,13 +11,17 @@ reference  readable per-step PyTorch (:mod:`fastrnn.kernels.reference`), autogra
 ========== ================================================================================
 
 ``auto`` takes the first backend of ``AUTO_ORDER[device type]`` (``AUTO_ORDER_STEP`` for the
-cells) that can run the input.
-A backend named explicitly that cannot run the input raises :class:`BackendUnavailable`;
-it never silently falls back.
+cells) that can run the input: one whose ``CAPABILITIES`` cover it and, for a compiled backend,
+that loads (Numba or Triton imports) and prepares the case (numba: loads from the disk cache, or
+compiles, the forward loop the call runs). Any failure there skips the backend, with a
+RuntimeWarning and the failure in the :class:`Choice`'s ``reason``.
+A backend named explicitly that cannot run the input (or fails to load or prepare it) raises
+:class:`BackendUnavailable`; it never silently falls back.
 """
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +79,52 @@ def why_not(name, cell, device, dtype, proj_size=0):
     return KERNELS[name].CAPABILITIES.why_not(cell, device, dtype, proj_size)
 
 
+_FAILURES = {}  # (backend, cell, dtype, proj_size) -> the exception of a failed load/prepare
+
+
+@functools.lru_cache(maxsize=None)
+def not_ready(name, cell, dtype, proj_size=0):
+    """Why compiled backend ``name`` failed to load (``KERNELS[name].load()``: Numba or Triton
+    imports) or to prepare ``cell`` in ``dtype`` (``KERNELS[name].prepare``, where the package
+    has one: the numba backend loads or compiles the forward loop the call runs), in one line;
+    None when it did both. Tried once per case and process (:func:`forget` forgets)."""
+    package = KERNELS[name]
+    step, what = "load", ""
+    try:
+        package.load()
+        prepare = getattr(package, "prepare", None)
+        if prepare is not None:
+            step, what = "compile", f" the {cell} forward for {str(dtype).replace('torch.', '')}"
+            prepare(cell, dtype, proj_size)
+    except Exception as exc:  # any import, cache or compile failure: auto falls back
+        _FAILURES[name, cell, dtype, proj_size] = exc
+        message = (str(exc).strip().splitlines() or [""])[0]
+        return f"{name} failed to {step}{what} ({type(exc).__name__}: {message})"
+    return None
+
+
+def forget():
+    """Forget every cached choice and failure (tests; after installing or repairing a backend)."""
+    _choose.cache_clear()
+    not_ready.cache_clear()
+    _FAILURES.clear()
+
+
 @functools.lru_cache(maxsize=None)
 def _choose(backend, cell, device, dtype, proj_size, step):
     return choose(backend, cell, device, dtype, proj_size, step)
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing ``torch._dynamo`` (which costs
+    1.5-1.9 s at ``import fastrnn``, imports Triton and sets ``TORCHINDUCTOR_CACHE_DIR``): the
+    decorator only sets this attribute, which Dynamo reads when it meets the function
+    (tests/test_install.py checks that torch's decorator still does just that)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def resolve(backend, cell, device, dtype, proj_size=0, step=False):
     """The name :func:`choose` picks, cached per case; a constant to torch.compile."""
     return _choose(backend, cell, torch.device(device), dtype, proj_size, step).name
@@ -97,13 +141,21 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False):
     device = torch.device(device)
     if backend != "auto":
         reason = why_not(backend, cell, device, dtype, proj_size)
-        if reason:
-            raise BackendUnavailable(f"backend={backend!r} cannot run this input: {reason}")
+        failed = not reason and backend in KERNELS and not_ready(backend, cell, dtype, proj_size)
+        if reason or failed:
+            raise BackendUnavailable(f"backend={backend!r} cannot run this input: "
+                                     f"{reason or failed}") from _FAILURES.get(
+                                         (backend, cell, dtype, proj_size))
         return Choice(backend, "requested explicitly")
     order = (AUTO_ORDER_STEP if step else AUTO_ORDER).get(device.type, ("native", "reference"))
     skipped = []
     for name in order:
         reason = why_not(name, cell, device, dtype, proj_size)
+        if reason is None and name in KERNELS:
+            reason = not_ready(name, cell, dtype, proj_size)
+            if reason:
+                warnings.warn(f"fastrnn: {reason}; backend='auto' runs the next backend of "
+                              f"{list(order)} instead", RuntimeWarning, stacklevel=2)
         if reason is None:
             what = f"a {cell} cell step" if step else cell
             why = f"auto: first of {list(order)} that runs {what} on {device.type} {dtype}"

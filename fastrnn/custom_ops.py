@@ -18,11 +18,6 @@ from torch import Tensor
 from fastrnn import backends
 
 
-def _cell_weights(w_cell):
-    """The kernels' ``w_cell`` keyword, given only for cells that have their own weights."""
-    return {} if w_cell is None else {"w_cell": w_cell}
-
-
 @torch.library.custom_op("fastrnn::recurrence", mutates_args=())
 def recurrence(backend: str, cell: str, batch_sizes: Tensor, reverse: bool, xg: Tensor,
                h0: Tensor, c0: Optional[Tensor], w_hh: Tensor, b_hn: Optional[Tensor],
@@ -31,7 +26,7 @@ def recurrence(backend: str, cell: str, batch_sizes: Tensor, reverse: bool, xg: 
     """(y (N, P), h_n (B, P), c_n (B, H), or an empty tensor when the cell has no c)."""
     y, h_n, c_n, _ = backends.kernels(backend).recurrence_forward(
         cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias,
-        **_cell_weights(w_cell))
+        w_cell=w_cell)
     return y, h_n, h0.new_empty(0) if c_n is None else c_n
 
 
@@ -50,13 +45,13 @@ def recurrence_backward(backend: str, cell: str, batch_sizes: Tensor, reverse: b
     """Gradients of the present inputs among (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell), in
     that order."""
     kern = backends.kernels(backend)
-    extra = _cell_weights(w_cell)
+    plan = kern.make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)
     y, _, _, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes,
-                                             reverse, bias=bias, **extra)
+                                             reverse, bias=bias, w_cell=w_cell, plan=plan)
     grads = kern.recurrence_backward(cell, grad_y.contiguous(), grad_h_n.contiguous(),
                                      None if c0 is None else grad_c_n.contiguous(), h0, c0,
                                      w_hh, b_hn, w_hr, batch_sizes, reverse, y, saved, bias=bias,
-                                     **extra)
+                                     w_cell=w_cell, plan=plan)
     return [g for g in grads if g is not None]
 
 

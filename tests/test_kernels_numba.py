@@ -329,13 +329,16 @@ def _step_arguments(cell, direction, rng):
 
     c = rand(3, h) if spec.has_c else np.zeros((0, 0))
     b_hn = rand(h) if spec.has_b_hn else np.zeros(0)
-    if direction == "forward":  # a, r, xg, q, bias, b_hn, h, c, b, out, o
-        return (rand(3, spec.row_blocks * h), 1, rand(3, g), 1, rand(g), b_hn, rand(3, h), c, 1,
-                rand(3, h), 1)
+    w_cell = rand(len(spec.cell_weights), h) if spec.cell_weights else np.zeros((0, 0))
+    if direction == "forward":  # a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o
+        return (rand(3, spec.row_blocks * h), 1, rand(3, g), 1, rand(g), b_hn, w_cell, rand(3, h),
+                c, 1, rand(3, h), 1)
     gates = 1 / (1 + np.exp(-rand(3, spec.row_blocks * h)))  # in (0, 1), like activated gates
-    # gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, d_xg, d_hn, dg
+    # gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj, w_cell, d_xg, d_hn,
+    # dg
     return (gates, np.tanh(rand(3, h)), rand(3, h), 1, rand(3, h), 1, rand(3, h), 1, rand(3, h),
-            rand(3, h), c, 1, rand(3, h), 1, spec.projection, rand(3, g), rand(3, h), rand(3, g))
+            rand(3, h), c, 1, rand(3, h), 1, spec.projection, w_cell, rand(3, g), rand(3, h),
+            rand(3, g))
 
 
 @pytest.mark.parametrize("direction", ["forward", "backward"])
@@ -398,3 +401,36 @@ def test_rejects_inconsistent_arguments(generator):
         numba_cpu.recurrence_forward(cell, xg, h0, c0[:, 1:], w_hh, b_hn, w_hr, sizes, False)
     with pytest.raises(TypeError, match="dtype"):
         numba_cpu.recurrence_forward(cell, xg, h0.double(), c0, w_hh, b_hn, w_hr, sizes, False)
+    with pytest.raises(ValueError, match="w_cell must be None for lstm"):
+        numba_cpu.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes, False,
+                                     w_cell=torch.zeros(3, 6))
+    with pytest.raises(ValueError, match=r"w_cell \(.*\) is required for peephole_lstm"):
+        numba_cpu.recurrence_forward("peephole_lstm", xg, h0, c0, w_hh, None, None, sizes, False)
+    with pytest.raises(ValueError, match=r"w_cell must have shape \(3, 6\)"):
+        numba_cpu.recurrence_forward("peephole_lstm", xg, h0, c0, w_hh, None, None, sizes, False,
+                                     w_cell=torch.zeros(4, 6))
+
+
+def test_one_plan_per_call(generator, monkeypatch):
+    """Recurrence makes the call's plan (checks and schedule) once, in forward; backward reuses
+    it: the schedule runs once per forward+backward, and the gradients equal a plan-less call's."""
+    from fastrnn.kernels.numba_cpu import launch
+    cell, inputs, sizes = make_inputs("lstm", torch.float64, steps=4, batch=3, hidden=5,
+                                      packed=True, generator=generator)
+    calls = []
+    schedule = launch._schedule
+    monkeypatch.setattr(launch, "_schedule", lambda *a: calls.append(a) or schedule(*a))
+    outs = Recurrence.apply("numba", cell, sizes, False, *inputs)
+    grads = torch.autograd.grad(sum(o.sum() for o in outs),
+                                [t for t in inputs if t is not None and t.requires_grad])
+    assert len(calls) == 1
+    xg, h0, c0, w_hh, b_hn, w_hr, bias = inputs
+    y, h_n, c_n, saved = launch.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, sizes,
+                                                   False, bias=bias)
+    direct = launch.recurrence_backward(cell, torch.ones_like(y), torch.ones_like(h_n),
+                                        torch.ones_like(c_n), h0, c0, w_hh, b_hn, w_hr, sizes,
+                                        False, y, saved, bias=bias)
+    assert len(calls) == 3  # without a plan, forward and backward each make their own
+    want = [g for g, t in zip(direct, inputs) if t is not None and t.requires_grad]
+    for got, expected in zip(grads, want):
+        assert torch.equal(got, expected)

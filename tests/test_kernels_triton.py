@@ -43,9 +43,10 @@ STEP_TILES = dict(block_h=16, block_k=16)
 
 def make_inputs(cell, hidden, sizes, seed=0, with_bias=True):
     """float64 inputs of one layer: xg (N, G*H), h0 (B, H), c0 (B, H) or None,
-    w_hh (G*H, H), b_hn (H,) or None."""
+    w_hh (G*H, H), b_hn (H,) or None, and w_cell (K, H) for a cell with per-unit weights."""
     gen = torch.Generator().manual_seed(seed)
-    G = cells.GATES[cell]
+    spec = cells.spec(cell)
+    G = spec.gates
     B, N = sizes[0], sum(sizes)
 
     def rand(*shape, scale=1.0):
@@ -53,16 +54,19 @@ def make_inputs(cell, hidden, sizes, seed=0, with_bias=True):
 
     xg = rand(N, G * hidden, scale=0.5)
     h0 = rand(B, hidden, scale=0.5)
-    c0 = rand(B, hidden, scale=0.5) if cell == "lstm" else None
+    c0 = rand(B, hidden, scale=0.5) if spec.has_c else None
     w_hh = rand(G * hidden, hidden, scale=hidden ** -0.5)
-    b_hn = rand(hidden, scale=0.1) if cell == "gru" and with_bias else None
-    return [xg, h0, c0, w_hh, b_hn]
+    b_hn = rand(hidden, scale=0.1) if spec.has_b_hn and with_bias else None
+    w_cell = [rand(len(spec.cell_weights), hidden, scale=0.5)] if spec.cell_weights else []
+    return [xg, h0, c0, w_hh, b_hn] + w_cell
 
 
 def run(backend, cell, sizes, reverse, inputs, out_grads):
     """Forward and backward through Recurrence.apply; returns (outputs, input gradients)."""
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
-    outs = Recurrence.apply(backend, cell, torch.tensor(sizes), reverse, *leaves, None)
+    w_cell = leaves[5:]  # [w_cell] for a cell with per-unit weights (after w_hr and bias: None)
+    outs = Recurrence.apply(backend, cell, torch.tensor(sizes), reverse, *leaves[:5], None,
+                            *([None] + w_cell if w_cell else []))
     torch.autograd.backward(outs, [g.to(o.dtype) for o, g in zip(outs, out_grads)])
     return [o.detach() for o in outs], [None if t is None else t.grad for t in leaves]
 
@@ -82,7 +86,7 @@ def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL,
     # The oracle sees exactly the dtype-rounded inputs, computes in float64, then casts.
     oracle_inputs = [None if t is None else t.double() for t in inputs]
     gen = torch.Generator().manual_seed(seed + 1)
-    n_out = 3 if cell == "lstm" else 2
+    n_out = 3 if cells.spec(cell).has_c else 2
     shapes = [(sum(sizes), hidden), (sizes[0], hidden), (sizes[0], hidden)][:n_out]
     out_grads = [torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE) for s in shapes]
     ref_outs, ref_grads = run("reference", cell, sizes, reverse, oracle_inputs, out_grads)
@@ -93,7 +97,8 @@ def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL,
     tol = tols[dtype]
     for name, a, e in zip(("y", "h_n", "c_n"), outs, ref_outs):
         assert_close(a, e.to(dtype), tol, name)
-    for name, a, e in zip(("d_xg", "d_h0", "d_c0", "d_w_hh", "d_b_hn"), grads, ref_grads):
+    for name, a, e in zip(("d_xg", "d_h0", "d_c0", "d_w_hh", "d_b_hn", "d_w_cell"), grads,
+                          ref_grads):
         assert (a is None) == (e is None), name
         if a is not None:
             assert_close(a, e.to(dtype), tol, name)
@@ -111,14 +116,14 @@ def test_parity(cell, reverse, layout, dtype, strategy):
 
 
 @pytest.mark.parametrize("strategy", configs.STRATEGIES)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm"])
 def test_several_batch_blocks(cell, strategy):
     """B = 19 > BLOCK_B: several batch programs, the last one partly masked."""
     sizes = [19, 19, 17, 16, 3, 1]
     check_parity(cell, sizes, False, torch.float32, strategy, hidden=20, seed=3)
 
 
-@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru", "peephole_lstm"])
 def test_fused_second_bucket(cell):
     """H = 40 runs the H_PAD = 64 fused kernels (the larger buckets share the code)."""
     check_parity(cell, PACKED, True, torch.float16, "fused", hidden=40, seed=5)
@@ -154,26 +159,94 @@ def test_bias_gradient(cell, strategy):
     G = cells.GATES[cell]
     inputs = [None if t is None else t.float().to(DEVICE)
               for t in make_inputs(cell, HIDDEN, PACKED, seed=6)]
+    inputs, w_cell = inputs[:5], inputs[5:]
     gen = torch.Generator().manual_seed(7)
     bias = (torch.randn(G * HIDDEN, generator=gen) * 0.5).to(DEVICE)
-    n_out = 3 if cell == "lstm" else 2
+    n_out = 3 if cells.spec(cell).has_c else 2
     shapes = [(sum(PACKED), HIDDEN), (PACKED[0], HIDDEN), (PACKED[0], HIDDEN)][:n_out]
     out_grads = [torch.randn(*s, generator=gen).to(DEVICE) for s in shapes]
     results = {}
     for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
         leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True)
-                  for t in inputs + [bias]]
+                  for t in inputs + [bias] + w_cell]
         tiles = STEP_TILES if strategy == "step" else {}
         forced = (tg.forced_strategy(strategy, **tiles) if backend == "triton"
                   else contextlib.nullcontext())
         with forced:
             outs = Recurrence.apply(backend, cell, torch.tensor(PACKED), False, *leaves[:5], None,
-                                    leaves[5])
+                                    *leaves[5:])
             torch.autograd.backward(outs, [g.to(dtype) for g in out_grads])
-        results[backend] = [o.detach() for o in outs] + [leaves[5].grad, leaves[0].grad]
-    names = ("y", "h_n", "c_n")[:n_out] + ("d_bias", "d_xg")
+        results[backend] = ([o.detach() for o in outs] + [leaves[5].grad, leaves[0].grad]
+                            + [t.grad for t in leaves[6:]])
+    names = ("y", "h_n", "c_n")[:n_out] + ("d_bias", "d_xg") + ("d_w_cell",) * len(w_cell)
     for name, a, e in zip(names, results["triton"], results["reference"]):
         assert_close(a, e.float(), TOL[torch.float32], name)
+
+
+def _launcher_inputs(cell, sizes=PACKED, hidden=16):
+    t = [None if t is None else t.float().to(DEVICE) for t in make_inputs(cell, hidden, sizes)]
+    return dict(xg=t[0], h0=t[1], c0=t[2], w_hh=t[3], b_hn=t[4], w_cell=(t[5:] or [None])[0])
+
+
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("cell", configs.CELLS)
+def test_launchers_return_eight_gradients(cell, strategy):
+    """The contract: recurrence_backward returns (d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr,
+    d_bias, d_w_cell), d_w_cell (K, H) in w_cell's dtype exactly when w_cell is given."""
+    a = _launcher_inputs(cell)
+    sizes = torch.tensor(PACKED)
+    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+        y, h_n, c_n, saved = tg.recurrence_forward(cell, a["xg"], a["h0"], a["c0"], a["w_hh"],
+                                                   a["b_hn"], None, sizes, False,
+                                                   w_cell=a["w_cell"])
+        grads = tg.recurrence_backward(cell, torch.ones_like(y), torch.ones_like(h_n),
+                                       None if c_n is None else torch.ones_like(c_n), a["h0"],
+                                       a["c0"], a["w_hh"], a["b_hn"], None, sizes, False, y,
+                                       saved, w_cell=a["w_cell"])
+    assert len(grads) == 8 and grads[5] is None and grads[6] is None
+    if a["w_cell"] is None:
+        assert grads[7] is None
+    else:
+        assert grads[7].shape == a["w_cell"].shape and grads[7].dtype == a["w_cell"].dtype
+
+
+def test_w_cell_is_checked():
+    """w_cell is required exactly for cells with per-unit weights, as (K, H) in xg's dtype."""
+    lstm, peep = _launcher_inputs("lstm"), _launcher_inputs("peephole_lstm")
+    sizes = torch.tensor(PACKED)
+
+    def forward(a, cell, w_cell):
+        return tg.recurrence_forward(cell, a["xg"], a["h0"], a["c0"], a["w_hh"], None, None,
+                                     sizes, False, w_cell=w_cell)
+    with pytest.raises(ValueError, match="no per-unit cell weights"):
+        forward(lstm, "lstm", peep["w_cell"])
+    with pytest.raises(ValueError, match="takes w_cell"):
+        forward(peep, "peephole_lstm", None)
+    with pytest.raises(ValueError, match="w_cell must be"):
+        forward(peep, "peephole_lstm", peep["w_cell"][:2])
+    with pytest.raises(ValueError, match="w_cell must be"):
+        forward(peep, "peephole_lstm", peep["w_cell"].half())
+    y, h_n, c_n, saved = forward(peep, "peephole_lstm", peep["w_cell"])
+    with pytest.raises(ValueError, match="takes w_cell"):
+        tg.recurrence_backward("peephole_lstm", y, h_n, c_n, peep["h0"], peep["c0"],
+                               peep["w_hh"], None, None, sizes, False, y, saved)
+
+
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+def test_peephole_weight_gradient_is_deterministic(strategy):
+    """d_w_cell (a torch reduction after the loop, no atomics): bit for bit run to run."""
+    inputs = [t.float().to(DEVICE) for t in make_inputs("peephole_lstm", 24, PACKED)
+              if t is not None]
+    inputs.insert(4, None)  # b_hn
+    out_grads = [torch.ones(sum(PACKED), 24, device=DEVICE)] + \
+                [torch.ones(PACKED[0], 24, device=DEVICE)] * 2
+    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+        first = run("triton", "peephole_lstm", PACKED, False, inputs, out_grads)
+        second = run("triton", "peephole_lstm", PACKED, False, inputs, out_grads)
+    assert first[1][5] is not None
+    for a, b in zip(first[1], second[1]):
+        if a is not None:
+            assert torch.equal(a, b)
 
 
 def test_backward_is_deterministic():

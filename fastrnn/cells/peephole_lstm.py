@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from fastrnn.cells import scalar
+from fastrnn.cells import lstm, scalar
 from fastrnn.cells.spec import CellSpec
 
 
@@ -37,7 +37,8 @@ def cell_weight_grad(d_pre, c_prev, c_new):
 
 
 # ------------------------------------------------------------------------------ numba step math
-# As in lstm.py (fastrnn/kernels/numba_cpu/loops.py documents every argument), with w_cell (3, H).
+# As in lstm.py (fastrnn/kernels/numba_cpu/loops.py documents every argument), with w_cell (3, H);
+# a cell's step may call another cell's (the loops compile every cell's steps in).
 
 def numba_forward(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
     """a[r, :4H] (a: (., 4H)) holds the row's h W_hh^T and leaves with the activated gates
@@ -63,35 +64,70 @@ def numba_forward(a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
 
 def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
                    w_cell, d_xg, d_hn, dg):
-    """gates (N, 4H) row q: i, f, g, o; c_all (N, H) row q: c'; c_prev[cr] (., H): c; w_cell
-    (3, H); dm (B, H) row b: the gradient w.r.t. h'; dc (B, H) row b: on entry the carried
-    gradient w.r.t. c', on exit w.r.t. c (through f and the peepholes into i and f); d_xg (N, 4H)
-    row q: the gates' pre-activation gradient; tc[tr] (B, H): scratch for tanh(c'). y, h_prev,
-    hr, dh, proj, d_hn, dg: unused."""
+    """lstm.py's row step (same arguments, read there) with the peepholes' two extra paths: o's
+    pre-activation gradient d_o reaches c' through w_co (added to dc before), and those of i and f
+    reach c through w_ci and w_cf (added to dc after); w_cell (3, H)."""
     hidden = dc.shape[1]
     one = scalar.one(dc)
     for u in range(hidden):
-        tc[tr, u] = scalar.tanh(c_all[q, u])
-    for u in range(hidden):  # d o
         o = gates[q, 3 * hidden + u]
-        d_xg[q, 3 * hidden + u] = dm[b, u] * tc[tr, u] * o * (one - o)
-    for u in range(hidden):  # w.r.t. c': carried, through tanh(c') and through o's peephole
-        o, tcu = gates[q, 3 * hidden + u], tc[tr, u]
-        dc[b, u] += dm[b, u] * o * (one - tcu * tcu) + d_xg[q, 3 * hidden + u] * w_cell[2, u]
-    for u in range(hidden):  # d i
-        i = gates[q, u]
-        d_xg[q, u] = dc[b, u] * gates[q, 2 * hidden + u] * i * (one - i)
-    for u in range(hidden):  # d f
-        f = gates[q, hidden + u]
-        d_xg[q, hidden + u] = dc[b, u] * c_prev[cr, u] * f * (one - f)
-    for u in range(hidden):  # d g
-        g = gates[q, 2 * hidden + u]
-        d_xg[q, 2 * hidden + u] = dc[b, u] * gates[q, u] * (one - g * g)
-    for u in range(hidden):  # w.r.t. c
-        dc[b, u] = (dc[b, u] * gates[q, hidden + u] + d_xg[q, u] * w_cell[0, u]
-                    + d_xg[q, hidden + u] * w_cell[1, u])
+        dc[b, u] += dm[b, u] * scalar.tanh(c_all[q, u]) * o * (one - o) * w_cell[2, u]
+    lstm.numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc, tr, proj,
+                        w_cell, d_xg, d_hn, dg)
+    for u in range(hidden):
+        dc[b, u] += d_xg[q, u] * w_cell[0, u] + d_xg[q, hidden + u] * w_cell[1, u]
 
 
 SPEC = CellSpec(name="peephole_lstm", gates=4, states=("h", "c"), torch_mode="", code=4,
                 step=reference_step, cell_weights=("weight_ci", "weight_cf", "weight_co"),
                 saved=("gates", "c"), cell_weight_grad=cell_weight_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton step math (built on first use: importing this file does not import triton).
+# ----------------------------------------------------------------------------------------------
+def saved_cell_states(stash, hidden):
+    """c and c' (each (N, H)) of every packed row from the Triton stash (N, 5H): i, f, g, o, c
+    (torch, for SPEC.cell_weight_grad after the loop)."""
+    i, f, g, _, c = stash.split(hidden, dim=1)
+    return c, f * c + i * g
+
+
+def triton_step_math():
+    """The ``CELL`` of the Triton kernels (:mod:`fastrnn.kernels.triton_gpu.step_math`): the
+    LSTM's with the peepholes w_ci, w_cf, w_co ((1, BLOCK_H) tiles after the gates in ``p`` and
+    after the stash in ``backward``). Stash as the LSTM's: i, f, g, o (activated) and the c
+    entering the step. Tiles are float32."""
+    import triton.language as tl
+
+    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, load_f32, tanh
+
+    @cell_jit
+    def load_cell_weights(ptrs, mask, H):
+        return (load_f32(ptrs, mask)[None, :], load_f32(ptrs + H, mask)[None, :],
+                load_f32(ptrs + 2 * H, mask)[None, :])
+
+    @cell_jit
+    def forward(p, h, c):
+        x_i, x_f, x_g, x_o, w_ci, w_cf, w_co = p
+        i = tl.sigmoid(x_i + w_ci * c)
+        f = tl.sigmoid(x_f + w_cf * c)
+        g = tanh(x_g)
+        c_new = f * c + i * g
+        o = tl.sigmoid(x_o + w_co * c_new)
+        return o * tanh(c_new), c_new, (i, f, g, o, c)
+
+    @cell_jit
+    def backward(dh, dc, stash, h_prev):
+        i, f, g, o, c, w_ci, w_cf, w_co = stash
+        tc = tanh(f * c + i * g)  # tanh(c')
+        d_o = dh * tc * o * (1.0 - o)
+        dct = dc + dh * o * (1.0 - tc * tc) + d_o * w_co  # w.r.t. c', o's peephole included
+        d_i = dct * g * i * (1.0 - i)
+        d_f = dct * c * f * (1.0 - f)
+        d_g = dct * i * (1.0 - g * g)
+        d_gates = (d_i, d_f, d_g, d_o)
+        return d_gates, d_gates, tl.zeros_like(dh), dct * f + d_i * w_ci + d_f * w_cf
+
+    return CellMath(SPEC, forward=forward, backward=backward, load_cell_weights=load_cell_weights,
+                    saved_cell_states=saved_cell_states)

@@ -1,6 +1,6 @@
 """fastrnn's compute: the reference recurrence (the oracle, :mod:`.reference`) and the compiled
 backends, each a package that implements the kernel contract of :mod:`.reference`
-(``recurrence_forward`` / ``recurrence_backward``) and declares what it can run as
+(``make_plan``, ``recurrence_forward``, ``recurrence_backward``) and declares what it can run as
 :class:`Capabilities` data (``CAPABILITIES``), read by :mod:`fastrnn.backends` without compiling
 anything:
 
@@ -48,16 +48,22 @@ class Capabilities:
         return None
 
 
-#: The two functions of the kernel contract (:mod:`fastrnn.kernels.reference`).
-CONTRACT = ("recurrence_forward", "recurrence_backward")
+#: The functions of the kernel contract (:mod:`fastrnn.kernels.reference`).
+CONTRACT = ("make_plan", "recurrence_forward", "recurrence_backward")
 
 
-def contract_on_first_use(package):
+def contract_on_first_use(package, load=None):
     """A module ``__getattr__`` for backend package ``package`` (its ``__name__``) that hands out
-    the contract's functions from ``<package>.launch``, imported on first use: importing a backend
-    package stays cheap, Numba or Triton load only when a kernel first runs."""
+    the contract's functions from the launcher module ``load()`` returns (default: imports
+    ``<package>.launch``), on first use: importing a backend package stays cheap, Numba or Triton
+    load only when a kernel first runs (or when :func:`fastrnn.backends.choose` checks that the
+    backend loads, through the package's ``load``)."""
+    if load is None:
+        def load():
+            return importlib.import_module(package + ".launch")
+
     def module_getattr(name):
         if name not in CONTRACT:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(package + ".launch"), name)
+        return getattr(load(), name)
     return module_getattr

@@ -9,7 +9,8 @@ Here ``xg = x W_ih^T`` is the input projection of all steps, made by one GEMM be
 ``bias`` and passed as ``b_hn``).
 
 This module also defines the **kernel contract** every compute backend (``fastrnn.kernels.*``)
-implements: :func:`recurrence_forward` and :func:`recurrence_backward` (see their docstrings).
+implements: :func:`make_plan`, :func:`recurrence_forward` and :func:`recurrence_backward` (see
+their docstrings).
 """
 from __future__ import annotations
 
@@ -58,8 +59,16 @@ def _sequence(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
     return y, h, c
 
 
+def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
+    """What a backend works out once per call from the forward's arguments (kernel contract):
+    its argument checks and its schedule of the steps (backend-defined; the reference loop has
+    none: None). :class:`fastrnn.Recurrence` makes it once and hands it to the forward and to the
+    backward as ``plan=``; either makes its own when given none."""
+    return None
+
+
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
-                       bias=None, w_cell=None):
+                       bias=None, w_cell=None, plan=None):
     """Run one layer in one direction over a whole (possibly packed) sequence.
 
     The kernel contract, shared by every backend:
@@ -77,6 +86,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
       out of the projection GEMM: a bias there costs a pass over the (N, G*H) result).
     * ``w_cell``: (K, H) or None, the cell's own per-unit weights (``CellSpec.cell_weights``:
       the peephole LSTM's w_ci, w_cf, w_co); None for the torch.nn cells.
+    * ``plan``: the call's :func:`make_plan`, or None.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P) outputs in the same packed layout, h_n (B, P) and
     c_n (B, H) or None the state of each row after its last active step, and ``saved`` a tuple of
@@ -90,7 +100,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved, bias=None, w_cell=None):
+                        batch_sizes, reverse, y, saved, bias=None, w_cell=None, plan=None):
     """BPTT for :func:`recurrence_forward` (kernel contract).
 
     ``grad_y``: (N, P), ``grad_h_n``: (B, P), ``grad_c_n``: (B, H) or None; the other arguments

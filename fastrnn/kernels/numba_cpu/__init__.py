@@ -33,12 +33,18 @@ Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vect
 (the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (one forward and one BPTT
 time loop, each inlining the cell's own step math from its file in ``fastrnn/cells/``),
 ``launch.py`` (checks, thread plan, buffers: the contract's two functions). Importing this package
-does not import Numba; the first kernel call does.
+does not import Numba; :func:`load` does (the first kernel call, or ``auto`` choosing a backend).
+Compiled code is cached on disk where a directory is writable, and a cache problem is never an
+exception (``jit.py`` says where and how).
 """
 from __future__ import annotations
 
+import importlib
+import sys
+
 import torch
 
+from fastrnn import cells
 from fastrnn.kernels import Capabilities, contract_on_first_use
 
 CAPABILITIES = Capabilities("numba", devices=("cpu",), dtypes=(torch.float32, torch.float64),
@@ -46,4 +52,41 @@ CAPABILITIES = Capabilities("numba", devices=("cpu",), dtypes=(torch.float32, to
                             projection=True)
 
 why_not = CAPABILITIES.why_not
-__getattr__ = contract_on_first_use(__name__)  # recurrence_forward/_backward: Numba loads then
+_LAUNCH = None
+
+
+def load():
+    """The launcher module (:mod:`.launch`), imported on the first call: Numba loads then, and
+    every jitted function of the backend gets a disk cache that never raises
+    (:func:`.jit.guard_caches`). Raises whatever importing raises."""
+    global _LAUNCH
+    if _LAUNCH is None:
+        launch = importlib.import_module(__name__ + ".launch")
+        from fastrnn.kernels.numba_cpu import jit
+        jit.guard_caches([m for name, m in list(sys.modules.items())
+                          if name.startswith(__name__ + ".") and m is not None])
+        _LAUNCH = launch
+    return _LAUNCH
+
+
+def prepare(cell, dtype, proj_size=0):
+    """Load (from the disk cache) or compile what the first forward call of ``cell`` in ``dtype``
+    runs -- the forward time loop and its helpers, nothing else -- by running it on a one-step,
+    one-row input. Raises whatever loading or compiling raises: :func:`fastrnn.backends.choose`
+    calls it before ``auto`` picks this backend, and falls back, saying why. (The backward loop
+    loads at the first backward.)"""
+    spec = cells.spec(cell)
+    hidden, proj = 2, (1 if proj_size else 2)
+
+    def zeros(*shape):  # on the CPU whatever torch's default device
+        return torch.zeros(shape, dtype=dtype, device="cpu")
+
+    extra = {"w_cell": zeros(len(spec.cell_weights), hidden)} if spec.cell_weights else {}
+    load().recurrence_forward(
+        cell, zeros(1, spec.gates * hidden), zeros(1, proj),
+        zeros(1, hidden) if spec.has_c else None, zeros(spec.gates * hidden, proj),
+        zeros(hidden) if spec.has_b_hn else None, zeros(proj, hidden) if proj_size else None,
+        torch.ones(1, dtype=torch.int64, device="cpu"), False, save=False, **extra)
+
+
+__getattr__ = contract_on_first_use(__name__, load)  # the contract: Numba loads then

@@ -245,6 +245,22 @@ def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None, w_cell=None):
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
 
 
+def _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden):
+    """Shapes and dtypes of what backward receives beyond the forward's arguments."""
+    n_rows, proj = y.shape
+    batch = grad_h_n.shape[0]
+    if len(saved) != len(spec.saved):
+        raise ValueError(f"saved must hold {spec.saved} of {spec.name}, got {len(saved)} tensors")
+    widths = {"gates": spec.row_blocks * hidden, "c": hidden}
+    expected = {"y": (y, (n_rows, proj)), "grad_y": (grad_y, (n_rows, proj)),
+                "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
+    expected.update({f"saved[{i}]": (t, (n_rows, widths[name]))
+                     for i, (name, t) in enumerate(zip(spec.saved, saved))})
+    for name, (t, shape) in expected.items():
+        if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
+            raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
+
+
 def _weight_grad(d_pre, y, h0, plan, reverse, prev):
     """``d_pre^T @ h_prev``: a weight gradient summed over all steps (fixed order, no atomics).
 
@@ -265,25 +281,36 @@ def _weight_grad(d_pre, y, h0, plan, reverse, prev):
     return d_pre.t() @ torch.from_numpy(h_prev)
 
 
+def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
+    """The checked :class:`_Plan` of a call (arguments as :func:`recurrence_forward`): the
+    argument checks and the schedule, made once per call. :class:`fastrnn.Recurrence` hands it to
+    the forward and to the backward (``plan=``), which then neither check nor schedule again."""
+    plan = _schedule(batch_sizes, reverse, h0.shape[0], w_hh.shape[0] * h0.shape[1],
+                     w_hh.element_size())
+    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
+    return plan
+
+
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
-                       bias=None, w_cell=None):
+                       bias=None, w_cell=None, plan=None):
     """One layer, one direction, whole (possibly packed) sequence (kernel contract of
     :func:`fastrnn.kernels.reference.recurrence_forward`).
 
     xg: (N, G*H); h0: (B, P); c0: (B, H) (lstm) or None; w_hh: (G*H, P); b_hn: (H,) (gru) or None;
     w_hr: (P, H) (lstm with projection) or None; batch_sizes: int64 (T,), non-increasing, B =
     batch_sizes[0], N = sum(batch_sizes); bias: (G*H,) or None, added to every row of xg;
-    w_cell: (K, H), the cell's own per-unit weights (peephole_lstm), else None. float32 or float64 CPU tensors, all of one dtype.
+    w_cell: (K, H), the cell's own per-unit weights (peephole_lstm), else None; plan: the call's
+    :func:`make_plan`, made here when None. float32 or float64 CPU tensors, all of one dtype.
 
     Returns ``(y, h_n, c_n, saved)``: y (N, P), h_n (B, P), c_n (B, H) or None, and ``saved``:
     () whenever ``save`` is False (no backward follows), else what the cell's ``SPEC.saved``
     names: () for rnn_*; (gates (N, 4H) = i, f, g, o after activation; c (N, H) cell state after
     each step) for lstm; (gates (N, 4H) = r, z, h W_hn^T + b_hn, n) for gru.
     """
+    plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
+                             w_cell)
     spec = cells.spec(cell)
     batch, proj = h0.shape
-    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
-    _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
     gemm = matmul._gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // spec.gates
     xg_a = _array(xg)
@@ -322,12 +349,13 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved, bias=None, w_cell=None):
+                        batch_sizes, reverse, y, saved, bias=None, w_cell=None, plan=None):
     """Hand-written BPTT for :func:`recurrence_forward` (kernel contract of
     :func:`fastrnn.kernels.reference.recurrence_backward`).
 
     grad_y: (N, P); grad_h_n: (B, P); grad_c_n: (B, H) or None (None is read as zeros for lstm);
-    the rest as given to / returned by :func:`recurrence_forward`. Returns
+    the rest as given to / returned by :func:`recurrence_forward` (with its ``plan``, nothing is
+    checked again). Returns
     ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
     d_w_hr (P, H) or None, d_bias (G*H,) or None, d_w_cell (K, H) or None)``. Weight gradients
     are reduced once, after the time loop, as GEMMs (d_bias as one sum over rows, d_w_cell by the
@@ -343,20 +371,11 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     w = _array(w_hh)
     dh = _owned(grad_h_n)
     d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
-    plan = _schedule(batch_sizes, reverse, batch, w_hh.shape[0] * proj, w_hh.element_size())
+    if plan is None:
+        plan = make_plan(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)
+        _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden)
     order, offsets, sizes = plan[:3]
-    _check(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
     gemm = matmul._gemm_address(grad_y.dtype)
-    if len(saved) != len(spec.saved):
-        raise ValueError(f"saved must hold {spec.saved} of {cell}, got {len(saved)} tensors")
-    widths = {"gates": spec.row_blocks * hidden, "c": hidden}
-    expected = {"grad_y": (grad_y, (n_rows, proj)), "y": (y, (n_rows, proj)),
-                "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
-    expected.update({f"saved[{i}]": (t, (n_rows, widths[name]))
-                     for i, (name, t) in enumerate(zip(spec.saved, saved))})
-    for name, (t, shape) in expected.items():
-        if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
-            raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
     d_xg_t, d_xg = d_xg, d_xg.numpy()
     prev = np.empty(n_rows, np.int64)
     _previous_rows(order, offsets, sizes, prev)

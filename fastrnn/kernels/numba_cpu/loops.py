@@ -10,10 +10,11 @@ import numpy as np
 from numba import literally, njit, types
 from numba.core import cgutils
 from numba.core.caching import FunctionCache
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import activations  # noqa: F401  (compiled tanh/sigmoid)
+from fastrnn.cells import scalar
+from fastrnn.kernels.numba_cpu import activations, jit, matmul  # activations: tanh/sigmoid
 from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
 from fastrnn.kernels.numba_cpu.matmul import _matmul_rows
 
@@ -48,6 +49,8 @@ for _name, _module in cells.MODULES.items():
         CODES[_name] = CellCode(_module.SPEC.code)
         _STEPS[_module.SPEC.code] = tuple(njit(inline="always", **_JIT)(fn) for fn in (
             _module.numba_forward, _module.numba_backward))
+        for _fn in (_module.numba_forward, _module.numba_backward):  # callable from another step
+            register_jitable(inline="always", **_JIT)(_fn)
 
 
 def forward_step(code, a, r, xg, q, bias, b_hn, w_cell, h, c, b, out, o):
@@ -248,15 +251,17 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
 
 
 class _StepMathCache(FunctionCache):
-    """Numba's disk cache of a time loop, each entry keyed also by the cells' step math: Numba keys
-    it by the loop's own file and bytecode only, so an edited cell would load a stale loop."""
+    """Numba's disk cache of a time loop, each entry keyed also by what the loop compiles in from
+    other files (the cells' step math, the activations, the matmul, the compile settings): Numba
+    keys it by the loop's own file and bytecode only, so an edit there would load a stale loop."""
 
     def _index_key(self, sig, codegen):
         return super()._index_key(sig, codegen) + (_STEP_MATH,)
 
 
-_STEP_MATH = hashlib.sha256(b"".join(pathlib.Path(cells.MODULES[name].__file__).read_bytes()
-                                     for name in CODES)).hexdigest()  # their files: 0.2 ms
+_INLINED = [pathlib.Path(cells.MODULES[name].__file__) for name in CODES] + [
+    pathlib.Path(module.__file__) for module in (activations, jit, matmul, scalar)]
+_STEP_MATH = hashlib.sha256(b"".join(f.read_bytes() for f in _INLINED)).hexdigest()  # 0.2 ms
 for _loop in (_forward_thread, _backward_thread):
     _loop._cache = _StepMathCache(_loop.py_func)
 

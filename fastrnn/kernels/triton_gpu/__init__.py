@@ -1,10 +1,10 @@
 """Triton GPU kernels for the fastrnn kernel contract (:mod:`fastrnn.kernels.reference`).
 
-Cells ``rnn_tanh``, ``rnn_relu``, ``lstm`` (without ``proj_size``) and ``gru``; dtypes float32,
-float16 and bfloat16. One kernel body per strategy and direction of work serves every cell: the
-cell is its ``CELL`` ``tl.constexpr``, the ``@triton.jit`` step helpers of the cell's own file
-(:mod:`.step_math` says what they are). T (sequence length) and the batch are runtime
-arguments, never compile-time constants.
+Cells ``rnn_tanh``, ``rnn_relu``, ``lstm`` (without ``proj_size``), ``gru`` and
+``peephole_lstm``; dtypes float32, float16 and bfloat16. One kernel body per strategy and
+direction of work serves every cell: the cell is its ``CELL`` ``tl.constexpr``, the
+``@triton.jit`` step helpers of the cell's own file (:mod:`.step_math` says what they are).
+T (sequence length) and the batch are runtime arguments, never compile-time constants.
 The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
 The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
 
@@ -27,6 +27,7 @@ Strategies (chosen by :func:`select_config` from H, the cell and the dtype)
            rnn_tanh/relu 128 / 128              128 / 128
            lstm          128 / 64               64 / 64
            gru           128 / 128              64 / 64
+           peephole_lstm 128 / 64               64 / 64
            ============  =====================  =====================
 
            Inputs whose packed (N, S*H) tensors reach 2**31 elements also go to ``step``
@@ -47,14 +48,18 @@ Both strategies write the same ``saved`` tensors, so either backward can follow 
 
 * ``h_prev``: (N, H) float32, the state entering each step of each packed row;
 * ``stash``:  (N, S*H) float32, per-step values the backward needs -- ``rnn``: h' (S=1);
-  ``lstm``: i, f, g, o (activated) and c entering the step (S=5); ``gru``: r, z, n and
-  ``h W_hn^T + b_hn`` (S=4).
+  ``lstm`` and ``peephole_lstm``: i, f, g, o (activated) and c entering the step (S=5);
+  ``gru``: r, z, n and ``h W_hn^T + b_hn`` (S=4).
 
 The backward kernels write ``d_gates`` (N, G*H) float32 (the gradient of the gate
 pre-activations = ``d_xg``; for GRU the n part is the gradient of ``x_n``) and, for GRU,
 ``d_hn`` (N, H) float32 (gradient of ``h W_hn^T + b_hn``). The weight gradients are then one
 ``torch.mm`` in float32 after the loop (``d_w_hh = d_hidden_gates^T @ h_prev``), fixed order, no
-atomics: deterministic.
+atomics: deterministic. A cell's own per-unit weights (``w_cell`` (K, H), the peephole LSTM's
+w_ci, w_cf, w_co) reach every kernel as (1, BLOCK_H) tiles (resident in the fused forward,
+reloaded each step by the fused backward); their gradient is the cell's
+``CellSpec.cell_weight_grad`` (torch reductions over the packed rows) of ``d_gates`` and the
+c, c' the cell reads from the stash, also after the loop.
 
 Precision
 ---------
@@ -89,6 +94,7 @@ Importing this package does not import Triton; the first kernel call does.
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 from fastrnn.kernels import Capabilities, contract_on_first_use
@@ -104,7 +110,15 @@ CAPABILITIES = Capabilities(
 
 
 why_not = CAPABILITIES.why_not
-__getattr__ = contract_on_first_use(__name__)  # recurrence_forward/_backward: Triton loads then
+
+
+def load():
+    """The launcher module (:mod:`.launch`), imported on the first call: Triton loads then.
+    Raises whatever importing raises (``auto`` then falls back, saying why)."""
+    return importlib.import_module(__name__ + ".launch")
+
+
+__getattr__ = contract_on_first_use(__name__, load)  # the contract: Triton loads then
 
 
 __all__ = ["recurrence_forward", "recurrence_backward", "why_not", "select_config",

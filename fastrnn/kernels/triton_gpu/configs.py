@@ -12,9 +12,9 @@ import torch
 from fastrnn.cells import GATES
 
 #: The cells this backend implements.
-CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "peephole_lstm")
 
-STASH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4}
+STASH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4, "peephole_lstm": 5}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 STRATEGIES = ("fused", "step")
@@ -36,6 +36,7 @@ _FUSED_LIMITS = {  # (cell, dtype group) -> (forward limit, backward limit)
     ("rnn", "16bit"): (128, 128), ("rnn", "float32"): (128, 128),
     ("lstm", "16bit"): (128, 64), ("lstm", "float32"): (64, 64),
     ("gru", "16bit"): (128, 128), ("gru", "float32"): (64, 64),
+    ("peephole_lstm", "16bit"): (128, 64), ("peephole_lstm", "float32"): (64, 64),
 }
 FUSED_MAX_HIDDEN = {
     (direction, cell, dtype): _FUSED_LIMITS[("rnn" if cell.startswith("rnn") else cell,
@@ -84,6 +85,9 @@ _NUM_WARPS_EXCEPTIONS = {
     ("forward_fused", "lstm", "float32", 32): 4,
     # 8 warps: STACK 8 on sm_90 at 64 registers; 4 warps: 93 registers, STACK 0.
     ("forward_fused", "lstm", "bfloat16", 32): 4,
+    # 8 warps: STACK 8 on sm_80 at 128 registers under Triton 3.6 (3.9: 136, STACK 0); 4 warps:
+    # 191 / 160 registers (sm_80 / sm_90) under 3.6, 156 / 140 under 3.9, STACK 0.
+    ("backward_step", "peephole_lstm", "float32", 0): 4,
 }
 
 
@@ -97,7 +101,9 @@ def _build_configs():
                         kernel = f"{direction}_fused"
                         warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, h_pad), NUM_WARPS)
                         configs.append(KernelConfig(kernel, cell, dtype, h_pad, warps))
-                configs.append(KernelConfig(f"{direction}_step", cell, dtype, 0, NUM_WARPS,
+                kernel = f"{direction}_step"
+                warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, 0), NUM_WARPS)
+                configs.append(KernelConfig(kernel, cell, dtype, 0, warps,
                                             block_h=STEP_BLOCK_H, block_k=STEP_BLOCK_K))
     return tuple(configs)
 

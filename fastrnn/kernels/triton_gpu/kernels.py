@@ -7,8 +7,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product,
-                                                  load_weight_tile, mm, zero_tiles)
+from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, block_tiles,
+                                                  load_weight_tile, mm, step_rows, zero_tiles)
 
 # The tuples of tiles (one per gate or stash slot) are built and stored by static loops in the
 # kernels themselves, not by more helpers: each level of inlined helper adds line-info scopes to
@@ -20,43 +20,38 @@ from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_produ
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
 def _forward_fused_kernel(
-    xg_ptr, h0_ptr, c0_ptr, w_ptr, bhn_ptr,            # inputs
-    y_ptr, hn_ptr, cn_ptr, hprev_ptr, stash_ptr,       # outputs
-    bs_ptr, off_ptr, T, B, H,                          # runtime sizes
-    reverse,                                           # 1: run t = T-1 ... 0
+    xg_ptr, h0_ptr, c0_ptr, w_ptr, bhn_ptr, wcell_ptr,     # inputs
+    y_ptr, hn_ptr, cn_ptr, hprev_ptr, stash_ptr,           # outputs
+    bs_ptr, off_ptr, T, B, H,                              # runtime sizes
+    reverse,                                               # 1: run t = T-1 ... 0
     CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Whole-sequence forward of one batch block (program id 0 -> rows [pid*BLOCK_B, ...)).
 
     xg: (N, G*H); h0: (B, H); c0: (B, H) (lstm); w: (G*H, H); bhn: (H,) (gru; zeros without bias);
+    wcell: (K, H) the cell's own per-unit weights (peephole_lstm; K = 0: never read);
     y: (N, H) in the input dtype; hn/cn: (B, H); hprev: (N, H) fp32; stash: (N, S*H) fp32;
     bs/off: (T,) int32 batch size and first packed row of each step.
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, H_PAD)
-    col_ok = cols < H
-    state_mask = (rows < B)[:, None] & col_ok[None, :]
-    state_off = rows[:, None] * H + cols[None, :]
+    rows, cols, col_ok, state_mask, state_off = block_tiles(0, B, H, BLOCK_B, H_PAD)
     h = tl.load(h0_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
     c = CELL.load_c(c0_ptr + state_off, state_mask, h)
     w = ()
     for gate in tl.static_range(G):
         w = w + (load_weight_tile(w_ptr, gate, H, H_PAD, True),)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
+    w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
     for s in range(0, T):
         t = s + reverse * (T - 1 - 2 * s)
-        n_active = tl.load(bs_ptr + t)
-        first = tl.load(off_ptr + t)
-        active = rows < n_active
-        m = active[:, None] & col_ok[None, :]
+        first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
         prow = (first + rows)[:, None]  # int32: select_config sends N*S*H >= 2**31 to step
         h_off = prow * H + cols[None, :]
         x_ptrs = xg_ptr + prow * (G * H) + cols[None, :]
         hd = h.to(w_ptr.dtype.element_ty)
         p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn, DOT_FP32)
-        h_new, c_new, stash = CELL.forward(p, h, c)
+        h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
         tl.store(hprev_ptr + h_off, h, mask=m)
         st_ptrs = stash_ptr + prow * (S * H) + cols[None, :]
@@ -71,25 +66,22 @@ def _forward_fused_kernel(
 
 @triton.jit(do_not_specialize=["T", "B", "H", "reverse"])
 def _backward_fused_kernel(
-    gy_ptr, ghn_ptr, gcn_ptr, w_ptr, hprev_ptr, stash_ptr,   # inputs
-    dgate_ptr, dhn_ptr, dh0_ptr, dc0_ptr,                   # outputs
+    gy_ptr, ghn_ptr, gcn_ptr, w_ptr, wcell_ptr, hprev_ptr, stash_ptr,  # inputs
+    dgate_ptr, dhn_ptr, dh0_ptr, dc0_ptr,                              # outputs
     bs_ptr, off_ptr, T, B, H,
-    reverse,                                           # 1: the forward ran t = T-1 ... 0
+    reverse,                                          # 1: the forward ran t = T-1 ... 0
     CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """Whole-sequence BPTT of one batch block, steps in the opposite order of the forward.
 
-    gy: (N, H) output gradient; ghn/gcn: (B, H) final-state gradients; w: (G*H, H);
-    hprev: (N, H) fp32 and stash: (N, S*H) fp32 from the forward; dgate: (N, G*H) fp32 gate
-    pre-activation gradients (= d_xg); dhn: (N, H) fp32 (gru); dh0/dc0: (B, H) fp32.
+    gy: (N, H) output gradient; ghn/gcn: (B, H) final-state gradients; w: (G*H, H); wcell: (K, H)
+    as in the forward; hprev: (N, H) fp32 and stash: (N, S*H) fp32 from the forward; dgate:
+    (N, G*H) fp32 gate pre-activation gradients (= d_xg); dhn: (N, H) fp32 (gru); dh0/dc0:
+    (B, H) fp32.
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.arange(0, H_PAD)
-    col_ok = cols < H
-    state_mask = (rows < B)[:, None] & col_ok[None, :]
-    state_off = rows[:, None] * H + cols[None, :]
+    rows, cols, col_ok, state_mask, state_off = block_tiles(0, B, H, BLOCK_B, H_PAD)
     dh = tl.load(ghn_ptr + state_off, mask=state_mask, other=0.0).to(tl.float32)
     dc = CELL.load_c(gcn_ptr + state_off, state_mask, tl.zeros([BLOCK_B, H_PAD], tl.float32))
     w = ()
@@ -98,6 +90,8 @@ def _backward_fused_kernel(
     dot_dtype = w_ptr.dtype.element_ty
     for s in range(0, T):
         t = T - 1 - s - reverse * (T - 1 - 2 * s)
+        # Written out, not step_rows(): here the helper's inlined scope alone cost registers on
+        # sm_80 (rnn float32 H_PAD 128: 226 -> 232; lstm 16-bit H_PAD 64: 103 -> 104).
         n_active = tl.load(bs_ptr + t)
         first = tl.load(off_ptr + t)
         active = rows < n_active
@@ -110,7 +104,10 @@ def _backward_fused_kernel(
         for k in tl.static_range(S):
             stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
         h_prev = tl.load(hprev_ptr + h_off, mask=m, other=0.0)
-        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash, h_prev)
+        # Loaded every step (held across the loop they made the peephole float32 H_PAD 64
+        # backward spill on sm_90), unlike the forward's, which stay resident.
+        w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
         # dh_prev = direct + sum_g d_hidden[g] W_g. The order of these stores and products steers
         # register allocation (storing every d_xg first made the float32 LSTM spill on sm_90):
         # compile the configurations ahead of time before changing it.
@@ -133,7 +130,7 @@ def _backward_fused_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["t", "B", "H"])
 def _forward_step_kernel(
-    xg_ptr, w_ptr, bhn_ptr, h_in_ptr, h_out_ptr, c_ptr,     # c_ptr: (B, H) fp32 in/out (lstm)
+    xg_ptr, w_ptr, bhn_ptr, wcell_ptr, h_in_ptr, h_out_ptr, c_ptr,  # c: (B, H) fp32 in/out (lstm)
     y_ptr, hprev_ptr, stash_ptr,
     bs_ptr, off_ptr, t, B, H,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -147,14 +144,9 @@ def _forward_step_kernel(
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    row_ok = rows < B
-    n_active = tl.load(bs_ptr + t)
-    first = tl.load(off_ptr + t)
-    active = rows < n_active
-    m = active[:, None] & col_ok[None, :]
+    rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,
+                                                            BLOCK_B, BLOCK_H)
+    first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
     dot_dtype = w_ptr.dtype.element_ty
     acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
     for k0 in range(0, H, BLOCK_K):
@@ -169,13 +161,12 @@ def _forward_step_kernel(
     prow = rows[:, None]
     h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
     x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
-    state_mask = row_ok[:, None] & col_ok[None, :]
-    state_off = rows[:, None] * H + cols[None, :]
     h = tl.load(h_in_ptr + state_off, mask=state_mask, other=0.0)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn, DOT_FP32)
     c = CELL.load_c(c_ptr + state_off, state_mask, h)
-    h_new, c_new, stash = CELL.forward(p, h, c)
+    w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+    h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
     tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
     tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
     st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
@@ -188,7 +179,7 @@ def _forward_step_kernel(
 
 @triton.jit(do_not_specialize=["t_done", "t_next", "B", "H"])
 def _backward_step_kernel(
-    gy_ptr, w_ptr, hprev_ptr, stash_ptr, dgate_ptr, dhn_ptr,
+    gy_ptr, w_ptr, wcell_ptr, hprev_ptr, stash_ptr, dgate_ptr, dhn_ptr,
     dh_ptr, dc_ptr,                  # (B, H) fp32 carries, each program owns its units
     bs_ptr, off_ptr, t_done, t_next, B, H,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -206,17 +197,12 @@ def _backward_step_kernel(
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < H
-    state_mask = (rows < B)[:, None] & col_ok[None, :]
-    state_off = rows[:, None] * H + cols[None, :]
+    rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,
+                                                            BLOCK_B, BLOCK_H)
     dot_dtype = w_ptr.dtype.element_ty
     dh = tl.load(dh_ptr + state_off, mask=state_mask, other=0.0)
     if t_done >= 0:
-        n_done = tl.load(bs_ptr + t_done)
-        first_done = tl.load(off_ptr + t_done)
-        done = rows < n_done
+        first_done, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
         acc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
         done64 = first_done.to(tl.int64)
         grow = rows[:, None]
@@ -232,10 +218,7 @@ def _backward_step_kernel(
                 acc = mm(dk.to(dot_dtype), wt, acc, DOT_FP32)
         dh = tl.where(done[:, None], dh + acc, dh)
     if t_next >= 0:
-        n_active = tl.load(bs_ptr + t_next)
-        first = tl.load(off_ptr + t_next)
-        active = rows < n_active
-        m = active[:, None] & col_ok[None, :]
+        first, active, m = step_rows(bs_ptr, off_ptr, t_next, rows, col_ok)
         first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
         prow = rows[:, None]
         h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
@@ -246,7 +229,8 @@ def _backward_step_kernel(
         for k in tl.static_range(S):
             stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
         h_prev = tl.load(hprev_ptr + first64 * H + h_off, mask=m, other=0.0)
-        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash, h_prev)
+        w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
         g_ptrs = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
         for gate in tl.static_range(G):
             tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)

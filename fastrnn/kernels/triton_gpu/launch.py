@@ -1,9 +1,12 @@
 """Launchers of the triton backend (the kernel contract of :mod:`fastrnn.kernels.reference`)."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 
+from fastrnn import cells
 from fastrnn.kernels.triton_gpu import why_not
 from fastrnn.kernels.triton_gpu.configs import GATES, STASH, _interpreted, select_config
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_step_kernel,
@@ -26,24 +29,59 @@ def _dot_fp32(dtype):
     return dtype == torch.bfloat16 and _interpreted()
 
 
-def _check(cell, xg, w_hr):
+def _check(cell, xg, w_hr, w_cell, hidden):
+    """ValueError unless this backend runs ``cell`` on xg's device and dtype, and ``w_cell`` is
+    given exactly for a cell with per-unit weights, as (K, H) in xg's dtype and device."""
     reason = why_not(cell, xg.device, xg.dtype, 0 if w_hr is None else w_hr.shape[0])
+    names = cells.spec(cell).cell_weights
+    if reason is None and (w_cell is None) != (not names):
+        reason = (f"{cell} takes w_cell ({', '.join(names)})" if names else
+                  f"{cell} has no per-unit cell weights, got w_cell")
+    if reason is None and w_cell is not None and (
+            tuple(w_cell.shape) != (len(names), hidden) or w_cell.dtype != xg.dtype
+            or w_cell.device != xg.device):
+        reason = (f"w_cell must be ({len(names)}, {hidden}) {xg.dtype} on {xg.device}, got "
+                  f"{tuple(w_cell.shape)} {w_cell.dtype} on {w_cell.device}")
     if reason:
         raise ValueError(reason)
 
 
+class _Plan(NamedTuple):
+    """A call's checked plan (:func:`make_plan`): the cell's spec and its Triton step math, and
+    the step tables on the device (``sizes``, ``offsets``: int32 (T,); None when T or B is 0)."""
+
+    spec: object
+    step_math: object
+    sizes: torch.Tensor
+    offsets: torch.Tensor
+
+
+def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
+    """The checks and the device step tables of a call, made once (arguments as
+    :func:`recurrence_forward`, kernel contract); given as ``plan=``, the forward and the backward
+    neither check nor copy the tables again."""
+    _check(cell, xg, w_hr, w_cell, w_hh.shape[1])
+    empty = len(batch_sizes) == 0 or h0.shape[0] == 0
+    sizes, offsets = (None, None) if empty else _steps(batch_sizes, xg.device)
+    return _Plan(cells.spec(cell), cell_math(cell), sizes, offsets)
+
+
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
-                       bias=None):
+                       bias=None, w_cell=None, plan=None):
     """One layer, one direction, a whole (possibly packed) sequence on the GPU.
 
-    xg: (N, G*H); h0: (B, H); c0: (B, H) (lstm) or None; w_hh: (G*H, H); b_hn: (H,) or None
-    (gru); w_hr must be None; batch_sizes: CPU int64 (T,). All floating tensors share xg's dtype
-    (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or None,
-    saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See :mod:`fastrnn.kernels.reference`. ``save`` is
-    accepted for the contract; the kernels always write the stash. ``bias`` (G*H,) or None is
-    added to xg before the kernels (one elementwise pass on the GPU).
+    xg: (N, G*H); h0: (B, H); c0: (B, H) (cells with c) or None; w_hh: (G*H, H); b_hn: (H,) or
+    None (gru); w_hr must be None; w_cell: (K, H) for a cell with per-unit weights
+    (peephole_lstm), else None; batch_sizes: CPU int64 (T,). All floating tensors share xg's
+    dtype (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or
+    None, saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See
+    :mod:`fastrnn.kernels.reference`. ``save`` is accepted for the contract; the kernels always
+    write the stash. ``bias`` (G*H,) or None is added to xg before the kernels (one elementwise
+    pass on the GPU). ``plan``: the call's :func:`make_plan`, made here when None.
     """
-    _check(cell, xg, w_hr)
+    plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
+                             w_cell)
+    spec, step_math, bs, off = plan
     if bias is not None:
         xg = xg + bias
     N = xg.shape[0]
@@ -57,48 +95,53 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     stash = torch.empty(N, STASH[cell] * H, device=dev, dtype=torch.float32)
     if T == 0 or B == 0:
         return y, h0.clone(), None if c0 is None else c0.clone(), (h_prev, stash)
-    bs, off = _steps(batch_sizes, dev)
     config = select_config("forward", cell, dtype, H, rows=N)
-    step_math = cell_math(cell)  # the cell's @triton.jit helpers, the kernels' CELL constexpr
     n_blocks = triton.cdiv(B, config.block_b)
-    if cell == "gru":
+    if spec.has_b_hn:
         bhn = b_hn.contiguous() if b_hn is not None else torch.zeros(H, device=dev, dtype=dtype)
     else:
         bhn = w_hh  # never read: a placeholder pointer
+    wcell = w_hh if w_cell is None else w_cell.contiguous()  # w_hh: never read
     if config.strategy == "fused":
         h_n = torch.empty(B, H, device=dev, dtype=dtype)
-        c_n = torch.empty(B, H, device=dev, dtype=dtype) if cell == "lstm" else None
+        c_n = torch.empty(B, H, device=dev, dtype=dtype) if spec.has_c else None
         _forward_fused_kernel[(n_blocks,)](
-            xg, h0, c0 if c0 is not None else h0, w_hh, bhn,
+            xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
             bs, off, T, B, H, int(bool(reverse)),
             CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
             num_warps=config.num_warps)
         return y, h_n, c_n, (h_prev, stash)
     h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
-    c_state = c0.to(torch.float32).clone() if cell == "lstm" else h_bufs[0]
+    c_state = c0.to(torch.float32).clone() if spec.has_c else h_bufs[0]
     grid = (n_blocks, triton.cdiv(H, config.block_h))
     order = range(T - 1, -1, -1) if reverse else range(T)
     for s, t in enumerate(order):
         _forward_step_kernel[grid](
-            xg, w_hh, bhn, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
+            xg, w_hh, bhn, wcell, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
             y, h_prev, stash, bs, off, t, B, H,
             CELL=step_math, BLOCK_B=config.block_b,
             BLOCK_H=config.block_h, BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
             num_warps=config.num_warps)
     h_n = h_bufs[T % 2].to(dtype)
-    c_n = c_state.to(dtype) if cell == "lstm" else None
+    c_n = c_state.to(dtype) if spec.has_c else None
     return y, h_n, c_n, (h_prev, stash)
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
-                        batch_sizes, reverse, y, saved, bias=None):
+                        batch_sizes, reverse, y, saved, bias=None, w_cell=None, plan=None):
     """BPTT for :func:`recurrence_forward`: hand-written kernels, weight gradients by one GEMM.
 
     grad_y: (N, H); grad_h_n: (B, H); grad_c_n: (B, H) or None; saved = (h_prev, stash) from the
-    forward. Returns (d_xg (N, G*H), d_h0 (B, H), d_c0 (B, H) or None, d_w_hh (G*H, H),
-    d_b_hn (H,) or None, None, d_bias (G*H,) or None), each in its input's dtype.
+    forward; w_cell as given to it. Returns (d_xg (N, G*H), d_h0 (B, H), d_c0 (B, H) or None,
+    d_w_hh (G*H, H), d_b_hn (H,) or None, None, d_bias (G*H,) or None, d_w_cell (K, H) or
+    None), each in its input's dtype. d_w_cell: ``CellSpec.cell_weight_grad`` of the gate
+    gradients and of the c, c' the cell reads from the stash, after the loop (no atomics).
+    ``plan``: the forward's :func:`make_plan`, made here when None.
     """
+    plan = plan or make_plan(cell, grad_y, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
+                             w_cell)
+    spec, step_math, bs, off = plan
     h_prev, stash = saved
     N, H = grad_y.shape[0], w_hh.shape[1]
     B = h0.shape[0]
@@ -107,26 +150,25 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     dev, dtype = grad_y.device, w_hh.dtype
     w_hh = w_hh.contiguous()
     d_gates = torch.empty(N, G * H, device=dev, dtype=torch.float32)
-    d_hn = torch.empty(N, H, device=dev, dtype=torch.float32) if cell == "gru" else None
+    d_hn = torch.empty(N, H, device=dev, dtype=torch.float32) if spec.has_b_hn else None
     d_h0 = grad_h_n.to(torch.float32).clone()
     d_c0 = None
-    if cell == "lstm":
+    wcell = w_hh if w_cell is None else w_cell.contiguous()  # w_hh: never read
+    if spec.has_c:
         if grad_c_n is None:
             grad_c_n = torch.zeros(B, H, device=dev, dtype=dtype)
         d_c0 = grad_c_n.to(torch.float32).clone()
     if T > 0 and B > 0:
-        bs, off = _steps(batch_sizes, dev)
         config = select_config("backward", cell, dtype, H, rows=N)
-        step_math = cell_math(cell)
         n_blocks = triton.cdiv(B, config.block_b)
         dhn_arg = d_hn if d_hn is not None else d_gates
         if config.strategy == "fused":
             _backward_fused_kernel[(n_blocks,)](
-                grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh,
+                grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh, wcell,
                 h_prev, stash, d_gates, dhn_arg, d_h0, d_c0 if d_c0 is not None else d_h0,
                 bs, off, T, B, H, int(bool(reverse)),
-                CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
-                num_warps=config.num_warps)
+                CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b,
+                DOT_FP32=_dot_fp32(dtype), num_warps=config.num_warps)
         else:
             order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
             grid = (n_blocks, triton.cdiv(H, config.block_h))
@@ -134,19 +176,23 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                 t_done = order[s - 1] if s > 0 else -1
                 t_next = order[s] if s < T else -1
                 _backward_step_kernel[grid](
-                    grad_y, w_hh, h_prev, stash, d_gates, dhn_arg,
+                    grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg,
                     d_h0, d_c0 if d_c0 is not None else d_h0,
                     bs, off, t_done, t_next, B, H,
                     CELL=step_math, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
                     BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
                     num_warps=config.num_warps)
     # Weight gradients: one float32 GEMM over all steps, after the loop (deterministic).
-    d_hidden = d_gates if cell != "gru" else torch.cat([d_gates[:, :2 * H], d_hn], dim=1)
+    d_hidden = d_gates if d_hn is None else torch.cat([d_gates[:, :2 * H], d_hn], dim=1)
     d_w_hh = torch.mm(d_hidden.t(), h_prev).to(dtype)
     d_b_hn = None
     if b_hn is not None:
         d_b_hn = d_hn.sum(0).to(b_hn.dtype)
     d_bias = None if bias is None else d_gates.sum(0).to(bias.dtype)
+    d_w_cell = None
+    if w_cell is not None:  # the cell's per-unit weights: its own reduction, also after the loop
+        c_before, c_after = step_math.saved_cell_states(stash, H)
+        d_w_cell = spec.cell_weight_grad(d_gates, c_before, c_after).to(w_cell.dtype)
     return (d_gates.to(dtype), d_h0.to(h0.dtype), None if c0 is None else d_c0.to(c0.dtype),
-            d_w_hh, d_b_hn, None, d_bias)
+            d_w_hh, d_b_hn, None, d_bias, d_w_cell)
 

@@ -17,10 +17,13 @@ The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``,
     with ``w`` the products the step kernel accumulated over chunks of H (``h`` is None).
     Default :func:`plain_preacts`: ``p[g] = xg_g + h W_g^T`` for every gate.
 ``forward(p, h, c) -> (h', c', stash)``
-    The step on float32 tiles; ``c`` is the cell state (cells without one: a stand-in, returned
-    as is); ``stash`` the S tiles the backward needs (besides h, which it always gets).
+    The step on float32 tiles; ``p`` the G pre-activations followed by the cell's K per-unit
+    weight tiles (``cell_weights`` below; none for most cells); ``c`` is the cell state (cells
+    without one: a stand-in, returned as is); ``stash`` the S tiles the backward needs (besides
+    h, which it always gets).
 ``backward(dh, dc, stash, h_prev) -> (d_xg, d_hidden, direct, dc_prev)``
-    BPTT of the step: ``dh``/``dc`` the gradients of h'/c'; ``d_xg`` the gradients of the G xg
+    BPTT of the step (``stash``: the S stash tiles, then the K per-unit weight tiles):
+    ``dh``/``dc`` the gradients of h'/c'; ``d_xg`` the gradients of the G xg
     gate tiles (written to ``d_gates``), ``d_hidden`` those of the G hidden products
     ``h W_g^T (+ b)``, ``direct`` the part of the gradient of h that bypasses ``W_hh``
     (``dh_prev = direct + sum_g d_hidden[g] W_g``), ``dc_prev`` that of c (cells without c:
@@ -29,6 +32,13 @@ The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``,
 ``load_d_hidden(dgate_rows, dhn_rows, ks, gate, H, mask)``
     A bias inside the hidden product and the gradient buffer of that product (GRU's ``b_hn``,
     ``d_hn``). Defaults: no bias, nothing stored, ``d_hidden[g]`` read from ``d_gates``.
+``load_cell_weights(ptrs, mask, H) -> tuple``
+    The cell's own per-unit weights (``CellSpec.cell_weights``, ``w_cell`` (K, H), ``ptrs`` its
+    row 0 at the program's units) as K (1, BLOCK_H) float32 tiles, which the kernels append to
+    ``p`` and ``stash``. Default: ``()`` (no such weights). Their gradient is not a kernel's: the
+    launcher reduces it after the loop with ``CellSpec.cell_weight_grad``, from the c and c' of
+    every row that the torch function ``saved_cell_states(stash, H) -> (c, c')`` (a CellMath
+    argument, required with cell weights) reads out of the saved stash.
 
 The cell state's load and store (:func:`load_state`, :func:`store_state`) follow the cell's spec
 (``states``); the stash width S is :data:`.configs.STASH` (the launcher allocates with it, the
@@ -109,6 +119,26 @@ def accumulate_products(hk, w_ptrs, w_mask, H, acc, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
+def block_tiles(col0, B, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """A program's tile of the (B, H) state: batch rows of block program_id(0), hidden units
+    [col0, col0 + BLOCK_H). Returns rows, cols, col_ok (cols < H), state_mask (the entries
+    inside (B, H)) and state_off (their int32 offsets in it)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = col0 + tl.arange(0, BLOCK_H)
+    col_ok = cols < H
+    state_mask = (rows < B)[:, None] & col_ok[None, :]
+    return rows, cols, col_ok, state_mask, rows[:, None] * H + cols[None, :]
+
+
+@triton.jit
+def step_rows(bs_ptr, off_ptr, t, rows, col_ok):
+    """Step ``t`` of the packed sequence for ``rows``: (its first packed row, active (the rows
+    below its batch size), the mask of active rows and valid units)."""
+    active = rows < tl.load(bs_ptr + t)
+    return tl.load(off_ptr + t), active, active[:, None] & col_ok[None, :]
+
+
+@triton.jit
 def zero_tiles(N: tl.constexpr, SHAPE: tl.constexpr):
     """N float32 zero tiles of SHAPE, a tuple."""
     tiles = ()
@@ -160,6 +190,12 @@ def no_b_hn(ptrs, mask):
 
 
 @triton.jit
+def no_cell_weights(ptrs, mask, H):
+    """A cell without per-unit weights of its own: no tiles."""
+    return ()
+
+
+@triton.jit
 def load_d_hidden(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
     """The gradient of gate ``gate``'s hidden product for columns ``ks``: the xg gradient in
     ``d_gates`` (rows ``dgate_rows``), which it equals for cells without ``d_hn``."""
@@ -186,20 +222,26 @@ class CellMath:
     """A cell's step math for the Triton kernels, their ``CELL`` constexpr (module docstring).
 
     ``spec``: the cell's :class:`fastrnn.cells.CellSpec`; the keyword arguments are its
-    ``@triton.jit`` helpers (``forward`` and ``backward`` required). Attributes ``n_gates`` (G)
-    and ``n_stash`` (S) size the kernels' tuples and strides. Compared, and keyed in Triton's
-    caches, by the helpers' sources (``cache_key``), like a ``JITFunction``.
+    ``@triton.jit`` helpers (``forward`` and ``backward`` required; ``load_cell_weights`` too
+    when the spec has ``cell_weights``) and, for such cells, ``saved_cell_states`` (plain
+    torch, not compiled). Attributes ``n_gates`` (G) and ``n_stash`` (S) size the kernels' tuples
+    and strides. Compared, and keyed in Triton's caches, by the helpers' sources
+    (``cache_key``), like a ``JITFunction``.
     """
 
     _DEFAULTS = dict(preacts=plain_preacts, load_b_hn=no_b_hn, store_d_hn=no_store,
-                     load_d_hidden=load_d_hidden)
+                     load_d_hidden=load_d_hidden, load_cell_weights=no_cell_weights)
 
-    def __init__(self, spec, **helpers):
-        unknown = set(helpers) - set(self._DEFAULTS) - {"forward", "backward"}
-        if unknown or not {"forward", "backward"} <= set(helpers):
-            raise TypeError(f"CellMath({spec.name}): forward and backward are required; "
-                            f"unknown helpers: {sorted(unknown)}")
+    def __init__(self, spec, saved_cell_states=None, **helpers):
+        required = {"forward", "backward"} | ({"load_cell_weights"} if spec.cell_weights else set())
+        unknown = set(helpers) - set(self._DEFAULTS) - required
+        if unknown or not required <= set(helpers) or (saved_cell_states is None) != (
+                not spec.cell_weights):
+            raise TypeError(f"CellMath({spec.name}): {sorted(required)} are required (and "
+                            f"saved_cell_states with cell weights); unknown helpers: "
+                            f"{sorted(unknown)}")
         self.name, self.n_gates, self.n_stash = spec.name, spec.gates, STASH[spec.name]
+        self.saved_cell_states = saved_cell_states
         state = (load_state, store_state) if spec.has_c else (no_state, no_store)
         self.helpers = {**self._DEFAULTS, "load_c": state[0], "store_c": state[1], **helpers}
         for name, helper in self.helpers.items():
