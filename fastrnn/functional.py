@@ -167,9 +167,9 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
                batch_first, batch_sizes, backend):
     has_c = cells.spec(cell).has_c
     h0, c0 = hx if has_c else (hx, None)
-    w_hr = layer_weights(cell, params, has_biases, num_layers, 2 if bidirectional else 1)[0].w_hr
-    backend = backends.resolve(backend, cell, params[0].device, params[0].dtype,
-                               0 if w_hr is None else w_hr.shape[0])
+    w_hh = params[1]  # (G*H, P); P < H with proj_size (torch.nn: proj_size < hidden_size)
+    proj_size = w_hh.shape[1] if w_hh.shape[1] * cells.spec(cell).gates < w_hh.shape[0] else 0
+    backend = backends.resolve(backend, cell, params[0].device, params[0].dtype, proj_size)
     if backend == "native":
         vf = getattr(torch._VF, cell)  # torch's own function of the same name
         if batch_sizes is None:
