@@ -53,6 +53,24 @@ class Choice:
     reason: str
 
 
+def autocast_dtype(tensor):
+    """The dtype ``torch.autocast`` gives a recurrence over ``tensor`` (a weight): autocast's
+    lower-precision dtype where autocast is on for the tensor's device and the tensor is eligible
+    (floating point, not float64, which autocast leaves alone), else None."""
+    device = tensor.device.type
+    if not (torch.is_autocast_enabled(device) and tensor.is_floating_point()
+            and tensor.dtype != torch.float64):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return None if dtype == tensor.dtype else dtype
+
+
+def compute_dtype(tensor):
+    """The dtype a recurrence over weights like ``tensor`` runs in: :func:`autocast_dtype` under
+    autocast, else the tensor's own. Backends are chosen for this dtype."""
+    return autocast_dtype(tensor) or tensor.dtype
+
+
 def check_backend_name(backend):
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")

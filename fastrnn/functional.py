@@ -169,7 +169,11 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
     h0, c0 = hx if has_c else (hx, None)
     w_hh = params[1]  # (G*H, P); P < H with proj_size (torch.nn: proj_size < hidden_size)
     proj_size = w_hh.shape[1] if w_hh.shape[1] * cells.spec(cell).gates < w_hh.shape[0] else 0
-    backend = backends.resolve(backend, cell, params[0].device, params[0].dtype, proj_size)
+    amp = backends.autocast_dtype(params[0])
+    backend = backends.resolve(backend, cell, params[0].device, amp or params[0].dtype, proj_size)
+    if amp is not None and backend != "native":
+        return _autocast(_recurrent, amp, cell, input, hx, params, has_biases, num_layers, dropout,
+                         train, bidirectional, batch_first, batch_sizes, backend)
     if backend == "native":
         vf = getattr(torch._VF, cell)  # torch's own function of the same name
         if batch_sizes is None:
@@ -194,6 +198,19 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
         out, h_n, c_n = stack(cell, input, batch_sizes, h0, c0, params, has_biases, num_layers,
                               dropout, train, bidirectional, backend)
     return (out, h_n, c_n) if has_c else (out, h_n)
+
+
+def _autocast(fn, dtype, cell, input, hx, params, *args):
+    """``fn(cell, input, hx, params, *args)`` on the arguments cast to autocast's ``dtype`` (x,
+    states, weights; differentiably), with autocast off inside: a kernel backend runs the whole
+    recurrence in that dtype, as cuDNN does under autocast (``native`` is torch.nn's own op under
+    torch's autocast)."""
+    def cast(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    hx = tuple(map(cast, hx)) if isinstance(hx, (tuple, list)) else cast(hx)
+    with torch.autocast(input.device.type, enabled=False):
+        return fn(cell, cast(input), hx, [cast(p) for p in params], *args)
 
 
 def _sequence_fn(cell):
@@ -233,7 +250,12 @@ def _cell(cell, input, hx, w_ih, w_hh, b_ih, b_hh, backend):
     _check_cell_args(input, states, w_ih.shape[1], w_hh.shape[1])
     for t in [input] + states:
         _check_same_dtype(t, w_ih)
-    backend = backends.resolve(backend, cell, w_ih.device, w_ih.dtype, step=True)
+    amp = backends.autocast_dtype(w_ih)
+    backend = backends.resolve(backend, cell, w_ih.device, amp or w_ih.dtype, step=True)
+    if amp is not None and backend != "native":
+        def cell_fn(cell, input, hx, weights, backend):
+            return _cell(cell, input, hx, *weights, backend)
+        return _autocast(cell_fn, amp, cell, input, hx, [w_ih, w_hh, b_ih, b_hh], backend)
     if backend == "native":
         return getattr(torch._VF, f"{cell}_cell")(input, hx, w_ih, w_hh, b_ih, b_hh)
     xg, bias, b_hn = input_projection(cell, input, w_ih, b_ih, b_hh)

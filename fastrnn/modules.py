@@ -112,10 +112,11 @@ class _Recurrent(_Backend, nn.RNNBase):
     def backend_for(self, input=None):
         """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this module.
 
-        The choice depends on the module's device and dtype (inputs must match them)."""
-        weight = self._flat_weights[0]
-        return backends.choose(self.backend, self.cell, weight.device, weight.dtype,
-                               self.proj_size)
+        The choice depends on the module's device and dtype (inputs must match them), and under
+        ``torch.autocast`` on autocast's dtype (:func:`fastrnn.backends.compute_dtype`)."""
+        weight = getattr(self, self._flat_weights_names[0])
+        return backends.choose(self.backend, self.cell, weight.device,
+                               backends.compute_dtype(weight), self.proj_size)
 
     def _cell_params(self):
         """The flat parameter list :func:`fastrnn.functional.stack` takes (torch.nn's order)."""
@@ -152,9 +153,9 @@ class _Recurrent(_Backend, nn.RNNBase):
             return self._torch_class.forward(self, input, hx)
         backend = None
         if not unrolled:
-            weight = self._flat_weights[0]
-            backend = backends.resolve(self.backend, self.cell, weight.device, weight.dtype,
-                                       self.proj_size)
+            weight = getattr(self, self._flat_weights_names[0])  # current under functional_call
+            backend = backends.resolve(self.backend, self.cell, weight.device,
+                                       backends.compute_dtype(weight), self.proj_size)
             if backend == "native":
                 return self._torch_class.forward(self, input, hx)
         self._update_flat_weights()
@@ -335,14 +336,14 @@ class _Cell(_Backend):
 
     def backend_for(self, input=None):
         """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this cell."""
-        return backends.choose(self.backend, self.cell, self.weight_ih.device, self.weight_ih.dtype,
-                               step=True)
+        return backends.choose(self.backend, self.cell, self.weight_ih.device,
+                               backends.compute_dtype(self.weight_ih), step=True)
 
     def forward(self, input, hx=None):
         if exporting():  # the graph torch.nn gives
             return super().forward(input, hx)
         backend = backends.resolve(self.backend, self.cell, self.weight_ih.device,
-                                   self.weight_ih.dtype, step=True)
+                                   backends.compute_dtype(self.weight_ih), step=True)
         if backend == "native":
             return super().forward(input, hx)
         is_lstm = self._name == "LSTMCell"
