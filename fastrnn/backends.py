@@ -53,10 +53,16 @@ class Choice:
     reason: str
 
 
+# Whether autocast is on for any device (torch's own check, as torch.compile uses it).
+_ANY_AUTOCAST = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
+
 def autocast_dtype(tensor):
     """The dtype ``torch.autocast`` gives a recurrence over ``tensor`` (a weight): autocast's
     lower-precision dtype where autocast is on for the tensor's device and the tensor is eligible
     (floating point, not float64, which autocast leaves alone), else None."""
+    if not _ANY_AUTOCAST():  # the common case, cheaply (tensor.device costs a microsecond)
+        return None
     device = tensor.device.type
     if not (torch.is_autocast_enabled(device) and tensor.is_floating_point()
             and tensor.dtype != torch.float64):
