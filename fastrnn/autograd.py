@@ -2,10 +2,9 @@
 place, :func:`route`), and the autograd Function at the core of fastrnn (:class:`Recurrence`)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from fastrnn import backends
 from fastrnn.kernels import reference
@@ -18,11 +17,13 @@ PROJECTION_CHUNK_BYTES = 8 << 20
 PROJECTION_CHUNK_MIN_BYTES = 32 << 20
 
 
-class _Call(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Call:
     """What one :class:`Recurrence` call worked out once, in forward, and backward reuses: the
     backend's kernel package (``kern``), the cell, the steps (``batch_sizes``, ``reverse``) and
     the backend's checked plan of the call (``kern.make_plan``: for numba the schedule of the
-    steps and threads, for triton its step tables)."""
+    steps and threads, for triton its step tables; it depends on shapes and steps only, so one
+    plan serves every slice of a vmap). Not a tuple: torch.func passes it through untouched."""
 
     kern: object
     cell: str
@@ -31,45 +32,182 @@ class _Call(NamedTuple):
     plan: object
 
 
-class Recurrence(torch.autograd.Function):
-    """One recurrent layer in one direction over a whole (possibly packed) sequence.
+def _select(value, dim, i):
+    """Slice ``i`` of ``value`` along its vmapped ``dim`` (``dim`` mirrors ``value``'s nesting
+    of tuples, as a vmap staticmethod's ``in_dims`` does; None: not batched)."""
+    if isinstance(value, tuple):
+        dims = dim if isinstance(dim, tuple) else (dim,) * len(value)
+        return tuple(_select(v, d, i) for v, d in zip(value, dims))
+    return value if dim is None else value.select(dim, i)
 
-    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias[,
-    w_cell]])`` returns ``(y, h_n, c_n)`` (``(y, h_n)`` for cells without a cell state); shapes as
-    in :func:`fastrnn.kernels.reference.recurrence_forward` (xg: (N, G*H), h0: (B, P), c0: (B, H)
-    or None, bias: (G*H,) or None, w_cell: (K, H) or None, y: (N, P)). ``forward`` makes the
-    call's plan (checks, schedule) once and runs the backend's forward kernel; ``backward`` runs
-    its hand-written BPTT kernel with that plan, which returns the gradients of xg, h0, c0, w_hh,
-    b_hn, w_hr, bias and w_cell. Once differentiable: for double backward use
-    ``backend="reference"``.
-    """
+
+def _vmap_loop(function, info, in_dims, args):
+    """A vmap rule by a loop: ``function.apply`` on each slice of ``args``, then each output's
+    slices stacked on a new dim 0 (None and non-tensor outputs: the first slice's, unbatched).
+    The kernels take plain tensors (``.numpy()``, raw pointers): they cannot run batched."""
+    runs = [function.apply(*_select(args, in_dims, i)) for i in range(info.batch_size)]
+
+    def stack(outs):
+        first = outs[0]
+        if isinstance(first, tuple):
+            pairs = [stack(list(parts)) for parts in zip(*outs)]
+            return tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        if isinstance(first, torch.Tensor):
+            return torch.stack(outs), 0
+        return first, None
+
+    return stack(runs)
+
+
+class _Function(torch.autograd.Function):
+    """An autograd Function always applied with all its arguments, positionally: outside
+    torch.func, ``apply`` goes straight to autograd's C++ apply, without the per-call
+    ``inspect.signature`` binding of defaults that ``Function.apply`` does for a Function with
+    ``setup_context`` (measured 0.25 ms per layer/direction of a training step)."""
+
+    @classmethod
+    def apply(cls, *args):
+        if torch._C._are_functorch_transforms_active():
+            return super().apply(*args)
+        args = torch._functorch.utils.unwrap_dead_wrappers(args)
+        return super(torch.autograd.Function, cls).apply(*args)
+
+
+class _Recurrence(_Function):
+    """The autograd Function behind :class:`Recurrence`: its arguments plus ``recipe``, and it
+    returns ``(y, h_n, c_n, call, saved)``: c_n None for cells without a cell state, ``call`` the
+    :class:`_Call`, ``saved`` the kernel's saved tensors (``(y, *kern_saved)``, returned so that
+    they reach ``setup_context`` under torch.func too; not differentiable).
+
+    ``recipe``: None, or ``(fn, *tensors)`` with ``fn(*tensors)`` equal to ``xg`` (the module
+    path: ``x W_ih^T`` from the layer's input and w_ih, tensors the projection's matmul keeps
+    alive anyway; saved like the others: freed after backward). Double backward needs xg; with a
+    recipe it is recomputed then, from tensors that carry its graph; without one, forward keeps
+    ``xg`` itself."""
 
     @staticmethod
-    def forward(ctx, backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None,
-                w_cell=None):
+    def forward(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell,
+                recipe):
         kern = backends.kernels(backend)
         plan = kern.make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                               w_cell)
         y, h_n, c_n, saved = kern.recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr,
                                                      batch_sizes, reverse, bias=bias,
                                                      w_cell=w_cell, plan=plan)
-        ctx.call = _Call(kern, cell, batch_sizes, reverse, plan)
-        ctx.save_for_backward(h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved)
-        if c_n is None:
-            return y, h_n
-        return y, h_n, c_n
+        return y, h_n, c_n, _Call(kern, cell, batch_sizes, reverse, plan), (y, *saved)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, grad_h_n, grad_c_n=None):
-        h0, c0, w_hh, b_hn, w_hr, bias, w_cell, y, *saved = ctx.saved_tensors
-        call = ctx.call
-        grads = call.kern.recurrence_backward(
+    def setup_context(ctx, inputs, output):
+        xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell, recipe = inputs[4:]
+        fn, *recipe_tensors = recipe or (None,)
+        ctx.call, ctx.recipe, ctx.xg_dtype = output[3], fn, xg.dtype
+        ctx.n_recipe = len(recipe_tensors)
+        ctx.save_for_backward(None if fn else xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell,
+                              *recipe_tensors, *output[4])
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_h_n, grad_c_n, _call, _saved):
+        xg, *tensors = ctx.saved_tensors
+        tensors, recipe_tensors, saved = (tensors[:7], tensors[7:7 + ctx.n_recipe],
+                                          tuple(tensors[7 + ctx.n_recipe:]))
+        args = (ctx.call, saved, grad_y, grad_h_n, grad_c_n)
+        if not torch.is_grad_enabled():  # a plain backward: the kernel's BPTT, nothing recomputed
+            if not torch._C._are_functorch_transforms_active():  # ... and nothing to record
+                return (None,) * 4 + _BPTT.forward(*args, None, *tensors) + (None,)
+            xg = None
+        elif ctx.recipe:  # create_graph: xg again, with its graph to the layer's input and w_ih
+            xg = ctx.recipe(*recipe_tensors).to(ctx.xg_dtype)
+        grads = _BPTT.apply(*args, xg, *tensors)
+        return (None,) * 4 + tuple(grads) + (None,)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_loop(_Recurrence, info, in_dims, args)
+
+
+class _BPTT(_Function):
+    """The backend's hand-written BPTT of one :class:`_Recurrence` call, as a Function of its own:
+    so that it runs under vmap (jacrev: the loop of :func:`_vmap_loop`) and has a backward, the
+    double backward.
+
+    ``forward(call, saved, grad_y, grad_h_n, grad_c_n, xg, h0, c0, w_hh, b_hn, w_hr, bias,
+    w_cell)`` returns the 8 gradients of (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell) (None for an
+    absent input), bitwise the kernel's. ``xg`` is used only by ``backward`` (None in a plain
+    backward), which recomputes those gradients through the reference loop (``torch.func.vjp``)
+    and takes their vector-Jacobian product in turn: the double backward of every backend, and
+    any higher order, as the recompute is plain torch ops. No ``jvp``: no forward-mode AD."""
+
+    @staticmethod
+    def forward(call, saved, grad_y, grad_h_n, grad_c_n, xg, h0, c0, w_hh, b_hn, w_hr, bias,
+                w_cell):
+        y, *kern_saved = saved
+        return tuple(call.kern.recurrence_backward(
             call.cell, grad_y.contiguous(), grad_h_n.contiguous(),
             None if grad_c_n is None else grad_c_n.contiguous(), h0, c0, w_hh, b_hn, w_hr,
-            call.batch_sizes, call.reverse, y, tuple(saved), bias=bias, w_cell=w_cell,
-            plan=call.plan)
-        return (None, None, None, None) + tuple(grads)
+            call.batch_sizes, call.reverse, y, tuple(kern_saved), bias=bias, w_cell=w_cell,
+            plan=call.plan))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[2:])
+
+    @staticmethod
+    def backward(ctx, *grad_grads):
+        call = ctx.call
+        leaves = ctx.saved_tensors  # grad_y, grad_h_n, grad_c_n, xg, h0, ..., w_cell
+        present = [t for t in leaves if t is not None]
+        n_out = 2 if leaves[2] is None else 3
+
+        def bptt(*tensors):  # the layer's gradients through the reference loop
+            args = iter(tensors)
+            full = [None if t is None else next(args) for t in leaves]
+            cotangents, inputs = full[:n_out], full[3:]
+            wrt = [t for t in inputs if t is not None]
+
+            def layer(*wrt_now):
+                now = iter(wrt_now)
+                sub = [None if t is None else next(now) for t in inputs]
+                outs = reference.recurrence(call.cell, *sub[:6], call.batch_sizes, call.reverse,
+                                            *sub[6:])
+                return outs[:n_out]
+
+            return torch.func.vjp(layer, *wrt)[1](tuple(cotangents))
+
+        # torch.func.vjp (not autograd.grad) so that this runs under torch.func transforms too.
+        grads, vjp = torch.func.vjp(bptt, *present)
+        cotangents = [torch.zeros_like(g) if gg is None else gg
+                      for g, gg in zip(grads, (gg for gg, t in zip(grad_grads, leaves[3:])
+                                               if t is not None))]
+        second = iter(vjp(tuple(cotangents)))
+        return (None, None) + tuple(None if t is None else next(second) for t in leaves)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_loop(_BPTT, info, in_dims, args)
+
+
+class Recurrence:
+    """One recurrent layer in one direction over a whole (possibly packed) sequence.
+
+    ``Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr[, bias[,
+    w_cell]])`` returns ``(y, h_n, c_n)`` (``(y, h_n)`` for cells without a cell state); shapes as
+    in :func:`fastrnn.kernels.reference.recurrence_forward` (xg: (N, G*H), h0: (B, P), c0: (B, H)
+    or None, bias: (G*H,) or None, w_cell: (K, H) or None, y: (N, P)). Forward makes the call's
+    plan (checks, schedule) once and runs the backend's forward kernel; backward runs its
+    hand-written BPTT kernel with that plan (gradients of xg, h0, c0, w_hh, b_hn, w_hr, bias and
+    w_cell). Double backward (``create_graph=True``) differentiates the layer again through the
+    reference loop, recomputed from the inputs (called this way, without the module path's
+    ``recipe``, the call keeps xg for it). torch.func (grad, vjp, jacrev, vmap) composes with it:
+    vmap runs the kernels once per slice.
+    """
+
+    @staticmethod
+    def apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr, bias=None,
+              w_cell=None, recipe=None):
+        y, h_n, c_n, _, _ = _Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0,
+                                              w_hh, b_hn, w_hr, bias, w_cell, recipe)
+        return (y, h_n) if c_n is None else (y, h_n, c_n)
 
 
 def needs_grad(*tensors):
@@ -89,13 +227,14 @@ def route(backend, x, xg_bytes, tensors):
     * ``"chunked"``: no gradient recorded and a long CPU input: the projection made chunk by chunk
       (see ``PROJECTION_CHUNK_BYTES``), the kernel's forward without saving;
     * ``"inference"``: no gradient recorded: the kernel's forward without saving;
-    * ``"autograd"``: :class:`Recurrence` (the kernel's forward, then its BPTT).
+    * ``"autograd"``: :class:`Recurrence` (the kernel's forward, then its BPTT); also under
+      torch.func transforms (grad, vmap, ...), which only the Function supports.
     """
     if backend == "reference":  # plain torch ops: torch.compile and export trace them as such
         return "reference"
     if torch.compiler.is_compiling():
         return "custom-op"
-    if needs_grad(*tensors):
+    if needs_grad(*tensors) or torch._C._are_functorch_transforms_active():
         return "autograd"
     if x.device.type == "cpu" and xg_bytes > PROJECTION_CHUNK_MIN_BYTES:
         return "chunked"
@@ -103,10 +242,11 @@ def route(backend, x, xg_bytes, tensors):
 
 
 def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None,
-               w_cell=None, how=None):
+               w_cell=None, how=None, recipe=None):
     """Run one layer/direction on ``backend`` ("reference" or a kernel backend) by the route
     ``how`` (:func:`route`; decided here when None). Returns ``(y, h_n, c_n)`` (c_n None for
-    cells without a cell state)."""
+    cells without a cell state). ``recipe``: how to recompute xg for a double backward (see
+    :class:`_Recurrence`), or None."""
     tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell)
     how = how or route(backend, xg, 0, tensors)
     if how == "custom-op":
@@ -122,6 +262,6 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
             cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=False, bias=bias,
             w_cell=w_cell)
         return y, h_n, c_n
-    out = Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh, b_hn, w_hr,
-                           bias, w_cell)
-    return out if len(out) == 3 else (out[0], out[1], None)
+    y, h_n, c_n, _, _ = _Recurrence.apply(backend, cell, batch_sizes, reverse, xg, h0, c0, w_hh,
+                                          b_hn, w_hr, bias, w_cell, recipe)
+    return y, h_n, c_n

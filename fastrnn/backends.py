@@ -119,7 +119,8 @@ def not_ready(name, cell, dtype, proj_size=0):
         prepare = getattr(package, "prepare", None)
         if prepare is not None:
             step, what = "compile", f" the {cell} forward for {str(dtype).replace('torch.', '')}"
-            prepare(cell, dtype, proj_size)
+            with torch._C._DisableFuncTorch():  # plain tensors inside torch.func transforms
+                prepare(cell, dtype, proj_size)
     except Exception as exc:  # any import, cache or compile failure: auto falls back
         _FAILURES[name, cell, dtype, proj_size] = exc
         message = (str(exc).strip().splitlines() or [""])[0]

@@ -137,6 +137,10 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
     if c0 is not None:
         _check_same_dtype(c0, layers[0].w_hh)
     layer_input, h_n, c_n = x, [], []
+
+    def project(x, w_ih):
+        return input_projection(cell, x, w_ih, None, None)[0]
+
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
@@ -151,9 +155,11 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
             else:
                 xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
                                                   weights.b_hh)
+                # How to make xg again, should a double backward need it (not kept meanwhile).
+                recipe = (project, layer_input, weights.w_ih) if how == "autograd" else None
                 y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, weights.w_hh, b_hn,
                                      weights.w_hr, batch_sizes, direction == 1, bias,
-                                     weights.w_cell, how=how)
+                                     weights.w_cell, how=how, recipe=recipe)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

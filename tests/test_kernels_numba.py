@@ -351,7 +351,9 @@ def test_cell_step_math_runs_unjitted(cell, direction):
     args = _step_arguments(cell, direction, np.random.default_rng(seed_of(cell, direction)))
     plain, compiled = ([a.copy() if isinstance(a, np.ndarray) else a for a in args] for _ in "ab")
     fn(*plain)
-    njit(**jit._JIT)(fn)(*compiled)
+    # not cached: a disk cache of the bare step would be keyed on the cell file alone, and go
+    # stale when the activations it inlines change
+    njit(**{**jit._JIT, "cache": False})(fn)(*compiled)
     for before, want, got in zip(args, plain, compiled):
         if isinstance(before, np.ndarray):
             np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)

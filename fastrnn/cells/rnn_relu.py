@@ -34,7 +34,8 @@ def numba_backward(gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc, b, tc
     (y: (N, H)). The other arguments: unused."""
     zero = scalar.one(dm) - scalar.one(dm)
     for u in range(dm.shape[1]):
-        d_xg[q, u] = dm[b, u] if y[q, u] > zero else zero
+        # torch's threshold_backward: the gradient passes where y is not <= 0, NaN included
+        d_xg[q, u] = zero if y[q, u] <= zero else dm[b, u]
 
 
 SPEC = CellSpec(name="rnn_relu", gates=1, states=("h",), torch_mode="RNN_RELU", code=1,
@@ -53,10 +54,10 @@ def triton_step_math():
 
     @cell_jit
     def relu(x):
-        return tl.maximum(x, 0.0)
+        return tl.where(x <= 0.0, 0.0, x)  # NaN passes through (tl.maximum may drop it)
 
     @cell_jit
     def relu_grad(dh, h_new):
-        return tl.where(h_new > 0.0, dh, 0.0)
+        return tl.where(h_new <= 0.0, 0.0, dh)  # as torch: the gradient passes where h' is NaN
 
     return elman.triton_step_math(SPEC, relu, relu_grad)

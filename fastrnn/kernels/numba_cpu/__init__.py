@@ -22,7 +22,8 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
   the output columns), column-tiled so a weight tile stays in L2 across row groups.
 * Gate math is fused after the matmul of each row group, as short loops that each write one
   array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there
-  is no SVML): float32 Eigen's rational tanh, float64 an expm1 of its own (error ~1e-16).
+  is no SVML) and saturate exactly where torch's do: float32 tanh Eigen's rational function,
+  the rest through an exponential of our own (``activations.py``).
 * Forward saves only what BPTT needs, and nothing under inference (``save=False``): activated
   gates (LSTM i,f,g,o; GRU r,z, the n-gate's recurrent part ``h W_hn^T + b_hn``, n) and, for LSTM,
   the cell states. RNN saves nothing (its derivative is read from y). Weight gradients are reduced
