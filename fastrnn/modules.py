@@ -122,14 +122,21 @@ class _Recurrent(_Backend, nn.RNNBase):
         """The flat parameter list :func:`fastrnn.functional.stack` takes (torch.nn's order)."""
         return self._flat_weights
 
+    def _update_flat_weights(self):
+        """torch.nn's, after a cheap check that nothing changed (every weight still the very
+        tensor in ``_flat_weights``): torch's own check reads each weight through
+        ``nn.Module.__getattr__``, 18 µs of every LSTM call."""
+        params = self._parameters
+        for name, weight in zip(self._flat_weights_names, self._flat_weights):
+            if params.get(name) is not weight:
+                return super()._update_flat_weights()
+        return None
+
     def _zero_state(self, batch, input):
         layers = self.num_layers * (2 if self.bidirectional else 1)
         size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(layers, batch, size, dtype=input.dtype, device=input.device)
-        if self.mode != "LSTM":
-            return h
-        return h, torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype,
-                              device=input.device)
+        h = input.new_zeros(layers, batch, size)
+        return (h, input.new_zeros(layers, batch, self.hidden_size)) if self.mode == "LSTM" else h
 
     def _check_hx_dims(self, hx, dims, batched):
         """torch.nn's check that hx is 3-D for batched and 2-D for unbatched input."""
@@ -152,13 +159,13 @@ class _Recurrent(_Backend, nn.RNNBase):
         if unrolled and self._export_with_torch():
             return self._torch_class.forward(self, input, hx)
         backend = None
+        self._update_flat_weights()  # current weights (functional_call, parametrizations)
         if not unrolled:
-            weight = getattr(self, self._flat_weights_names[0])  # current under functional_call
+            weight = self._flat_weights[0]
             backend = backends.resolve(self.backend, self.cell, weight.device,
                                        backends.compute_dtype(weight), self.proj_size)
             if backend == "native":
                 return self._torch_class.forward(self, input, hx)
-        self._update_flat_weights()
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         if packed:
