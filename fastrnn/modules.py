@@ -123,14 +123,11 @@ class _Recurrent(_Backend, nn.RNNBase):
         return self._flat_weights
 
     def _update_flat_weights(self):
-        """torch.nn's, after a cheap check that nothing changed (every weight still the very
-        tensor in ``_flat_weights``): torch's own check reads each weight through
-        ``nn.Module.__getattr__``, 18 µs of every LSTM call."""
+        """torch.nn's, only if a weight is no longer the tensor in ``_flat_weights`` (torch's own
+        check reads each weight through ``nn.Module.__getattr__``: 18 µs of an LSTM call)."""
         params = self._parameters
-        for name, weight in zip(self._flat_weights_names, self._flat_weights):
-            if params.get(name) is not weight:
-                return super()._update_flat_weights()
-        return None
+        if any(params.get(n) is not w for n, w in zip(self._flat_weights_names, self._flat_weights)):
+            super()._update_flat_weights()
 
     def _zero_state(self, batch, input):
         layers = self.num_layers * (2 if self.bidirectional else 1)
