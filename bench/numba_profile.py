@@ -30,7 +30,7 @@ from numba import njit
 import fastrnn
 from fastrnn import functional
 from fastrnn.cells import GATES
-from fastrnn.kernels.numba_cpu import jit, launch, matmul
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul
 from fastrnn_bench.timing import machine_info
 
 DEFAULT_CASES = ("lstm:50:1:32,lstm:200:8:128,lstm:200:64:128,lstm:50:64:512,gru:50:1:512,"
@@ -78,9 +78,9 @@ def profile(cell, steps, batch, hidden, repeats):
     sizes = torch.full((steps,), batch, dtype=torch.int64)
     plan = launch._schedule(sizes, False, batch, gates * hidden * hidden, 4)
     gemm = matmul._gemm_address(torch.float32)
-    h_a = launch._owned(torch.randn(batch, hidden))  # aligned, as the kernel's
-    w_t = launch._transposed(w_hh)
-    acc = launch._alloc((batch, gates * hidden), np.float32)
+    h_a = buffers.owned(torch.randn(batch, hidden))  # aligned, as the kernel's
+    w_t = buffers.transposed(w_hh)
+    acc = buffers.alloc((batch, gates * hidden), np.float32)
 
     def kernel_forward(save):
         return launch.recurrence_forward(kernel_cell, xg, h0, c0, w_hh, b_hn, None, sizes, False,

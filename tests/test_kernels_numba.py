@@ -3,7 +3,7 @@ determinism, long sequences.
 
 Every case draws its own random inputs, from a seed derived from its test id (``seed_of``), so a
 failure replays. Buffers the kernels allocate are NaN-filled during these tests
-(``numba_cpu.launch._alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
+(``numba_cpu.buffers.alloc`` is replaced), so an element a kernel forgets to write shows up as a mismatch.
 """
 import os
 import subprocess
@@ -18,7 +18,7 @@ from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.cells import scalar
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import jit, launch, loops
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops
 from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
@@ -38,7 +38,7 @@ VARIANTS = {
 TWO_THREADS = min(torch.get_num_threads(), os.cpu_count() or 1) >= 2
 
 
-ALLOC = launch._alloc
+ALLOC = buffers.alloc
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +50,7 @@ def nan_filled_buffers(monkeypatch):
         out = ALLOC(shape, dtype)
         out[...] = np.nan
         return out
-    monkeypatch.setattr(launch, "_alloc", alloc)
+    monkeypatch.setattr(buffers, "alloc", alloc)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -215,7 +215,7 @@ def test_transposed_weights(dtype, with_mkl, monkeypatch, generator):
         monkeypatch.setattr(numba_matmul, "_OMATCOPY", None)
     for shape in ((12, 3), (1, 7), (128, 32), (256, 64), (2048, 512)):
         w = torch.randn(shape, generator=generator, dtype=dtype)
-        got = launch._transposed(w)
+        got = buffers.transposed(w)
         assert got.flags.c_contiguous and torch.equal(torch.from_numpy(got), w.t())
 
 

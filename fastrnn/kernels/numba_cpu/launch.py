@@ -2,7 +2,6 @@
 the thread plan, buffers, and the compiled loops of :mod:`.loops`."""
 from __future__ import annotations
 
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ import torch
 from numba import njit
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import matmul
+from fastrnn.kernels.numba_cpu import buffers, matmul
 from fastrnn.kernels.numba_cpu.jit import _JIT
 from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_thread,
                                              _gather_rows, _previous_rows)
@@ -92,71 +91,6 @@ def _run_one(loop, tid, plan, gemm, args):
             matmul._MKL_SET_THREADS_LOCAL(previous)
     else:
         loop(tid, plan.nthreads, plan.group, gemm, *args)
-
-
-
-_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-_NUMPY_DTYPES = {t: n for n, t in _TORCH_DTYPES.items()}
-_NUMPY_ALLOC_MAX_BYTES = 1 << 20
-_ALIGN = 64
-_NUMPY_TRANSPOSE_MAX_NUMEL = 1 << 13
-
-
-def _alloc(shape, dtype):
-    """Uninitialized float buffer for outputs and scratch, 64-byte aligned (MKL's gemm ran 1.7x
-    slower per step on a 16-byte aligned weight, B=1 H=128). Every element is written before it
-    is read (tests replace this with a NaN-filled allocator to prove it). Small ones from numpy
-    (under 1 µs, a third of a torch tensor's cost: it counts at small sizes, where a call
-    allocates five). Large ones from torch: numpy asks the kernel for transparent huge pages on
-    large arrays, and here a first touch of those stalled now and then in page compaction (GRU
-    training T=1000 B=64 H=128: 2 calls in 3 took 1.9x longer)."""
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize * math.prod(shape)
-    if nbytes >= _NUMPY_ALLOC_MAX_BYTES:
-        return torch.empty(shape, dtype=_TORCH_DTYPES[dtype]).numpy()
-    if nbytes == 0:  # an argument the loop does not use
-        return np.empty(shape, dtype)
-    count = nbytes // dtype.itemsize
-    raw = np.empty(count + _ALIGN // dtype.itemsize, dtype)
-    start = _aligned_start(raw)
-    return raw[start:start + count].reshape(shape)
-
-
-@njit(**_JIT)
-def _aligned_start(a):
-    """The first index of 1-D ``a`` at a 64-byte boundary (a jitted call: 4x faster than reading
-    the address through numpy's ctypes)."""
-    return (-a.ctypes.data % 64) // a.itemsize
-
-
-def _owned(tensor):
-    """A C-contiguous, aligned numpy array owning a copy of ``tensor`` (a state the loop updates
-    in place)."""
-    out = _alloc(tuple(tensor.shape), _NUMPY_DTYPES[tensor.dtype])
-    out[...] = tensor.detach().numpy()
-    return out
-
-
-def _array(tensor):
-    """A C-contiguous numpy view (zero copy when already contiguous) of a CPU tensor."""
-    return tensor.detach().contiguous().numpy()
-
-
-def _transposed(tensor):
-    """A C-contiguous, aligned numpy copy of ``tensor.t()`` (2-D). Small ones by numpy (3 µs; a
-    ctypes call costs 8), large ones by MKL's transpose where torch exports it, else by torch
-    (numpy's took 4.4 ms at 2048x512, torch's 1.0 ms, MKL's 0.6 ms)."""
-    a = _array(tensor)
-    rows, cols = a.shape
-    if a.size > _NUMPY_TRANSPOSE_MAX_NUMEL and matmul._OMATCOPY is None:
-        return tensor.detach().t().contiguous().numpy()
-    out = _alloc((cols, rows), a.dtype)
-    if a.size <= _NUMPY_TRANSPOSE_MAX_NUMEL:
-        out[...] = a.T
-    else:
-        matmul._OMATCOPY[a.dtype](b"R", b"T", rows, cols, 1.0, a.ctypes.data, cols, out.ctypes.data,
-                           rows)
-    return out
 
 
 @njit(**_JIT)
@@ -275,9 +209,9 @@ def _weight_grad(d_pre, y, h0, plan, reverse, prev):
             else (slice(0, batch), slice(batch, n_rows))
         before = slice(batch, n_rows) if reverse else slice(0, n_rows - batch)
         return torch.addmm(d_pre[first].t() @ h0, d_pre[rest].t(), y[before])
-    y_a = _array(y)
-    h_prev = _alloc((n_rows, h0.shape[1]), y_a.dtype)
-    _gather_rows(y_a, _array(h0), prev, h_prev)
+    y_a = buffers.array(y)
+    h_prev = buffers.alloc((n_rows, h0.shape[1]), y_a.dtype)
+    _gather_rows(y_a, buffers.array(h0), prev, h_prev)
     return d_pre.t() @ torch.from_numpy(h_prev)
 
 
@@ -313,18 +247,18 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     batch, proj = h0.shape
     gemm = matmul._gemm_address(xg.dtype)
     hidden = w_hh.shape[0] // spec.gates
-    xg_a = _array(xg)
+    xg_a = buffers.array(xg)
     dtype = xg_a.dtype
-    b_x = _array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
+    b_x = buffers.array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
     n_rows = xg_a.shape[0]
-    h = _owned(h0)
-    y = _alloc((n_rows, proj), dtype)
+    h = buffers.owned(h0)
+    y = buffers.alloc((n_rows, proj), dtype)
     # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
     # per step (B=8, H=128) than this one copy per call.
-    w_t = _transposed(w_hh)
+    w_t = buffers.transposed(w_hh)
     empty = np.zeros((0, 0), dtype)  # what the cell does not use
     has_proj = w_hr is not None
-    w_c = _array(w_cell) if w_cell is not None else empty
+    w_c = buffers.array(w_cell) if w_cell is not None else empty
     # The steps' gate rows: y itself where they are the output (the RNNs, activated in place);
     # else kept for backward when training (spec.saved: "gates", then "c", the cell state after
     # each step), or a scratch row per batch row.
@@ -333,13 +267,13 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     if spec.gates_in_y:
         gates, acc = y, empty
     else:
-        gates = _alloc((n_rows, width), dtype) if save else empty
-        acc = empty if save else _alloc((batch, width), dtype)
-    c = _owned(c0) if spec.has_c else empty
-    c_all = _alloc((n_rows, hidden), dtype) if save and "c" in spec.saved else empty
-    b = _array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype)
-    wr_t = _transposed(w_hr) if has_proj else empty
-    m = _alloc((batch, hidden), dtype) if has_proj else empty
+        gates = buffers.alloc((n_rows, width), dtype) if save else empty
+        acc = empty if save else buffers.alloc((batch, width), dtype)
+    c = buffers.owned(c0) if spec.has_c else empty
+    c_all = buffers.alloc((n_rows, hidden), dtype) if save and "c" in spec.saved else empty
+    b = buffers.array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype)
+    wr_t = buffers.transposed(w_hr) if has_proj else empty
+    m = buffers.alloc((batch, hidden), dtype) if has_proj else empty
     _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y, xg_a, b_x, b, w_c, h,
          c, w_t, wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
@@ -365,12 +299,12 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     hidden = w_hh.shape[0] // spec.gates
     batch, proj = h0.shape
     n_rows = grad_y.shape[0]
-    gy = _array(grad_y)
+    gy = buffers.array(grad_y)
     dtype = gy.dtype
-    y_a = _array(y)
-    w = _array(w_hh)
-    dh = _owned(grad_h_n)
-    d_xg = torch.from_numpy(_alloc((n_rows, w_hh.shape[0]), dtype))
+    y_a = buffers.array(y)
+    w = buffers.array(w_hh)
+    dh = buffers.owned(grad_h_n)
+    d_xg = torch.from_numpy(buffers.alloc((n_rows, w_hh.shape[0]), dtype))
     if plan is None:
         plan = make_plan(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)
         _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden)
@@ -380,25 +314,26 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     prev = np.empty(n_rows, np.int64)
     _previous_rows(order, offsets, sizes, prev)
     empty = np.zeros((0, 0), dtype)  # what the cell does not use
-    kept = {name: _array(t) for name, t in zip(spec.saved, saved)}
+    kept = {name: buffers.array(t) for name, t in zip(spec.saved, saved)}
     has_proj = w_hr is not None
     dc = empty
     if spec.has_c:
-        dc = np.zeros((batch, hidden), dtype) if grad_c_n is None else _owned(grad_c_n)
-    wr = _array(w_hr) if has_proj else empty
-    dm = _alloc((batch, hidden), dtype)
-    dy_all = _alloc((n_rows, proj), dtype) if has_proj else empty
-    m_all = _alloc((n_rows, hidden), dtype) if has_proj else empty
-    tc = empty if has_proj else _alloc((batch, hidden), dtype)
+        dc = np.zeros((batch, hidden), dtype) if grad_c_n is None else buffers.owned(grad_c_n)
+    wr = buffers.array(w_hr) if has_proj else empty
+    dm = buffers.alloc((batch, hidden), dtype)
+    dy_all = buffers.alloc((n_rows, proj), dtype) if has_proj else empty
+    m_all = buffers.alloc((n_rows, hidden), dtype) if has_proj else empty
+    tc = empty if has_proj else buffers.alloc((batch, hidden), dtype)
     # With b_hn inside r * (h W_hn^T + b_hn) (GRU), the gradient w.r.t. that block of h W_hh^T is
     # d_hn = d(n's pre-activation) * r, not d_xg's: the row step writes it per packed row (for
     # d_w_hh and d_b_hn) and the step matmul's operand to the scratch dg.
     scratch_grad = spec.has_b_hn
-    d_hn = _alloc((n_rows, hidden), dtype) if scratch_grad else empty
-    dg = _alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
-    _run(_backward_thread, plan, gemm, CODES[cell], gy, y_a, _array(h0),
-         _array(c0) if spec.has_c else empty, kept.get("gates", empty), kept.get("c", empty), w,
-         wr, _array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
+    d_hn = buffers.alloc((n_rows, hidden), dtype) if scratch_grad else empty
+    dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
+    _run(_backward_thread, plan, gemm, CODES[cell], gy, y_a, buffers.array(h0),
+         buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
+         kept.get("c", empty), w, wr, buffers.array(w_cell) if w_cell is not None else empty,
+         has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
          prev, order, offsets, sizes)
 
     def weight_grad(d_pre):
@@ -420,8 +355,8 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     d_bias = d_xg_t.sum(0) if bias is not None else None
     d_w_cell = None
     if w_cell is not None:  # from the cell state before (gathered) and after each row's step
-        c_prev = _alloc((n_rows, hidden), dtype)
-        _gather_rows(kept["c"], _array(c0), prev, c_prev)
+        c_prev = buffers.alloc((n_rows, hidden), dtype)
+        _gather_rows(kept["c"], buffers.array(c0), prev, c_prev)
         d_w_cell = spec.cell_weight_grad(d_xg_t, torch.from_numpy(c_prev),
                                          torch.from_numpy(kept["c"]))
     return d_xg_t, torch.from_numpy(dh), d_c0, d_w_hh, d_b_hn, d_w_hr, d_bias, d_w_cell
