@@ -11,13 +11,13 @@ Dynamo refuses to compile any module that is an ``nn.RNN``/``nn.GRU``/``nn.LSTM`
 ("Attempted to wrap RNN, GRU, or LSTM") while an ``nn.RNNBase`` subclass compiles. The cells
 subclass ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
 
-Tracing and export: under ``torch.jit.trace`` and ``torch.onnx.export`` (either exporter) every
-module runs torch.nn's own forward, whatever its ``backend``, so the graph holds what torch.nn's
-holds (``aten::lstm``, …; in ONNX the standard LSTM/GRU/RNN nodes); ``torch.jit.script`` scripts
-the torch.nn twin (``__prepare_scriptable__``). What torch.nn cannot run or export, the reference
-loop runs, unrolled over the traced steps: :class:`PeepholeLSTM` under trace and ONNX, and an
-LSTM with ``proj_size`` under ONNX (ONNX's LSTM has no projection). Plain ``torch.export`` and
-``torch.compile`` are not affected: they trace the custom op ``fastrnn::recurrence``.
+Under no_grad/inference_mode a dense CPU input takes the lean path of :mod:`fastrnn.inference`.
+Under ``torch.jit.trace`` and ``torch.onnx.export`` (either exporter) every module runs torch.nn's
+forward, whatever its ``backend``: the graph holds torch.nn's (``aten::lstm``, …; in ONNX the
+standard LSTM/GRU/RNN nodes); ``torch.jit.script`` scripts the torch.nn twin
+(``__prepare_scriptable__``). What torch.nn cannot export runs the reference loop, unrolled over
+the traced steps (:class:`PeepholeLSTM`; under ONNX an LSTM with ``proj_size``). ``torch.export``
+and ``torch.compile`` trace the custom op ``fastrnn::recurrence``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrnn import backends, cells, functional
+from fastrnn import backends, cells, functional, inference
 from fastrnn.cells import CELL_OF_MODE
 
 
@@ -110,10 +110,9 @@ class _Recurrent(_Backend, nn.RNNBase):
         return CELL_OF_MODE[self.mode]
 
     def backend_for(self, input=None):
-        """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this module.
-
-        The choice depends on the module's device and dtype (inputs must match them), and under
-        ``torch.autocast`` on autocast's dtype (:func:`fastrnn.backends.compute_dtype`)."""
+        """The :class:`fastrnn.backends.Choice` (name, reason) that runs an input on this module:
+        by the module's device and dtype (inputs must match them), under ``torch.autocast`` by
+        autocast's dtype (:func:`fastrnn.backends.compute_dtype`)."""
         weight = getattr(self, self._flat_weights_names[0])
         return backends.choose(self.backend, self.cell, weight.device,
                                backends.compute_dtype(weight), self.proj_size)
@@ -131,8 +130,7 @@ class _Recurrent(_Backend, nn.RNNBase):
 
     def _zero_state(self, batch, input):
         layers = self.num_layers * (2 if self.bidirectional else 1)
-        size = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = input.new_zeros(layers, batch, size)
+        h = input.new_zeros(layers, batch, self.proj_size or self.hidden_size)
         return (h, input.new_zeros(layers, batch, self.hidden_size)) if self.mode == "LSTM" else h
 
     def _check_hx_dims(self, hx, dims, batched):
@@ -152,6 +150,8 @@ class _Recurrent(_Backend, nn.RNNBase):
         return True
 
     def forward(self, input, hx=None):
+        if not torch.is_grad_enabled() and (lean := inference.forward(self, input, hx)):
+            return lean  # the lean inference path (fastrnn.inference) took it
         unrolled = exporting()  # traced or exported: torch.nn's forward, else unrolled
         if unrolled and self._export_with_torch():
             return self._torch_class.forward(self, input, hx)

@@ -33,7 +33,8 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
 Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vectorize), ``matmul.py``
 (the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (one forward and one BPTT
 time loop, each inlining the cell's own step math from its file in ``fastrnn/cells/``),
-``launch.py`` (checks, thread plan, buffers: the contract's two functions). Importing this package
+``buffers.py`` (aligned buffers, numpy views), ``launch.py`` (checks, thread plan: the contract's
+functions), ``inference.py`` (the lean inference path: a whole layer stack on prepared weights). Importing this package
 does not import Numba; :func:`load` does (the first kernel call, or ``auto`` choosing a backend).
 Compiled code is cached on disk where a directory is writable, and a cache problem is never an
 exception (``jit.py`` says where and how).
@@ -68,6 +69,13 @@ def load():
                           if name.startswith(__name__ + ".") and m is not None])
         _LAUNCH = launch
     return _LAUNCH
+
+
+def lean_path():
+    """The functions of the lean inference path (:mod:`.inference`, used by
+    :mod:`fastrnn.inference`), loading Numba first."""
+    load()
+    return importlib.import_module(__name__ + ".inference")
 
 
 def prepare(cell, dtype, proj_size=0):

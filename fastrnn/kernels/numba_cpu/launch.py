@@ -243,43 +243,78 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     """
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
+    y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
+                                 prepare(cell, w_hh, b_hn, w_hr, bias, w_cell),
+                                 h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
+                                 save)
+    return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
+            tuple(map(torch.from_numpy, saved)))
+
+
+class Prepared(NamedTuple):
+    """One layer and direction's weights as the forward loop reads them (numpy, one dtype):
+    bias (G*H,) added to each row of xg (zeros without bias), b_hn (H,) or (0,), w_cell (K, H) or
+    (0, 0), w_t = W_hh^T (P, G*H) and wr_t = W_hr^T (H, P) or (0, 0), aligned copies."""
+
+    bias: np.ndarray
+    b_hn: np.ndarray
+    w_cell: np.ndarray
+    w_t: np.ndarray
+    wr_t: np.ndarray
+
+
+_EMPTY = {np.dtype(np.float32): np.zeros((0, 0), np.float32),  # what a cell does not use
+          np.dtype(np.float64): np.zeros((0, 0), np.float64)}
+
+
+def prepare(cell, w_hh, b_hn, w_hr, bias, w_cell):
+    """The :class:`Prepared` weights of :func:`recurrence_forward`'s arguments (tensors)."""
     spec = cells.spec(cell)
-    batch, proj = h0.shape
-    gemm = matmul._gemm_address(xg.dtype)
+    dtype = buffers.NUMPY_DTYPES[w_hh.dtype]
     hidden = w_hh.shape[0] // spec.gates
-    xg_a = buffers.array(xg)
-    dtype = xg_a.dtype
-    b_x = buffers.array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype)
-    n_rows = xg_a.shape[0]
-    h = buffers.owned(h0)
-    y = buffers.alloc((n_rows, proj), dtype)
+    empty = _EMPTY[dtype]
     # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
     # per step (B=8, H=128) than this one copy per call.
-    w_t = buffers.transposed(w_hh)
-    empty = np.zeros((0, 0), dtype)  # what the cell does not use
-    has_proj = w_hr is not None
-    w_c = buffers.array(w_cell) if w_cell is not None else empty
+    return Prepared(
+        buffers.array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype),
+        buffers.array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype),
+        buffers.array(w_cell) if w_cell is not None else empty, buffers.transposed(w_hh),
+        buffers.transposed(w_hr) if w_hr is not None else empty)
+
+
+def run_forward(cell, plan, xg, prepared, h0, c0, save):
+    """The forward time loop on numpy arrays: xg (N, G*H); h0 (B, P), c0 (B, H) (cells with a cell
+    state) or None: zeros. Returns ``(y (N, P), h_n (B, P), c_n (B, H) or (0, 0), saved)``, ``saved``
+    the arrays the cell's ``SPEC.saved`` names when ``save``, else (); all of them in one
+    allocation (:func:`.buffers.alloc_group`)."""
+    spec = cells.spec(cell)
+    dtype = xg.dtype
+    proj, width = prepared.w_t.shape
+    hidden = width // spec.gates
+    n_rows, batch = xg.shape[0], len(h0) if h0 is not None else int(plan.sizes[0])
+    has_proj = prepared.wr_t.size > 0
     # The steps' gate rows: y itself where they are the output (the RNNs, activated in place);
     # else kept for backward when training (spec.saved: "gates", then "c", the cell state after
     # each step), or a scratch row per batch row.
     save = save and bool(spec.saved)
-    width = spec.row_blocks * hidden
+    rows = spec.row_blocks * hidden
+    gates = (0, 0) if spec.gates_in_y or not save else (n_rows, rows)
+    acc = (0, 0) if spec.gates_in_y or save else (batch, rows)
+    y, h, c, gates, acc, c_all, m = buffers.alloc_group(
+        [(n_rows, proj), (batch, proj), (batch, hidden) if spec.has_c else (0, 0), gates, acc,
+         (n_rows, hidden) if save and "c" in spec.saved else (0, 0),
+         (batch, hidden) if has_proj else (0, 0)], dtype)
     if spec.gates_in_y:
-        gates, acc = y, empty
-    else:
-        gates = buffers.alloc((n_rows, width), dtype) if save else empty
-        acc = empty if save else buffers.alloc((batch, width), dtype)
-    c = buffers.owned(c0) if spec.has_c else empty
-    c_all = buffers.alloc((n_rows, hidden), dtype) if save and "c" in spec.saved else empty
-    b = buffers.array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype)
-    wr_t = buffers.transposed(w_hr) if has_proj else empty
-    m = buffers.alloc((batch, hidden), dtype) if has_proj else empty
-    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y, xg_a, b_x, b, w_c, h,
-         c, w_t, wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
+        gates = y
+    h[...] = 0 if h0 is None else h0
+    if spec.has_c:
+        c[...] = 0 if c0 is None else c0
+    gemm = matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
+    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y,
+         xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.wr_t,
+         has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
-    saved = tuple(torch.from_numpy(kept[name]) for name in spec.saved) if save else ()
-    return (torch.from_numpy(y), torch.from_numpy(h), torch.from_numpy(c) if spec.has_c else None,
-            saved)
+    return y, h, c, tuple(kept[name] for name in spec.saved) if save else ()
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,

@@ -1,0 +1,124 @@
+"""The modules' lean inference path: under ``torch.no_grad()`` or ``torch.inference_mode()``, a
+dense CPU input whose backend offers one (numba: :mod:`fastrnn.kernels.numba_cpu.inference`) runs
+the whole layer stack in one call, on weights prepared once per weight version (recurrent weights
+transposed, biases summed) and a step plan made once per shape: no autograd Function, no checks
+beyond the input's and state's shapes. Same kernels, same buffers, same input projection as the
+full path (:func:`fastrnn.functional.stack`): bitwise the same results.
+
+Anything else takes the full path, which also raises torch.nn's errors: packed input, long input
+(an input projection above ``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), gradients,
+autocast, tracing, export, torch.compile, torch.func transforms, inter-layer dropout in training
+mode, an input or state of another dtype, device or shape than the module's.
+"""
+from __future__ import annotations
+
+import weakref
+from typing import NamedTuple, Optional
+
+import torch
+
+from fastrnn import autograd, backends, cells, functional
+
+
+class _Prepared(NamedTuple):
+    backend: str  # the module's ``backend`` attribute it was made for
+    weights: list  # the tensors it was made from, held so that no other tensor takes their memory
+    stamp: Optional[list]  # their (version, data pointer); None: not reusable (inference tensors)
+    kernels: object  # the backend's lean path functions, or None: the backend has none
+    layers: list  # what the backend prepared, per layer and direction
+
+
+_PREPARED = weakref.WeakKeyDictionary()  # module -> _Prepared
+
+
+def _stamp(weights):
+    """What changes when a weight does: its version counter (in-place updates, optimizer steps)
+    and its data pointer (``.data =``). None when a weight is an inference tensor (no version
+    counter): then nothing is reused."""
+    if any(w.is_inference() for w in weights):
+        return None
+    return [(w._version, w.data_ptr()) for w in weights]
+
+
+def _prepared(module, weights):
+    """The module's :class:`_Prepared` for its current ``weights``, remade when they changed."""
+    entry = _PREPARED.get(module)
+    if (entry is not None and entry.backend == module.backend and entry.stamp is not None
+            and len(entry.weights) == len(weights)
+            and all(a is b for a, b in zip(entry.weights, weights))
+            and entry.stamp == _stamp(weights)):
+        return entry
+    weight, cell = weights[0], module.cell
+    name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size)
+    lean = getattr(backends.KERNELS.get(name), "lean_path", None)
+    kernels, layers = (lean(), []) if lean is not None else (None, None)
+    if kernels is not None:
+        directions = 2 if module.bidirectional else 1
+        for w in functional.layer_weights(cell, weights, module.bias, module.num_layers,
+                                          directions):
+            bias, b_hn = functional.projection_bias(cell, w.b_ih, w.b_hh)
+            layers.append(kernels.prepare_layer(cell, w.w_ih, w.w_hh, b_hn, w.w_hr, bias,
+                                                w.w_cell))
+    entry = _Prepared(module.backend, list(weights), _stamp(weights), kernels, layers)
+    _PREPARED[module] = entry
+    return entry
+
+
+def _state_arrays(states, shapes, dtype, batched):
+    """Numpy views of the given initial states if each is a CPU tensor of ``dtype`` and its shape
+    in ``shapes`` (unbatched: given as (L*D, ·), returned as (L*D, 1, ·)), else None."""
+    out = []
+    for state, shape in zip(states, shapes):
+        if (type(state) is not torch.Tensor or state.dtype != dtype or state.device.type != "cpu"
+                or state.shape != (shape if batched else shape[::2])):
+            return None
+        array = (state.detach() if state.requires_grad else state).numpy()
+        out.append(array if batched else array[:, None])
+    return out
+
+
+def forward(module, input, hx):
+    """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
+    not apply."""
+    if (type(input) is not torch.Tensor or input.device.type != "cpu"
+            or torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()
+            or torch._C._is_any_autocast_enabled()
+            or (module.training and module.dropout > 0 and module.num_layers > 1)):
+        return None
+    module._update_flat_weights()
+    entry = _prepared(module, module._cell_params())
+    weight = entry.weights[0]
+    dims = input.dim()
+    if entry.kernels is None or dims not in (2, 3) or input.dtype != weight.dtype:
+        return None
+    batched = dims == 3
+    x = input.transpose(0, 1) if batched and module.batch_first else input
+    steps, batch, features = x.shape[0], x.shape[1] if batched else 1, x.shape[-1]
+    if steps == 0 or batch == 0 or features != module.input_size:
+        return None
+    spec = cells.spec(module.cell)
+    if steps * batch * spec.gates * module.hidden_size * weight.element_size() > \
+            autograd.PROJECTION_CHUNK_MIN_BYTES:
+        return None  # a long input: the full path projects it in chunks of steps
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    h0 = c0 = None
+    if hx is not None:
+        states = tuple(hx) if spec.has_c and isinstance(hx, (tuple, list)) else (hx,)
+        hidden = module.hidden_size
+        shapes = ((layers, batch, module.proj_size or hidden), (layers, batch, hidden))
+        arrays = (_state_arrays(states, shapes, weight.dtype, batched)
+                  if len(states) == (2 if spec.has_c else 1) else None)
+        if arrays is None:
+            return None
+        h0, c0 = arrays if spec.has_c else (arrays[0], None)
+    y, h_n, c_n = entry.kernels.forward_stack(
+        module.cell, entry.layers, x if batched else x[:, None], steps, batch, h0, c0,
+        module.num_layers, 2 if module.bidirectional else 1)
+    out = y
+    if not batched:
+        out, h_n = out.squeeze(1), h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if c_n is not None else None
+    elif module.batch_first:
+        out = out.transpose(0, 1)
+    return (out, (h_n, c_n)) if spec.has_c else (out, h_n)

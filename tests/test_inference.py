@@ -1,0 +1,251 @@
+"""The modules' lean inference path (:mod:`fastrnn.inference`, numba's
+:mod:`fastrnn.kernels.numba_cpu.inference`): taken under no_grad / inference_mode for dense CPU
+input, bitwise equal to the full path (the same module with the lean path switched off), equal
+to torch.nn within tolerance, its prepared weights remade whenever a weight changes, and never
+taken where the full path must run."""
+from __future__ import annotations
+
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastrnn
+from fastrnn import inference
+from fastrnn.backends import BackendUnavailable
+from fastrnn.kernels import numba_cpu
+from fastrnn.kernels.numba_cpu import buffers
+
+from _support import TOL, VARIANTS, flatten, pair, seed_of
+
+ALLOC = buffers.alloc
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    """The kernels' buffers NaN-filled: an element the lean path forgets to write shows up."""
+    def alloc(shape, dtype):
+        out = ALLOC(shape, dtype)
+        out[...] = np.nan
+        return out
+    monkeypatch.setattr(buffers, "alloc", alloc)
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """Counts the lean path's whole-stack calls."""
+    kernels = numba_cpu.lean_path()
+    calls = []
+    forward_stack = kernels.forward_stack
+
+    def spy(*args):
+        calls.append(args[0])
+        return forward_stack(*args)
+    monkeypatch.setattr(kernels, "forward_stack", spy)
+    return calls
+
+
+def full_path(module, *args):
+    """``module(*args)`` under no_grad by the full path (the lean one switched off)."""
+    original = inference.forward
+    inference.forward = lambda *a: None
+    try:
+        with torch.no_grad():
+            return module(*args)
+    finally:
+        inference.forward = original
+
+
+def assert_bitwise(got, expected):
+    for g, e in zip(flatten(got), flatten(expected), strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert torch.equal(g, e), (g - e).abs().max()
+
+
+CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with hx
+    ("rnn_tanh", 1, False, False, (7, 3, 5), False),
+    ("rnn_relu", 2, True, True, (3, 6, 5), True),
+    ("lstm", 1, False, False, (6, 1, 5), True),
+    ("lstm", 2, True, False, (5, 4, 5), False),
+    ("lstm", 3, False, True, (2, 9, 5), True),
+    ("lstm_proj", 2, True, False, (4, 3, 5), True),
+    ("gru", 1, True, False, (8, 2, 5), True),
+    ("gru", 2, False, False, (1, 1, 5), False),
+    ("lstm", 2, True, False, (6, 5), True),  # unbatched
+    ("gru", 1, False, True, (4, 5), False),  # unbatched, batch_first
+]
+
+
+def make_hx(variant, mod, x, batch_first, dtype, generator):
+    layers = mod.num_layers * (2 if mod.bidirectional else 1)
+    batch = () if x.dim() == 2 else (x.shape[0 if batch_first else 1],)
+    proj = mod.proj_size or mod.hidden_size
+    h = torch.randn(layers, *batch, proj, dtype=dtype, generator=generator)
+    if mod.mode != "LSTM":
+        return h
+    return h, torch.randn(layers, *batch, mod.hidden_size, dtype=dtype, generator=generator)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_lean_equals_full_path_and_torch(case, dtype, mode, lean_calls):
+    variant, layers, bidirectional, batch_first, shape, with_hx = case
+    generator = torch.Generator().manual_seed(seed_of(case, dtype, mode))
+    torch.manual_seed(seed_of(case, dtype, mode))
+    ref, mod = pair(variant, "numba", dtype, input_size=5, hidden_size=4, num_layers=layers,
+                    bidirectional=bidirectional, batch_first=batch_first)
+    x = torch.randn(shape, dtype=dtype, generator=generator)
+    args = (x, make_hx(variant, mod, x, batch_first, dtype, generator)) if with_hx else (x,)
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        got = mod(*args)
+        again = mod(*args)  # the prepared weights reused
+        expected = ref(*args)
+    assert len(lean_calls) == 2
+    assert_bitwise(got, full_path(mod, *args))
+    assert_bitwise(again, got)
+    for g, e in zip(flatten(got), flatten(expected), strict=True):
+        torch.testing.assert_close(g, e, **TOL[dtype])
+
+
+def run(mod, x):
+    with torch.no_grad():
+        return mod(x)
+
+
+@pytest.mark.parametrize("change", ["in_place", "data", "optimizer", "load_state_dict",
+                                    "double", "functional_call"])
+def test_prepared_weights_follow_the_module(change, lean_calls):
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
+    x = torch.randn(3, 2, 5)
+    before = run(mod, x)
+    if change == "in_place":
+        with torch.no_grad():
+            mod.weight_hh_l1.mul_(0.5)
+    elif change == "data":
+        mod.bias_ih_l0.data = torch.randn(16)
+    elif change == "optimizer":
+        for p in mod.parameters():
+            p.grad = torch.ones_like(p)
+        torch.optim.SGD(mod.parameters(), lr=0.1).step()
+    elif change == "load_state_dict":
+        mod.load_state_dict(pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4,
+                                 num_layers=2)[0].state_dict())
+    elif change == "double":
+        mod.double()
+        x = x.double()
+    if change == "functional_call":
+        params = {n: torch.randn_like(p) for n, p in mod.named_parameters()}
+        with torch.no_grad():
+            after = torch.func.functional_call(mod, params, (x,))
+        ref.load_state_dict(params)
+        assert_bitwise(run(mod, x), before)  # the module's own weights again
+    else:
+        after = run(mod, x)
+        ref.to(x.dtype).load_state_dict(mod.state_dict())
+    assert not torch.equal(after[0], before[0].to(after[0].dtype))
+    with torch.no_grad():
+        expected = ref(x)
+    for g, e in zip(flatten(after), flatten(expected), strict=True):
+        torch.testing.assert_close(g, e, **TOL[x.dtype])
+    assert lean_calls
+
+
+def test_backend_switch_and_inference_tensor_weights(lean_calls):
+    torch.manual_seed(0)
+    ref, mod = pair("gru", "numba", torch.float32, input_size=5, hidden_size=4)
+    x = torch.randn(3, 2, 5)
+    run(mod, x)
+    mod.backend = "native"
+    assert_bitwise(run(mod, x), run(ref, x))  # torch.nn's own op now
+    assert len(lean_calls) == 1
+    with torch.inference_mode():  # weights that carry no version counter: prepared every call
+        made = fastrnn.GRU(5, 4, backend="numba")
+        made.load_state_dict(ref.state_dict())
+        first = made(x)
+        made.weight_hh_l0.mul_(2)
+        second = made(x)
+    ref.weight_hh_l0.data.mul_(2)
+    assert_bitwise(second, full_path(made, x))
+    assert not torch.equal(first[0], second[0])
+    assert len(lean_calls) == 3
+
+
+def test_not_taken_where_the_full_path_runs(lean_calls):
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2,
+                    dropout=0.5)
+    x = torch.randn(4, 3, 5)
+    mod(x)  # gradients on
+    with torch.no_grad():
+        mod(pack_padded_sequence(x, [4, 3, 1]))
+        mod(x)  # training mode with inter-layer dropout
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(BackendUnavailable):
+            mod.eval()(x)  # numba runs no bfloat16: the full path says so
+    assert lean_calls == []
+    with torch.no_grad():
+        mod(x)  # eval: no dropout
+    assert len(lean_calls) == 1
+
+
+@pytest.mark.parametrize("bad", ["dtype", "features", "hx_shape", "hx_dtype", "hx_tuple", "dim"])
+def test_bad_input_raises_as_the_full_path(bad, lean_calls):
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4)
+    x, hx = torch.randn(3, 2, 5), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    args = {"dtype": (x.double(), hx), "features": (torch.randn(3, 2, 6), hx),
+            "hx_shape": (x, (torch.zeros(1, 3, 4), hx[1])),
+            "hx_dtype": (x, (hx[0].double(), hx[1])), "hx_tuple": (x, hx[0]),
+            "dim": (torch.randn(2, 3, 2, 5), hx)}[bad]
+    with torch.no_grad():
+        with pytest.raises(Exception) as expected:  # test_errors: the full path's are torch's
+            full_path(mod, *args)
+        with pytest.raises(type(expected.value)) as got:
+            mod(*args)
+    assert str(got.value) == str(expected.value)
+    assert lean_calls == []
+
+
+def test_plans_per_thread_count(lean_calls):
+    torch.manual_seed(0)
+    ref, mod = pair("gru", "numba", torch.float32, input_size=8, hidden_size=16)
+    x = torch.randn(5, 64, 8)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert_bitwise(run(mod, x), full_path(mod, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(lean_calls) == 2
+
+
+def test_prepared_weights_do_not_outlive_the_module():
+    mod = fastrnn.LSTM(5, 4, backend="numba")
+    run(mod, torch.randn(2, 1, 5))
+    assert mod in inference._PREPARED
+    gone = weakref.ref(mod)
+    del mod
+    gc.collect()
+    assert gone() is None
+
+
+def test_variants_cover_the_numba_cells():
+    assert {v for v, *_ in CASES} == set(VARIANTS)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_peephole_lstm(bidirectional, lean_calls):
+    torch.manual_seed(0)
+    mod = fastrnn.PeepholeLSTM(5, 4, num_layers=2, bidirectional=bidirectional, backend="numba")
+    x, c0 = torch.randn(6, 3, 5), torch.randn(2 * (1 + bidirectional), 3, 4)
+    hx = (torch.zeros_like(c0), c0)
+    with torch.no_grad():
+        got = mod(x, hx)
+    assert_bitwise(got, full_path(mod, x, hx))
+    assert len(lean_calls) == 1
