@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_cpu_grids_match_the_issue():
     full = grid.build_grid("full", "cpu")
-    dense = [c for c in full if not c.packed]
+    dense = [c for c in full if not c.input_kind]
     assert {c.seq_len for c in dense} == {50, 200, 1000}
     assert {c.batch for c in dense} == {1, 8, 64}
     assert {c.hidden for c in dense} == {32, 128, 512}
@@ -23,11 +23,14 @@ def test_cpu_grids_match_the_issue():
     assert any(c.packed for c in full)
     quick = grid.build_grid("quick", "cpu")
     assert any(c.hidden == 512 for c in quick) and any(c.packed for c in quick)
+    streamed = {(c.cell, c.mode, c.batch, c.hidden) for c in quick if c.stream}
+    assert streamed == {(cell, mode, 1, h) for cell in grid.CELLS for mode in grid.MODES
+                        for h in (64, 256)}  # the issue's streaming points
     assert len({c.id for c in quick}) == len(quick)
 
 
 def test_cuda_grids():
-    full = [c for c in grid.build_grid("full", "cuda") if not c.packed]
+    full = [c for c in grid.build_grid("full", "cuda") if not c.input_kind]
     assert {c.seq_len for c in full} == {64, 256, 1024}
     assert {c.batch for c in full} == {1, 8, 32, 128}
     assert {c.hidden for c in full} == {64, 128, 256, 512, 768}
@@ -93,10 +96,10 @@ needs_ort = pytest.mark.skipif(baselines.onnxruntime_missing() is not None,
 
 
 @needs_ort
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("kind", ["dense", "packed", "stream"])
 @pytest.mark.parametrize("cell", grid.CELLS)
-def test_onnx_node_matches_torch(cell, packed):
-    case = grid.Case(cell, 12, 5, 16, "inference", packed=packed)
+def test_onnx_node_matches_torch(cell, kind):
+    case = grid.Case(cell, 12, 5, 16, "inference", packed=kind == "packed", stream=kind == "stream")
     x, _, lengths = baselines._inputs(case, torch.device("cpu"))
     module = baselines._torch_module(case, "cpu")
     run, output, error = baselines.onnx_runner(case, module, x, lengths)  # raises if > 1e-5
@@ -129,6 +132,7 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     assert "comparison" not in report
     ids = {c["id"] for c in report["cases"]}
     assert "gru-T16-B3-H16-training-float32-packed" in ids
+    assert "lstm-T8-B1-H16-inference-float32-stream" in ids
     for c in report["cases"]:
         res = c["results"]
         assert res["torch"]["status"] == "ok" and res["torch"]["median_s"] > 0

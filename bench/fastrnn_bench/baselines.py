@@ -93,6 +93,8 @@ def _module_runner(module, case, x, packed):
             y = nn.utils.rnn.pad_packed_sequence(y, total_length=case.seq_len)[0]
         return y
 
+    if case.stream:
+        return _stream_runner(module, case, x, params)
     if case.mode == "inference":
         def run():
             with torch.no_grad():
@@ -103,6 +105,37 @@ def _module_runner(module, case, x, packed):
                 p.grad = None
             y = module(inp)[0]
             (y.data if packed is not None else y).sum().backward()
+    return run, output
+
+
+def _detached(state):
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def _stream_runner(module, case, x, params):
+    """run/output closures of a streamed case: T calls of one step, the state carried; in
+    training each call's forward and backward (truncated BPTT of one step), the state detached."""
+    def forward(train):
+        state, ys = None, []
+        for t in range(x.shape[0]):
+            y, state = module(x[t:t + 1], state)
+            if train:
+                y.sum().backward()
+                state = _detached(state)
+            ys.append(y)
+        return torch.cat(ys)
+
+    def output():
+        with torch.no_grad():
+            return forward(False)
+
+    if case.mode == "inference":
+        return output, output
+
+    def run():
+        for p in params:
+            p.grad = None
+        forward(True)
     return run, output
 
 
@@ -146,12 +179,13 @@ ONNX_OP = {"rnn": "RNN", "lstm": "LSTM", "gru": "GRU"}
 ONNX_GATE_ORDER = {"rnn": [0], "lstm": [0, 3, 1, 2], "gru": [1, 0, 2]}
 
 
-def onnx_model(cell, module, packed=False, opset=17):
+def onnx_model(cell, module, packed=False, opset=17, stream=False):
     """One ONNX ``RNN``/``LSTM``/``GRU`` node with the weights of a 1-layer torch module.
 
-    Inputs ``X`` (T, B, I) float32 (and ``sequence_lens`` (B,) int32 when ``packed``);
-    outputs ``Y`` (T, 1, B, H) and ``Y_h`` (1, B, H). GRU uses ``linear_before_reset=1``,
-    torch's semantics (``b_hn`` inside ``r ⊙ (…)``)."""
+    Inputs ``X`` (T, B, I) float32 (and ``sequence_lens`` (B,) int32 when ``packed``; the
+    initial states ``initial_h`` (1, B, H), for LSTM also ``initial_c``, when ``stream``);
+    outputs ``Y`` (T, 1, B, H), ``Y_h`` (1, B, H) and for LSTM ``Y_c``. GRU uses
+    ``linear_before_reset=1``, torch's semantics (``b_hn`` inside ``r ⊙ (…)``)."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -175,13 +209,16 @@ def onnx_model(cell, module, packed=False, opset=17):
         attrs["linear_before_reset"] = 1
     if cell == "rnn":
         attrs["activations"] = ["Tanh"]
-    node_inputs = ["X", "W", "R", "B"] + (["sequence_lens"] if packed else [])
+    states = (["initial_h"] + (["initial_c"] if cell == "lstm" else [])) if stream else []
+    node_inputs = ["X", "W", "R", "B"] + (["sequence_lens"] if packed else [""] if stream else [])
     outputs = ["Y", "Y_h"] + (["Y_c"] if cell == "lstm" else [])
-    node = helper.make_node(ONNX_OP[cell], node_inputs, outputs, **attrs)
+    node = helper.make_node(ONNX_OP[cell], node_inputs + states, outputs, **attrs)
     graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT,
                                                   ["T", "B", module.input_size])]
     if packed:
         graph_inputs.append(helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["B"]))
+    graph_inputs += [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, "B", hidden])
+                     for name in states]
     shapes = {"Y": ["T", 1, "B", hidden], "Y_h": [1, "B", hidden], "Y_c": [1, "B", hidden]}
     graph_outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT, shapes[o]) for o in outputs]
     graph = helper.make_graph([node], f"fastrnn_{cell}", graph_inputs, graph_outputs, inits)
@@ -197,7 +234,7 @@ def onnx_runner(case, module, x, lengths, threads=None):
     import numpy as np
     import onnxruntime as ort
 
-    model = onnx_model(case.cell, module, packed=lengths is not None)
+    model = onnx_model(case.cell, module, packed=lengths is not None, stream=case.stream)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -210,6 +247,20 @@ def onnx_runner(case, module, x, lengths, threads=None):
 
     def run():
         return session.run(["Y", "Y_h"], feed)
+
+    if case.stream:  # one session call per step, the state carried
+        names = ["Y", "Y_h"] + (["Y_c"] if case.cell == "lstm" else [])
+        zeros = np.zeros((1, case.batch, module.hidden_size), np.float32)
+
+        def run():
+            state, ys = [zeros] * (len(names) - 1), []
+            for t in range(case.seq_len):
+                step = {"X": feed["X"][t:t + 1], "initial_h": state[0]}
+                if case.cell == "lstm":
+                    step["initial_c"] = state[1]
+                y, *state = session.run(names, step)
+                ys.append(y)
+            return np.concatenate(ys), state[0]
 
     def output():
         return torch.from_numpy(run()[0][:, 0])

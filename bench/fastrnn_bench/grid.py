@@ -25,6 +25,8 @@ class Case:
     mode: str          # "inference" (no_grad forward) | "training" (forward + backward of sum)
     dtype: str = "float32"
     packed: bool = False  # ragged lengths in [T/4, T] as a PackedSequence
+    stream: bool = False  # T calls of one step each, the state carried (training: each call's
+    #                       forward + backward, the state detached between calls)
 
     @property
     def input_size(self):
@@ -33,13 +35,18 @@ class Case:
     @property
     def id(self):
         s = f"{self.cell}-T{self.seq_len}-B{self.batch}-H{self.hidden}-{self.mode}-{self.dtype}"
-        return s + ("-packed" if self.packed else "")
+        return s + ("-packed" if self.packed else "") + ("-stream" if self.stream else "")
+
+    @property
+    def input_kind(self):
+        """How the input arrives: "packed", "streamed" (T=1 per call) or "" (one dense call)."""
+        return "packed" if self.packed else "streamed" if self.stream else ""
 
     def label(self):
         s = f"{self.cell} T={self.seq_len} B={self.batch} H={self.hidden} {self.mode}"
         if self.dtype != "float32":
             s += f" {self.dtype}"
-        return s + (" packed" if self.packed else "")
+        return s + (f" {self.input_kind}" if self.input_kind else "")
 
     def lengths(self):
         """Sequence lengths of the packed case (non-increasing, first = T), else None."""
@@ -61,15 +68,18 @@ class Case:
         return forward * (3 if self.mode == "training" else 1)
 
 
-# Named grids: (seq_lens, batches, hiddens, dtypes, extra points (T, B, H), packed points (T, B, H))
+# Named grids: seq_lens, batches, hiddens, dtypes, extra points (T, B, H), packed points and
+# streamed points (T, B, H: T calls of one step; CPU only, where per-call cost decides).
 GRIDS = {
     "cpu": {
         "tiny": dict(T=(8, 16), B=(2,), H=(16,), dtypes=("float32",), extra=(),
-                     packed=((16, 3, 16),)),
+                     packed=((16, 3, 16),), stream=((8, 1, 16),)),
         "quick": dict(T=(50, 200), B=(1, 8, 64), H=(32, 128), dtypes=("float32",),
-                      extra=((50, 8, 512),), packed=((200, 8, 128),)),
+                      extra=((50, 8, 512),), packed=((200, 8, 128),),
+                      stream=((50, 1, 64), (50, 1, 256))),
         "full": dict(T=(50, 200, 1000), B=(1, 8, 64), H=(32, 128, 512), dtypes=("float32",),
-                     extra=(), packed=((200, 64, 128), (1000, 64, 128))),
+                     extra=(), packed=((200, 64, 128), (1000, 64, 128)),
+                     stream=((50, 1, 64), (50, 1, 256), (35, 8, 128))),
     },
     "cuda": {
         "tiny": dict(T=(8, 16), B=(2,), H=(16,), dtypes=("float32", "bfloat16"), extra=(),
@@ -99,4 +109,6 @@ def build_grid(name, device="cpu", cells=CELLS, modes=MODES, dtypes=None):
                 cases += [Case(cell, t, b, h, mode, dtype) for t, b, h in shapes]
                 cases += [Case(cell, t, b, h, mode, dtype, packed=True)
                           for t, b, h in spec["packed"]]
+                cases += [Case(cell, t, b, h, mode, dtype, stream=True)
+                          for t, b, h in spec.get("stream", ())]
     return cases

@@ -17,7 +17,8 @@ def plots(report, out):
     import matplotlib.ticker  # noqa: F401
 
     written = []
-    cases = [c for c in report["cases"] if not c["case"]["packed"]]
+    cases = [c for c in report["cases"]
+             if not c["case"]["packed"] and not c["case"].get("stream")]
     impls = report["config"]["impls"]
     styles = {name: dict(color=f"C{i}", marker="os^vDP*Xh"[i % 9]) for i, name in enumerate(impls)}
     keys = sorted({(c["case"]["cell"], c["case"]["mode"], c["case"]["dtype"]) for c in cases})

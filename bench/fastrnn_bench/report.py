@@ -72,13 +72,20 @@ def _noise_line(noise):
     return line
 
 
+def _input_kind(case):
+    """The "input" column: packed, streamed (T calls of one step) or dense (empty)."""
+    return "packed" if case["packed"] else "streamed" if case.get("stream") else ""
+
+
 def markdown(report):
     """results.md: ratios per case and backend, then every timing."""
     cases = report["cases"]
     machine = report["machine"]
     fast = [n for n in report["config"]["impls"] if n.startswith("fastrnn-")]
     lines = [f"# fastrnn benchmark: {report['config']['grid']} grid on {machine['device']}", "",
-             f"- machine: {machine['cpu_model']}, {machine['cpu_count']} cores, "
+             f"- machine: {machine['cpu_model']} ({machine.get('cpu_vendor')}, family/model "
+             f"{machine.get('cpu_family_model')}; ISA {' '.join(machine.get('isa') or []) or '?'}; "
+             f"BLAS {machine.get('blas')}), {machine['cpu_count']} cores, "
              f"torch threads {machine['torch_num_threads']}"
              + (f", GPU {machine['gpu']}" if machine.get("gpu") else ""),
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
@@ -114,14 +121,14 @@ def markdown(report):
                   and any(g["results"].get(b, {}).get("status") == "ok" for g in group)]
         lines += [f"## {cell.upper()} {mode} ({dtype})", "",
                   "Times in ms; **×torch.nn** = torch.nn time / fastrnn time.", ""]
-        head = ["T", "B", "H", "packed", "torch.nn ms"]
+        head = ["T", "B", "H", "input", "torch.nn ms"]
         for f in fast:
             head += [f"{f} ms", f"{f} ×torch.nn"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for c in group:
             k, res = c["case"], c["results"]
             row = [str(k["seq_len"]), str(k["batch"]), str(k["hidden"]),
-                   "yes" if k["packed"] else "", cell_time(res, "torch")]
+                   _input_kind(k), cell_time(res, "torch")]
             for f in fast:
                 row += [cell_time(res, f), cell_ratio(c, f, "torch")]
             lines.append("| " + " | ".join(row) + " |")
@@ -129,13 +136,13 @@ def markdown(report):
         if others:
             lines += [f"Against the other baselines ({', '.join(_impl_label(b) for b in others)}):",
                       ""]
-            head = ["T", "B", "H", "packed"] + [f"{_impl_label(b)} ms" for b in others]
+            head = ["T", "B", "H", "input"] + [f"{_impl_label(b)} ms" for b in others]
             head += [f"{f} ×{_impl_label(b)}" for f in fast for b in others]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for c in group:
                 k, res = c["case"], c["results"]
                 row = [str(k["seq_len"]), str(k["batch"]), str(k["hidden"]),
-                       "yes" if k["packed"] else ""]
+                       _input_kind(k)]
                 row += [cell_time(res, b) for b in others]
                 row += [cell_ratio(c, f, b) for f in fast for b in others]
                 lines.append("| " + " | ".join(row) + " |")

@@ -9,6 +9,7 @@ import datetime as _dt
 import math
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -243,17 +244,34 @@ def _version(module):
         return None
 
 
-def machine_info(device):
-    cpu = platform.processor() or None
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_info():
+    """The CPU as /proc/cpuinfo names it: model, vendor, family/model numbers, the ISA flags the
+    kernels care about (:data:`ISA_FLAGS`), and the BLAS torch was built with."""
+    fields = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                if not line.strip():
+                    break  # the first processor is enough
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    info = {"cpu_model": cpu, "cpu_count": os.cpu_count(),
+    flags = set(fields.get("flags", "").split())
+    blas = re.search(r"BLAS_INFO=([^,\s]+)", torch.__config__.show())
+    return {"cpu_model": fields.get("model name") or platform.processor() or None,
+            "cpu_vendor": fields.get("vendor_id"),
+            "cpu_family_model": (f"{fields['cpu family']}/{fields['model']}"
+                                 if "cpu family" in fields and "model" in fields else None),
+            "isa": [f for f in ISA_FLAGS if f in flags],
+            "blas": blas.group(1) if blas else None, "mkl": torch.backends.mkl.is_available()}
+
+
+def machine_info(device):
+    info = {**cpu_info(), "cpu_count": os.cpu_count(),
             "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "torch_num_threads": torch.get_num_threads(), "platform": platform.platform(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
