@@ -285,8 +285,7 @@ def prepare(cell, w_hh, b_hn, w_hr, bias, w_cell):
 def run_forward(cell, plan, xg, prepared, h0, c0, save):
     """The forward time loop on numpy arrays: xg (N, G*H); h0 (B, P), c0 (B, H) (cells with a cell
     state) or None: zeros. Returns ``(y (N, P), h_n (B, P), c_n (B, H) or (0, 0), saved)``, ``saved``
-    the arrays the cell's ``SPEC.saved`` names when ``save``, else (); all of them in one
-    allocation (:func:`.buffers.alloc_group`)."""
+    the arrays the cell's ``SPEC.saved`` names when ``save``, else ()."""
     spec = cells.spec(cell)
     dtype = xg.dtype
     proj, width = prepared.w_t.shape
@@ -300,9 +299,12 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
     rows = spec.row_blocks * hidden
     gates = (0, 0) if spec.gates_in_y or not save else (n_rows, rows)
     acc = (0, 0) if spec.gates_in_y or save else (batch, rows)
-    y, h, c, gates, acc, c_all, m = buffers.alloc_group(
-        [(n_rows, proj), (batch, proj), (batch, hidden) if spec.has_c else (0, 0), gates, acc,
-         (n_rows, hidden) if save and "c" in spec.saved else (0, 0),
+    # The per-step arrays apart (a returned state must not keep the output or the stash alive),
+    # the per-row ones in one allocation.
+    y, gates = buffers.alloc((n_rows, proj), dtype), buffers.alloc(gates, dtype)
+    c_all = buffers.alloc((n_rows, hidden) if save and "c" in spec.saved else (0, 0), dtype)
+    h, c, acc, m = buffers.alloc_group(
+        [(batch, proj), (batch, hidden) if spec.has_c else (0, 0), acc,
          (batch, hidden) if has_proj else (0, 0)], dtype)
     if spec.gates_in_y:
         gates = y
