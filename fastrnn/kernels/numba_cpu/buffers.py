@@ -19,36 +19,48 @@ _NUMPY_TRANSPOSE_MAX_NUMEL = 1 << 13
 
 
 def alloc(shape, dtype):
-    """Uninitialized float buffer for outputs and scratch, 64-byte aligned (MKL's gemm ran 1.7x
-    slower per step on a 16-byte aligned weight, B=1 H=128). Every element is written before it
-    is read (tests replace this with a NaN-filled allocator to prove it). Small ones from numpy
-    (under 1 µs, a third of a torch tensor's cost: it counts at small sizes, where a call
-    allocates five). Large ones from torch: numpy asks the kernel for transparent huge pages on
-    large arrays, and here a first touch of those stalled now and then in page compaction (GRU
-    training T=1000 B=64 H=128: 2 calls in 3 took 1.9x longer)."""
-    dtype = np.dtype(dtype)
-    nbytes = dtype.itemsize * math.prod(shape)
-    if nbytes >= _NUMPY_ALLOC_MAX_BYTES:
+    """Uninitialized float buffer of ``shape`` (2-D or 1-D) and numpy ``dtype`` for outputs and
+    scratch, 64-byte aligned (MKL's gemm ran 1.7x slower per step on a 16-byte aligned weight,
+    B=1 H=128). Every element is written before it is read (tests replace this with a NaN-filled
+    allocator to prove it). Small ones from numpy (under 1 µs, a third of a torch tensor's cost:
+    it counts at small sizes, where a call allocates several). Large ones from torch: numpy asks
+    the kernel for transparent huge pages on large arrays, and here a first touch of those stalled
+    now and then in page compaction (GRU training T=1000 B=64 H=128: 2 calls in 3 took 1.9x
+    longer). Zero-size ones (arguments a loop does not use) are shared."""
+    dtype, count = np.dtype(dtype), math.prod(shape)
+    if not count:
+        return _empty(shape, dtype)
+    if count * dtype.itemsize >= _NUMPY_ALLOC_MAX_BYTES:
         return torch.empty(shape, dtype=TORCH_DTYPES[dtype]).numpy()
-    if nbytes == 0:  # an argument the loop does not use
-        return np.empty(shape, dtype)
-    count = nbytes // dtype.itemsize
     raw = np.empty(count + _ALIGN // dtype.itemsize, dtype)
     start = _aligned_start(raw)
     return raw[start:start + count].reshape(shape)
 
 
+_EMPTIES = {}
+
+
+def _empty(shape, dtype):
+    """A shared zero-size array of ``shape`` and ``dtype`` (nothing can be written into it)."""
+    key = (tuple(shape), dtype)
+    empty = _EMPTIES.get(key)
+    if empty is None:
+        empty = _EMPTIES[key] = np.empty(shape, dtype)
+    return empty
+
+
 def alloc_group(shapes, dtype):
-    """Uninitialized buffers of ``shapes``, each 64-byte aligned, carved from one :func:`alloc`
-    (each allocation costs microseconds: a call needs several)."""
-    step = _ALIGN // np.dtype(dtype).itemsize
-    sizes = [math.prod(shape) for shape in shapes]
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + -(-size // step) * step)
-    raw = alloc((starts[-1],), dtype)
-    return [raw[start:start + size].reshape(shape)
-            for start, size, shape in zip(starts, sizes, shapes)]
+    """Uninitialized buffers of 2-D ``shapes``, each 64-byte aligned, carved from one
+    :func:`alloc` (each allocation costs microseconds: a call needs several)."""
+    dtype = np.dtype(dtype)
+    step = _ALIGN // dtype.itemsize
+    starts, total = [], 0
+    for rows, cols in shapes:
+        starts.append(total)
+        total += -(-(rows * cols) // step) * step
+    raw = alloc((total,), dtype)
+    return [raw[start:start + rows * cols].reshape(rows, cols) if rows * cols
+            else _empty((rows, cols), dtype) for start, (rows, cols) in zip(starts, shapes)]
 
 
 @njit(**_JIT)

@@ -122,11 +122,33 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
         sizes = batch_sizes.contiguous().numpy()
     else:
         sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
+    threads = min(torch.get_num_threads(), _CPUS)
+    # Made once per distinct steps and shape: a call of a training loop repeats its predecessor's.
+    key = (sizes.tobytes(), sizes.ndim, reverse, batch, row_work, itemsize, threads) \
+        if sizes.size <= _PLAN_CACHE_MAX_STEPS else None
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _new_plan(sizes, reverse, batch, row_work, itemsize, threads)
+        if key is not None:
+            if len(_PLANS) >= 256:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan
+
+
+_PLANS = {}
+_PLAN_CACHE_MAX_STEPS = 4096
+
+
+def _new_plan(sizes, reverse, batch, row_work, itemsize, threads):
+    """:func:`_schedule`'s plan of int64 ``sizes``, made: its arrays are shared by every call with
+    the same key, and the loops only read them (read-only flags would make numba compile the loops
+    once more, for read-only arrays)."""
     ok, order, offsets = _plan_steps(sizes.reshape(-1), batch, reverse)
     if sizes.ndim != 1 or not ok:
         raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
                          f"(rows of h0), got {sizes.tolist()}")
-    threads = min(torch.get_num_threads(), _CPUS)
+    sizes = sizes.copy()  # the plan's own (the caller's tensor may change)
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
