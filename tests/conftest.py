@@ -1,11 +1,17 @@
 """Test-session set-up.
 
 Without a CUDA device, Triton kernels are tested under its CPU interpreter, which must be
-switched on before ``triton`` is first imported: that is done here, at collection time.
+switched on before ``triton`` is first imported: that is done here, at collection time, and the
+interpreter's bf16 dot is corrected (``_triton_interpreter.py``).
 """
+import importlib.util
 import os
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
+    import _triton_interpreter
+
+    _triton_interpreter.install()

@@ -6,9 +6,16 @@ conftest.py before triton is imported) on CPU tensors, at small shapes. The orac
 results then cast to the tested dtype. Both strategies are tested: ``fused`` (weights on-chip,
 one launch) and ``step`` (hidden dimension split across programs, one launch per step), the
 latter forced at small H with 16-unit tiles so that H spans several blocks.
+
+Under the interpreter, conftest.py corrects its bf16 ``tl.dot`` (``_triton_interpreter.py``): the
+kernels run the same dots as on a GPU, in their operands' dtype; and the programs of a launch
+also run in reversed and shuffled orders (:func:`test_program_order`).
 """
+import ast
 import contextlib
+import functools
 import os
+import re
 
 import pytest
 import torch
@@ -17,13 +24,18 @@ from fastrnn import backends, cells
 from fastrnn.autograd import Recurrence
 
 tg = pytest.importorskip("fastrnn.kernels.triton_gpu")
-from fastrnn.kernels.triton_gpu import configs  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from fastrnn.kernels.triton_gpu import configs, kernels, step_math  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 if not HAS_CUDA and not INTERPRETED:
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+if INTERPRETED:
+    import _triton_interpreter as interp
 
 # Tolerances: |triton - reference| <= TOL * max(1, max|reference|), per tensor.
 # float32 under the interpreter: float32 arithmetic vs float64 -> 1e-5. float16 (eps 9.8e-4)
@@ -79,21 +91,35 @@ def assert_close(actual, expected, tol, what):
     assert err <= tol * scale, f"{what}: max error {err:.3e} > {tol:.1e} * {scale:.3g}"
 
 
-def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL, seed=0,
-                 with_bias=True, step_tiles=STEP_TILES):
-    inputs64 = make_inputs(cell, hidden, sizes, seed, with_bias)
-    inputs = [None if t is None else t.to(DEVICE, dtype) for t in inputs64]
-    # The oracle sees exactly the dtype-rounded inputs, computes in float64, then casts.
-    oracle_inputs = [None if t is None else t.double() for t in inputs]
+def case_tensors(cell, sizes, dtype, hidden=HIDDEN, seed=0, with_bias=True):
+    """The inputs of a case (:func:`make_inputs`) in ``dtype`` on DEVICE, and float64 gradients
+    of its outputs."""
+    inputs = [None if t is None else t.to(DEVICE, dtype)
+              for t in make_inputs(cell, hidden, sizes, seed, with_bias)]
     gen = torch.Generator().manual_seed(seed + 1)
     n_out = 3 if cells.spec(cell).has_c else 2
     shapes = [(sum(sizes), hidden), (sizes[0], hidden), (sizes[0], hidden)][:n_out]
     out_grads = [torch.randn(*s, generator=gen, dtype=torch.float64).to(DEVICE) for s in shapes]
-    ref_outs, ref_grads = run("reference", cell, sizes, reverse, oracle_inputs, out_grads)
+    return inputs, out_grads
+
+
+def run_triton(cell, sizes, reverse, inputs, out_grads, strategy, step_tiles=STEP_TILES):
+    """:func:`run` of the triton backend, ``strategy`` forced (None: the dispatcher's choice)."""
     tiles = step_tiles if strategy == "step" else {}
     forced = tg.forced_strategy(strategy, **tiles) if strategy else contextlib.nullcontext()
     with forced:
-        outs, grads = run("triton", cell, sizes, reverse, inputs, out_grads)
+        return run("triton", cell, sizes, reverse, inputs, out_grads)
+
+
+def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL, seed=0,
+                 with_bias=True, step_tiles=STEP_TILES):
+    if dtype == torch.bfloat16 and INTERPRETED:
+        interp.require()  # the interpreter's bf16 dot, corrected by conftest.py
+    inputs, out_grads = case_tensors(cell, sizes, dtype, hidden, seed, with_bias)
+    # The oracle sees exactly the dtype-rounded inputs, computes in float64, then casts.
+    oracle_inputs = [None if t is None else t.double() for t in inputs]
+    ref_outs, ref_grads = run("reference", cell, sizes, reverse, oracle_inputs, out_grads)
+    outs, grads = run_triton(cell, sizes, reverse, inputs, out_grads, strategy, step_tiles)
     tol = tols[dtype]
     for name, a, e in zip(("y", "h_n", "c_n"), outs, ref_outs):
         assert_close(a, e.to(dtype), tol, name)
@@ -110,8 +136,7 @@ def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL,
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_parity(cell, reverse, layout, dtype, strategy):
-    """Outputs and all gradients match the float64 reference (bfloat16 under the interpreter
-    multiplies in float32: a bf16 x bf16 tl.dot is broken there, see the module docstring)."""
+    """Outputs and all gradients match the float64 reference."""
     check_parity(cell, DENSE if layout == "dense" else PACKED, reverse, dtype, strategy)
 
 
@@ -287,6 +312,119 @@ def test_why_not():
     assert tg.why_not("gru", torch.device(DEVICE), torch.float64, 0) is not None
     assert tg.why_not("gru", torch.device(DEVICE), torch.float16, 0) is None
     assert backends.choose("triton", "gru", DEVICE, torch.float16).name == "triton"
+
+
+# ----------------------------------------------------------------------------------------------
+# The interpreter as a stand-in for the GPU: its bf16 dot, and the order of a launch's programs.
+# ----------------------------------------------------------------------------------------------
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="tests under Triton's interpreter")
+
+
+def _jit_code(module):
+    """{name: code} of the ``@triton.jit`` (or ``cell_jit``) functions of ``module``'s file,
+    without docstrings and comments."""
+    code = {}
+    for node in ast.walk(ast.parse(open(module.__file__).read())):
+        if isinstance(node, ast.FunctionDef) and any(
+                "jit" in ast.unparse(d) for d in node.decorator_list):
+            body = node.body[1:] if ast.get_docstring(node) else node.body
+            code[node.name] = ast.unparse(node.args) + "\n" + "\n".join(map(ast.unparse, body))
+    return code
+
+
+def test_kernel_source_has_no_interpreter_branch():
+    """The jit code of the kernels, their helpers and the cells' step math names nothing that
+    could tell the interpreter apart (like the former DOT_FP32 constexpr): the interpreter runs
+    the dots that are compiled for a GPU."""
+    modules = [kernels, step_math] + [cells.MODULES[name] for name in configs.CELLS]
+    code = {f"{m.__name__}.{name}": text for m in modules for name, text in _jit_code(m).items()}
+    assert {"fastrnn.kernels.triton_gpu.kernels._backward_step_kernel",
+            "fastrnn.kernels.triton_gpu.step_math.mm", "fastrnn.cells.gru.preacts"} <= set(code)
+    for name, text in code.items():
+        assert not re.search(r"(?i)interpret|DOT_FP32|environ", text), name
+
+
+@triton.jit
+def _dot_kernel(a_ptr, b_ptr, c_ptr, N: tl.constexpr):
+    """c = a @ b, (N, N) row-major tiles, accumulated in float32."""
+    tile = tl.arange(0, N)[:, None] * N + tl.arange(0, N)[None, :]
+    c = tl.dot(tl.load(a_ptr + tile), tl.load(b_ptr + tile), tl.zeros([N, N], tl.float32))
+    tl.store(c_ptr + tile, c)
+
+
+@needs_interpreter
+def test_interpreter_bf16_dot():
+    """A bf16 x bf16 tl.dot: exact products summed in float32 (as on a GPU) with the correction
+    conftest.py installs; the interpreter's own dot multiplies the bf16 bit patterns."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(16, 16, generator=gen).bfloat16() for _ in range(2))
+    expected = a.double() @ b.double()
+    c = torch.empty(16, 16)
+    _dot_kernel[(1,)](a, b, c, N=16)
+    torch.testing.assert_close(c.double(), expected, rtol=1e-6, atol=1e-6)
+    with interp.original_dot():
+        _dot_kernel[(1,)](a, b, c, N=16)
+    assert (c.double() - expected).abs().max() > 1.0
+
+
+@needs_interpreter
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+def test_bf16_parity_needs_the_dot_correction(strategy):
+    """The kernels' bf16 products go through the interpreter's bf16 tl.dot (no upcast of their
+    own): without the correction, bf16 parity fails."""
+    with interp.original_dot(), pytest.raises(AssertionError):
+        check_parity("lstm", [4, 4], False, torch.bfloat16, strategy)
+
+
+@triton.jit
+def _order_kernel(counter_ptr, order_ptr):
+    """order[k] = the linear id of the k-th program to run."""
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(order_ptr + tl.atomic_add(counter_ptr, 1), pid)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_program_order_runs_every_program_once(order):
+    counter, ran = torch.zeros(1, dtype=torch.int32), torch.full((12,), -1, dtype=torch.int32)
+    with interp.program_order(order):
+        _order_kernel[(3, 4)](counter, ran)
+    natural = torch.arange(12, dtype=torch.int32)
+    assert sorted(ran.tolist()) == natural.tolist()
+    if order == "reversed":
+        assert torch.equal(ran, natural.flip(0))
+    else:
+        assert not torch.equal(ran, natural) and not torch.equal(ran, natural.flip(0))
+
+
+WIDE = {"dense": [19] * 3, "packed": [19, 17, 3]}  # two batch blocks, then one
+# (cell, strategy, layout, reverse): each cell, both strategies and layouts, both directions.
+ORDER_CASES = [("rnn_tanh", "fused", "packed", False), ("rnn_relu", "step", "dense", True),
+               ("lstm", "step", "packed", False), ("lstm", "fused", "dense", True),
+               ("gru", "fused", "packed", True), ("gru", "step", "packed", True),
+               ("peephole_lstm", "step", "dense", False),
+               ("peephole_lstm", "fused", "packed", False)]
+
+
+@functools.cache
+def _natural_order_results(cell, strategy, layout, reverse):
+    inputs, out_grads = case_tensors(cell, WIDE[layout], torch.float32, seed=8)
+    return run_triton(cell, WIDE[layout], reverse, inputs, out_grads, strategy)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+@pytest.mark.parametrize("cell,strategy,layout,reverse", ORDER_CASES)
+def test_program_order(cell, strategy, layout, reverse, order):
+    """No result depends on the order of a launch's programs (fused: batch blocks; step: batch
+    blocks x unit blocks, no grid-wide barrier): outputs and gradients bit for bit those of
+    the interpreter's natural order."""
+    expected = _natural_order_results(cell, strategy, layout, reverse)
+    inputs, out_grads = case_tensors(cell, WIDE[layout], torch.float32, seed=8)
+    with interp.program_order(order):
+        actual = run_triton(cell, WIDE[layout], reverse, inputs, out_grads, strategy)
+    for a, e in zip(actual[0] + actual[1], expected[0] + expected[1]):
+        assert (a is None and e is None) or torch.equal(a, e)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: full-size kernels on the GPU")

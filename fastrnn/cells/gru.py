@@ -101,11 +101,11 @@ def triton_step_math():
                                                       load_f32, tanh)
 
     @cell_jit
-    def preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn, DOT_FP32: tl.constexpr):
-        r = PRODUCT(h, w[0], load_f32(x_ptrs, mask), DOT_FP32)
-        z = PRODUCT(h, w[1], load_f32(x_ptrs + H, mask), DOT_FP32)
+    def preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn):
+        r = PRODUCT(h, w[0], load_f32(x_ptrs, mask))
+        z = PRODUCT(h, w[1], load_f32(x_ptrs + H, mask))
         x_n = load_f32(x_ptrs + 2 * H, mask)
-        return r, z, x_n, PRODUCT(h, w[2], b_hn + tl.zeros_like(x_n), DOT_FP32)
+        return r, z, x_n, PRODUCT(h, w[2], b_hn + tl.zeros_like(x_n))
 
     @cell_jit
     def forward(p, h, c):

@@ -24,7 +24,7 @@ def _forward_fused_kernel(
     y_ptr, hn_ptr, cn_ptr, hprev_ptr, stash_ptr,           # outputs
     bs_ptr, off_ptr, T, B, H,                              # runtime sizes
     reverse,                                               # 1: run t = T-1 ... 0
-    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, DOT_FP32: tl.constexpr,
+    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Whole-sequence forward of one batch block (program id 0 -> rows [pid*BLOCK_B, ...)).
 
@@ -50,7 +50,7 @@ def _forward_fused_kernel(
         h_off = prow * H + cols[None, :]
         x_ptrs = xg_ptr + prow * (G * H) + cols[None, :]
         hd = h.to(w_ptr.dtype.element_ty)
-        p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn, DOT_FP32)
+        p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
         tl.store(hprev_ptr + h_off, h, mask=m)
@@ -70,7 +70,7 @@ def _backward_fused_kernel(
     dgate_ptr, dhn_ptr, dh0_ptr, dc0_ptr,                              # outputs
     bs_ptr, off_ptr, T, B, H,
     reverse,                                          # 1: the forward ran t = T-1 ... 0
-    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, DOT_FP32: tl.constexpr,
+    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """Whole-sequence BPTT of one batch block, steps in the opposite order of the forward.
 
@@ -113,12 +113,12 @@ def _backward_fused_kernel(
         # compile the configurations ahead of time before changing it.
         g_ptrs = dgate_ptr + prow * (G * H) + cols[None, :]
         tl.store(g_ptrs, d_xg[0], mask=m)
-        dh_prev = mm(d_hidden[0].to(dot_dtype), w[0], direct, DOT_FP32)
+        dh_prev = mm(d_hidden[0].to(dot_dtype), w[0], direct)
         for gate in tl.static_range(1, G):
             tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
         CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
         for gate in tl.static_range(1, G):
-            dh_prev = mm(d_hidden[gate].to(dot_dtype), w[gate], dh_prev, DOT_FP32)
+            dh_prev = mm(d_hidden[gate].to(dot_dtype), w[gate], dh_prev)
         dh = tl.where(active[:, None], dh_prev, dh)
         dc = tl.where(active[:, None], dc_prev, dc)
     tl.store(dh0_ptr + state_off, dh, mask=state_mask)
@@ -134,7 +134,7 @@ def _forward_step_kernel(
     y_ptr, hprev_ptr, stash_ptr,
     bs_ptr, off_ptr, t, B, H,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Step ``t`` for batch block program_id(0) and hidden units [program_id(1)*BLOCK_H, ...).
 
@@ -156,14 +156,14 @@ def _forward_step_kernel(
                      mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
         w_mask = k_ok[:, None] & col_ok[None, :]
         w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
-        acc = accumulate_products(hk, w_ptrs, w_mask, H, acc, DOT_FP32)
+        acc = accumulate_products(hk, w_ptrs, w_mask, H, acc)
     first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
     prow = rows[:, None]
     h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
     x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
     h = tl.load(h_in_ptr + state_off, mask=state_mask, other=0.0)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
-    p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn, DOT_FP32)
+    p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn)
     c = CELL.load_c(c_ptr + state_off, state_mask, h)
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
     h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
@@ -183,7 +183,7 @@ def _backward_step_kernel(
     dh_ptr, dc_ptr,                  # (B, H) fp32 carries, each program owns its units
     bs_ptr, off_ptr, t_done, t_next, B, H,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One launch of the step-strategy BPTT: finish step ``t_done`` and start ``t_next``.
 
@@ -215,7 +215,7 @@ def _backward_step_kernel(
                                         dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
                 wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
                              mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = mm(dk.to(dot_dtype), wt, acc, DOT_FP32)
+                acc = mm(dk.to(dot_dtype), wt, acc)
         dh = tl.where(done[:, None], dh + acc, dh)
     if t_next >= 0:
         first, active, m = step_rows(bs_ptr, off_ptr, t_next, rows, col_ok)

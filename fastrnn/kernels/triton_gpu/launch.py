@@ -8,7 +8,7 @@ import triton
 
 from fastrnn import cells
 from fastrnn.kernels.triton_gpu import why_not
-from fastrnn.kernels.triton_gpu.configs import GATES, STASH, _interpreted, select_config
+from fastrnn.kernels.triton_gpu.configs import GATES, STASH, select_config
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_step_kernel,
                                                 _forward_fused_kernel, _forward_step_kernel)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
@@ -23,10 +23,6 @@ def _steps(batch_sizes, device):
     if sizes.numel() > 1:
         offsets[1:] = torch.cumsum(sizes, 0)[:-1]
     return sizes.to(device=device, dtype=torch.int32), offsets.to(device=device, dtype=torch.int32)
-
-
-def _dot_fp32(dtype):
-    return dtype == torch.bfloat16 and _interpreted()
 
 
 def _check(cell, xg, w_hr, w_cell, hidden):
@@ -109,7 +105,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
             bs, off, T, B, H, int(bool(reverse)),
-            CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b, DOT_FP32=_dot_fp32(dtype),
+            CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b,
             num_warps=config.num_warps)
         return y, h_n, c_n, (h_prev, stash)
     h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
@@ -121,7 +117,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             xg, w_hh, bhn, wcell, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
             y, h_prev, stash, bs, off, t, B, H,
             CELL=step_math, BLOCK_B=config.block_b,
-            BLOCK_H=config.block_h, BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
+            BLOCK_H=config.block_h, BLOCK_K=config.block_k,
             num_warps=config.num_warps)
     h_n = h_bufs[T % 2].to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
@@ -168,7 +164,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                 h_prev, stash, d_gates, dhn_arg, d_h0, d_c0 if d_c0 is not None else d_h0,
                 bs, off, T, B, H, int(bool(reverse)),
                 CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b,
-                DOT_FP32=_dot_fp32(dtype), num_warps=config.num_warps)
+                num_warps=config.num_warps)
         else:
             order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
             grid = (n_blocks, triton.cdiv(H, config.block_h))
@@ -180,7 +176,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                     d_h0, d_c0 if d_c0 is not None else d_h0,
                     bs, off, t_done, t_next, B, H,
                     CELL=step_math, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-                    BLOCK_K=config.block_k, DOT_FP32=_dot_fp32(dtype),
+                    BLOCK_K=config.block_k,
                     num_warps=config.num_warps)
     # Weight gradients: one float32 GEMM over all steps, after the loop (deterministic).
     d_hidden = d_gates if d_hn is None else torch.cat([d_gates[:, :2 * H], d_hn], dim=1)

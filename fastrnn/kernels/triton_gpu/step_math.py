@@ -10,9 +10,9 @@ code were written in it; a different ``CELL`` is a different compiled kernel, li
 The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``, ``stash``,
 ``d_xg`` and ``d_hidden`` are tuples of tiles, one per gate (G) or stash slot (S)):
 
-``preacts(PRODUCT, h, w, x_ptrs, H, mask, b_hn, DOT_FP32) -> p``
+``preacts(PRODUCT, h, w, x_ptrs, H, mask, b_hn) -> p``
     The gate pre-activations of a step from the xg tiles at ``x_ptrs + g*H``, ``b_hn`` and the
-    hidden products: ``PRODUCT(h, w[g], a, DOT_FP32)`` is ``a + h W_g^T``. The strategy picks
+    hidden products: ``PRODUCT(h, w[g], a)`` is ``a + h W_g^T``. The strategy picks
     ``PRODUCT``: :func:`mm` with the resident weight tiles ``w`` (fused) or :func:`add_product`
     with ``w`` the products the step kernel accumulated over chunks of H (``h`` is None).
     Default :func:`plain_preacts`: ``p[g] = xg_g + h W_g^T`` for every gate.
@@ -75,19 +75,16 @@ def tanh(x):
 
 
 @triton.jit
-def mm(a, b, acc, DOT_FP32: tl.constexpr):
-    """acc + a @ b with float32 accumulation; float32 operands in FP32_DOT_PRECISION (tf32x3).
-    DOT_FP32 (interpreter only): upcast both operands and multiply exactly."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif a.dtype == tl.float32:
+def mm(a, b, acc):
+    """acc + a @ b with float32 accumulation; float32 operands in FP32_DOT_PRECISION (tf32x3)."""
+    if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision=FP32_DOT_PRECISION)
     else:
         return tl.dot(a, b, acc)
 
 
 @triton.jit
-def add_product(h, hw, acc, DOT_FP32: tl.constexpr):
+def add_product(h, hw, acc):
     """``PRODUCT`` of the step kernels: ``hw`` is h W_g^T, already accumulated (h is None)."""
     return hw + acc
 
@@ -112,13 +109,13 @@ def load_weight_tile(w_ptr, gate, H, H_PAD: tl.constexpr, TRANSPOSE: tl.constexp
 
 
 @triton.jit
-def accumulate_products(hk, w_ptrs, w_mask, H, acc, DOT_FP32: tl.constexpr):
+def accumulate_products(hk, w_ptrs, w_mask, H, acc):
     """One chunk of the step kernels' hidden products: ``acc[g] + hk @ W_g[chunk]^T`` for each
     gate g, ``w_ptrs`` the chunk's pointers in gate 0 (tile[k, j] = w[j, k])."""
     out = ()
     for gate in tl.static_range(len(acc)):
         w = tl.load(w_ptrs + gate * H * H, mask=w_mask, other=0.0)
-        out = out + (mm(hk, w, acc[gate], DOT_FP32),)
+        out = out + (mm(hk, w, acc[gate]),)
     return out
 
 
@@ -155,11 +152,11 @@ def zero_tiles(N: tl.constexpr, SHAPE: tl.constexpr):
 # Defaults of the cell helpers.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def plain_preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn, DOT_FP32: tl.constexpr):
+def plain_preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn):
     """``p[g] = xg_g + h W_g^T`` for every gate g (rnn, lstm)."""
     p = ()
     for gate in tl.static_range(len(w)):
-        p = p + (PRODUCT(h, w[gate], load_f32(x_ptrs + gate * H, mask), DOT_FP32),)
+        p = p + (PRODUCT(h, w[gate], load_f32(x_ptrs + gate * H, mask)),)
     return p
 
 
