@@ -30,7 +30,7 @@ _INT_POINTERS = {"bs_ptr", "off_ptr"}
 def aot_source(config):
     """The ``triton.compiler.ASTSource`` of ``config`` exactly as the launchers run it on a GPU:
     runtime integers unspecialised (the kernels declare them ``do_not_specialize``), pointers
-    16-byte aligned (torch allocations are), ``DOT_FP32`` False (interpreter-only)."""
+    16-byte aligned (torch allocations are)."""
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, _KERNELS[config.kernel])
@@ -38,7 +38,7 @@ def aot_source(config):
         raise RuntimeError("AOT compilation needs the compiled Triton frontend: run it in a "
                            "process without TRITON_INTERPRET=1 (see aot_resources)")
     # CELL: the cell's step math (a CellMath of @triton.jit helpers), a constexpr like the rest.
-    constexprs = {"CELL": cell_math(config.cell), "BLOCK_B": config.block_b, "DOT_FP32": False}
+    constexprs = {"CELL": cell_math(config.cell), "BLOCK_B": config.block_b}
     if config.strategy == "fused":
         constexprs["H_PAD"] = config.h_pad
     else:
