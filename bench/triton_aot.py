@@ -10,11 +10,9 @@ import os
 import triton
 
 from fastrnn.kernels.triton_gpu import kernels
-from fastrnn.kernels.triton_gpu.configs import CONFIGS, KernelConfig, TRITON_DTYPE
+from fastrnn.kernels.triton_gpu.configs import (ARCH_SHARED, FP_FUSION, MAX_REGISTERS,
+                                                TRITON_DTYPE, KernelConfig, dispatchable)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
-
-#: Largest dynamic shared memory one block may request, per compute capability (bytes).
-SHARED_LIMIT = {80: 166912, 90: 232448}
 
 _KERNELS = {
     "forward_fused": "_forward_fused_kernel", "backward_fused": "_backward_fused_kernel",
@@ -25,12 +23,17 @@ _KERNELS = {
 _FP32_POINTERS = {"hprev_ptr", "stash_ptr", "h_in_ptr", "h_out_ptr", "c_ptr", "dgate_ptr",
                   "dhn_ptr", "dh_ptr", "dc_ptr", "dh0_ptr", "dc0_ptr"}
 _INT_POINTERS = {"bs_ptr", "off_ptr"}
+# Pointer arguments the caller provides (views such as h0[k] may start at any element); the rest
+# are the launcher's own allocations and step tables, always 16-byte aligned.
+CALLER_POINTERS = {"xg_ptr", "h0_ptr", "c0_ptr", "w_ptr", "bhn_ptr", "wcell_ptr", "gy_ptr",
+                   "ghn_ptr", "gcn_ptr"}
 
 
-def aot_source(config):
-    """The ``triton.compiler.ASTSource`` of ``config`` exactly as the launchers run it on a GPU:
-    runtime integers unspecialised (the kernels declare them ``do_not_specialize``), pointers
-    16-byte aligned (torch allocations are)."""
+def aot_source(config, aligned=True):
+    """The ``triton.compiler.ASTSource`` of ``config`` as the launchers run it on a GPU: runtime
+    integers unspecialised (the kernels declare them ``do_not_specialize``). ``aligned``: every pointer 16-byte aligned (``tt.divisibility`` 16, what
+    Triton specialises on for torch allocations); False: the :data:`CALLER_POINTERS` without it
+    (the variant Triton compiles when they are all unaligned)."""
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, _KERNELS[config.kernel])
@@ -51,31 +54,34 @@ def aot_source(config):
             kind = ("i32" if name in _INT_POINTERS else
                     "fp32" if name in _FP32_POINTERS else TRITON_DTYPE[config.dtype])
             signature[name] = "*" + kind
-            attrs[(index,)] = [["tt.divisibility", 16]]
+            if aligned or name not in CALLER_POINTERS:
+                attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def compile_config(config, cc):
-    """Compile ``config`` for ``sm_<cc>`` (80 or 90) without a GPU; returns the compiled kernel
-    (``.asm["cubin"]``, ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
+def compile_config(config, cc, aligned=True):
+    """Compile ``config`` for ``sm_<cc>`` without a GPU, with the launch options of the launchers
+    (``num_warps``, ``enable_fp_fusion``); returns the compiled kernel (``.asm["cubin"]``,
+    ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
     from triton.backends.compiler import GPUTarget
 
-    return triton.compile(aot_source(config), target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": config.num_warps})
+    return triton.compile(aot_source(config, aligned), target=GPUTarget("cuda", cc, 32),
+                          options={"num_warps": config.num_warps, "enable_fp_fusion": FP_FUSION})
 
 
 def _cuobjdump():
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def resource_usage(config, cc):
-    """Compile ``config`` for ``sm_<cc>`` and read its resources from the cubin.
+def resource_usage(config, cc, aligned=True):
+    """Compile ``config`` for ``sm_<cc>`` (pointer variant ``aligned``, see :func:`aot_source`)
+    and read its resources from the cubin.
 
-    Returns a dict: config (name), cc, REG, STACK (bytes; > 0 means spills), SHARED (static
-    shared memory, bytes), metadata_shared (dynamic shared memory the launch requests, bytes),
-    shared_limit (bytes), compile_s.
+    Returns a dict: config (name), cc, aligned, REG, STACK (bytes; > 0 means spills), SHARED
+    (static shared memory, bytes), metadata_shared (dynamic shared memory the launch requests,
+    bytes), shared_limit (bytes), compile_s.
     """
     import re
     import subprocess
@@ -83,7 +89,7 @@ def resource_usage(config, cc):
     import time
 
     start = time.perf_counter()
-    kernel = compile_config(config, cc)
+    kernel = compile_config(config, cc, aligned)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
@@ -93,55 +99,73 @@ def resource_usage(config, cc):
                               capture_output=True, text=True).stdout
     found = {key: int(re.search(rf"\b{key}:(\d+)", dump).group(1))
              for key in ("REG", "STACK", "SHARED")}
-    return dict(config=config.name, cc=cc, **found, metadata_shared=int(kernel.metadata.shared),
-                shared_limit=SHARED_LIMIT[cc], compile_s=round(seconds, 2))
+    return dict(config=config.name, cc=cc, aligned=aligned, **found,
+                metadata_shared=int(kernel.metadata.shared), shared_limit=ARCH_SHARED[cc],
+                compile_s=round(seconds, 2))
+
+
+def fits(row):
+    """Whether a :func:`resource_usage` row runs on its arch: no spills, at most
+    :data:`MAX_REGISTERS` registers, dynamic shared memory within the arch's opt-in limit."""
+    return (row["STACK"] == 0 and 0 < row["REG"] <= MAX_REGISTERS
+            and row["metadata_shared"] <= row["shared_limit"])
 
 
 def _aot_worker():
-    """Subprocess entry: reads [[KernelConfig fields, cc], ...] as JSON on stdin, prints one
-    JSON resource dict per line."""
+    """Subprocess entry: reads [[KernelConfig fields, cc, aligned], ...] as JSON on stdin,
+    prints one JSON resource dict per line."""
     import json
     import sys
 
-    for fields, cc in json.load(sys.stdin):
+    for fields, cc, aligned in json.load(sys.stdin):
         config = KernelConfig(**fields)
         # Named on stderr first, so that a compiler crash (an abort) says which config it was.
-        print(f"compiling {config.name} for sm_{cc}", file=sys.stderr, flush=True)
-        print(json.dumps(resource_usage(config, cc)), flush=True)
+        print(f"compiling {config.name} for sm_{cc} aligned={aligned}", file=sys.stderr,
+              flush=True)
+        print(json.dumps(resource_usage(config, cc, aligned)), flush=True)
 
 
-def aot_resources(configs=CONFIGS, ccs=(80, 90), jobs=2, cache_dir=None):
-    """Resource usage of every (config, cc), compiled in ``jobs`` worker processes.
+def cases(ccs=tuple(ARCH_SHARED), variants=(True,)):
+    """[(config, cc, aligned)]: every configuration the dispatcher can choose on each arch
+    (:func:`dispatchable`), in each pointer variant (``aligned`` values; default: the aligned
+    variant, the only one the launchers run)."""
+    return [(c, cc, aligned) for cc in ccs for c in dispatchable(ARCH_SHARED[cc])
+            for aligned in variants]
+
+
+def aot_resources(work, jobs=2, cache_dir=None):
+    """Resource usage of every (config, cc, aligned) of ``work``, compiled in ``jobs`` worker
+    processes.
 
     The workers run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
     functions cannot be compiled) and, when ``cache_dir`` is given, with that Triton cache
     (pass a fresh directory to measure cold compile time). Returns a list of dicts (see
-    :func:`resource_usage`) in the order of ``configs`` then ``ccs``.
+    :func:`resource_usage`) in the order of ``work``.
     """
     import dataclasses
     import json
     import subprocess
     import sys
 
-    work = [[dataclasses.asdict(c), cc] for c in configs for cc in ccs]
+    work = [[dataclasses.asdict(c), cc, aligned] for c, cc, aligned in work]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
     procs = []
     for j in range(max(1, jobs)):
         share = work[j::max(1, jobs)]
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
         procs.append((proc, share))
     results = {}
     for proc, share in procs:
         out, err = proc.communicate(json.dumps(share))
         if proc.returncode != 0:
             raise RuntimeError(f"AOT compile worker failed (rc {proc.returncode}):\n{err[-4000:]}")
-        for line, (fields, cc) in zip(out.splitlines(), share):
-            results[(KernelConfig(**fields), cc)] = json.loads(line)
-    return [results[(KernelConfig(**fields), cc)] for fields, cc in work]
+        for line, (fields, cc, aligned) in zip(out.splitlines(), share):
+            results[(KernelConfig(**fields), cc, aligned)] = json.loads(line)
+    return [results[(KernelConfig(**fields), cc, aligned)] for fields, cc, aligned in work]
 
 
 if __name__ == "__main__":

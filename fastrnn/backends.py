@@ -155,6 +155,15 @@ def resolve(backend, cell, device, dtype, proj_size=0, step=False):
     return _choose(backend, cell, torch.device(device), dtype, proj_size, step).name
 
 
+def _with_strategy(name, cell, device, dtype, reason):
+    """``reason``, for the triton backend followed by the strategy it runs on ``device`` and why
+    (:func:`fastrnn.kernels.triton_gpu.strategy_note`: the device's fused limits)."""
+    if name != "triton":
+        return reason
+    note = triton_gpu.strategy_note(cell, dtype, triton_gpu.device_limits(torch.device(device)))
+    return f"{reason}; {note}"
+
+
 def choose(backend, cell, device, dtype, proj_size=0, step=False):
     """Resolve ``backend`` (a name or "auto") for a recurrence on ``device``/``dtype``
     (``step=True``: a single cell step, see ``AUTO_ORDER_STEP``).
@@ -171,7 +180,8 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False):
             raise BackendUnavailable(f"backend={backend!r} cannot run this input: "
                                      f"{reason or failed}") from _FAILURES.get(
                                          (backend, cell, dtype, proj_size))
-        return Choice(backend, "requested explicitly")
+        return Choice(backend,
+                      _with_strategy(backend, cell, device, dtype, "requested explicitly"))
     order = (AUTO_ORDER_STEP if step else AUTO_ORDER).get(device.type, ("native", "reference"))
     skipped = []
     for name in order:
@@ -184,6 +194,7 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False):
         if reason is None:
             what = f"a {cell} cell step" if step else cell
             why = f"auto: first of {list(order)} that runs {what} on {device.type} {dtype}"
-            return Choice(name, why + (f" (skipped: {'; '.join(skipped)})" if skipped else ""))
+            why += f" (skipped: {'; '.join(skipped)})" if skipped else ""
+            return Choice(name, _with_strategy(name, cell, device, dtype, why))
         skipped.append(f"{name}: {reason}")
     raise BackendUnavailable("no backend can run this input: " + "; ".join(skipped))

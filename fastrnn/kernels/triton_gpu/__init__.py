@@ -8,28 +8,40 @@ T (sequence length) and the batch are runtime arguments, never compile-time cons
 The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
 The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
 
-Strategies (chosen by :func:`select_config` from H, the cell and the dtype)
---------------------------------------------------------------------------
+Strategies (chosen by :func:`select_config` from H, the cell, the dtype and the device)
+--------------------------------------------------------------------------------------
 ``fused``  one launch per layer and direction for the whole sequence: one program per block of
            ``BLOCK_B`` = 16 batch rows runs the time loop and keeps ``W_hh`` (G tiles of
            ``H_PAD x H_PAD``, H padded to a power of two and masked) on-chip for all steps.
-           Largest H (:data:`FUSED_MAX_HIDDEN`, per direction, cell and dtype) -- the largest
-           ``H_PAD`` whose kernel compiles for sm_80 and sm_90 with zero spill bytes and shared
-           memory under both limits (``tests/test_triton_aot.py``; measured table in
-           ``bench/results/triton_resources.md``). Triton keeps the loop-invariant weight tiles
-           in shared memory (the dot operand staging is hoisted out of the time loop), so the
-           limit is shared memory (weights + layout-conversion scratch) and registers:
+           Triton keeps the loop-invariant weight tiles in shared memory (the dot operand
+           staging is hoisted out of the time loop), so the limit is shared memory (weights +
+           layout-conversion scratch) and registers. The largest H (:func:`fused_max_hidden`,
+           per direction, cell, dtype and device) is the largest ``H_PAD`` whose kernel
+           compiles with zero spill bytes, at most 255 registers and dynamic shared memory
+           within the opt-in limit per block of every arch of the device's shared-memory class
+           (``tests/test_triton_aot.py``; measured table in ``bench/results/triton_resources.md``).
+           The launcher reads the device's opt-in shared memory per block and registers per SM
+           (:func:`device_limits`, once per device); ``backend_for`` names the strategy and why
+           (:func:`strategy_note`):
 
-           ============  =====================  =====================
-           cell          float16 / bfloat16     float32
-                         forward / backward     forward / backward
-           ============  =====================  =====================
-           rnn_tanh/relu 128 / 128              128 / 128
-           lstm          128 / 64               64 / 64
-           gru           128 / 128              64 / 64
-           peephole_lstm 128 / 64               64 / 64
-           ============  =====================  =====================
+           ============  ===========================  ===========================
+           class         >= 163 KB: sm_80, sm_90      >= 99 KB: sm_86, sm_89, sm_120
+                         (A100, H100; sm_87, sm_100)  (A10, L4, L40S, RTX 30/40/50)
+           cell          fp16/bf16     float32        fp16/bf16     float32
+                         fwd / bwd     fwd / bwd      fwd / bwd     fwd / bwd
+           ============  ============  =============  ============  =============
+           rnn_tanh/relu 128 / 128     128 / 128      128 / 128     64 / 64
+           lstm          128 / 64      64 / 64        64 / 64       32 / 32
+           gru           128 / 128     64 / 64        64 / 64       32 / 32
+           peephole_lstm 128 / 64      64 / 64        64 / 64       32 / 32
+           ============  ============  =============  ============  =============
 
+           A device with less shared memory per block (or under 65536 registers per SM) runs
+           ``step`` only. Under the interpreter (CPU tensors) the first class applies.
+           The launcher passes only 16-byte-aligned pointers (it copies an input view that is
+           not, e.g. ``h0[k]``), so the aligned pointer variant the AOT test checks is the only
+           one that runs: with unaligned inputs, the fp16/bf16 lstm and peephole_lstm forward at
+           128 spill 144-152 B on sm_80 (Triton 3.9).
            Inputs whose packed (N, S*H) tensors reach 2**31 elements also go to ``step``
            (the fused kernels index with int32 tiles, :data:`FUSED_MAX_ELEMENTS`).
 
@@ -43,6 +55,8 @@ Strategies (chosen by :func:`select_config` from H, the cell and the dtype)
            launch s finishes step s-1 (``dh = d_gates(s-1) @ W_hh``, which needs every
            program's gate gradients of the previous launch) and runs the elementwise BPTT of
            step s for the program's own hidden units.
+
+Every launch pins ``enable_fp_fusion`` (:data:`~.configs.FP_FUSION`, as the AOT compile does).
 
 Both strategies write the same ``saved`` tensors, so either backward can follow either forward:
 
@@ -83,8 +97,8 @@ every block shape is a power of two (H is masked), ``tanh`` is written from ``tl
 (``libdevice.tanh`` is missing in the interpreter).
 
 The kernel configurations the dispatcher can choose are listed in ONE place, :data:`CONFIGS`
-(built from :data:`FUSED_MAX_HIDDEN`, :data:`FUSED_BUCKETS` and the step tiles); the AOT test and
-``bench/triton_aot.py`` compile exactly that list.
+(built from the fused limits, :data:`FUSED_BUCKETS` and the step tiles); ``dispatchable(shared)``
+is the subset a device's class allows, and the AOT test compiles exactly that per arch.
 
 Files: ``configs.py`` (the configuration list and the choice of one; no Triton import),
 ``step_math.py`` (what the kernels ask of a cell, and the device helpers kernels and cells
@@ -98,8 +112,9 @@ import importlib
 import os
 
 from fastrnn.kernels import Capabilities, contract_on_first_use
-from fastrnn.kernels.triton_gpu.configs import (CELLS, CONFIGS, DTYPES, KernelConfig,
-                                                forced_strategy, fused_max_hidden, select_config)
+from fastrnn.kernels.triton_gpu.configs import (CELLS, CONFIGS, DTYPES, DeviceLimits,
+                                                KernelConfig, device_limits, forced_strategy,
+                                                fused_max_hidden, select_config, strategy_note)
 
 #: Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -122,4 +137,5 @@ __getattr__ = contract_on_first_use(__name__, load)  # the contract: Triton load
 
 
 __all__ = ["recurrence_forward", "recurrence_backward", "why_not", "select_config",
-           "forced_strategy", "fused_max_hidden", "CONFIGS", "KernelConfig", "CAPABILITIES"]
+           "forced_strategy", "fused_max_hidden", "device_limits", "strategy_note", "CONFIGS",
+           "DeviceLimits", "KernelConfig", "CAPABILITIES"]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -20,29 +22,73 @@ TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 STRATEGIES = ("fused", "step")
 
 # ----------------------------------------------------------------------------------------------
-# Configurations: the ONE list the dispatcher chooses from and the AOT test compiles.
+# Configurations: the ONE list the dispatcher chooses from and the AOT test compiles. The fused
+# kernels keep W_hh in shared memory, so which of them fit depends on the device's largest
+# dynamic shared memory per block (opt-in, cudaDevAttrMaxSharedMemoryPerBlockOptin).
 # ----------------------------------------------------------------------------------------------
 BLOCK_B = 16  # batch rows per program: the tl.dot minimum M on every NVIDIA target.
 FUSED_BUCKETS = (32, 64, 128)  # H_PAD values of the fused kernels (H <= 32 pads to 32).
-#: Largest H the fused (weights-resident) strategy serves, per (direction, cell, dtype): the
-#: largest bucket whose kernel compiles for sm_80 and sm_90 with zero spill bytes and dynamic
-#: shared memory under both limits (measured: bench/results/triton_resources.md). Beyond it,
-#: the step strategy. Buckets that were tried and rejected (measured 2026-11-23, Triton 3.9):
-#: H_PAD 256 spills for every cell and dtype (rnn fp16: 120-136 B STACK at 8 warps; fp32 and
-#: lstm/gru: also over the shared limit); float32 lstm and gru at 128: weights alone are
-#: 256 KB and 192 KB (over sm_80's 163 KB; lstm also over sm_90's 227 KB); lstm fp16/bf16
-#: backward at 128 needs 180 KB shared (over sm_80's 163 KB).
-_FUSED_LIMITS = {  # (cell, dtype group) -> (forward limit, backward limit)
-    ("rnn", "16bit"): (128, 128), ("rnn", "float32"): (128, 128),
-    ("lstm", "16bit"): (128, 64), ("lstm", "float32"): (64, 64),
-    ("gru", "16bit"): (128, 128), ("gru", "float32"): (64, 64),
-    ("peephole_lstm", "16bit"): (128, 64), ("peephole_lstm", "float32"): (64, 64),
+#: Opt-in shared memory per block (bytes) of the archs the AOT test compiles for: sm_80 (A100),
+#: sm_86 (A10, RTX 30), sm_89 (L4, L40S, RTX 40), sm_90 (H100/H200). sm_120 (RTX 50) also has
+#: 101376. All have 65536 registers per SM and at most 255 per thread.
+ARCH_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+MAX_REGISTERS = 255  # per thread (ptxas never exceeds it; more would spill)
+MIN_SM_REGISTERS = 65536  # per SM: 8 warps x 32 threads x 255 registers of one block fit
+#: ``enable_fp_fusion`` of every launch and AOT compile (Triton 3.9's default, which the
+#: measured resources and the float32 parity tolerances were made with; pinned because Triton
+#: 3.10 turns the default off).
+FP_FUSION = True
+
+#: Largest H the fused (weights-resident) strategy serves, per shared-memory class and
+#: (cell, dtype group): (forward, backward). A class is the least opt-in shared memory per block
+#: of the devices it covers, largest first; a device below the last class (or with fewer than
+#: MIN_SM_REGISTERS registers per SM) runs the step strategy only. Each limit is the largest
+#: bucket whose kernel compiles, on every AOT arch of the class, with zero spill bytes (with the
+#: aligned pointers the launcher passes) and dynamic shared memory within the class
+#: (tests/test_triton_aot.py; measured: bench/results/triton_resources.md). Rejected (measured
+#: 2026-11-23, Triton 3.9): H_PAD 256 spills for every cell and dtype (rnn fp16: 120-136 B STACK
+#: at 8 warps; fp32 and lstm/gru: also over the shared limit); float32 lstm and gru at 128:
+#: weights alone are 256 KB and 192 KB; lstm fp16/bf16 backward at 128 needs 180 KB shared
+#: (over sm_80's 163 KB). The 99 KB class loses every fused kernel over 101376 B (sm_80 table).
+SHARED_CLASSES = (166912, 101376)  # sm_80 / sm_90 (and sm_87, sm_100); sm_86 / sm_89 / sm_120
+_FUSED_LIMITS = {  # (cell, dtype group) -> ((forward, backward) per class of SHARED_CLASSES)
+    ("rnn", "16bit"): ((128, 128), (128, 128)), ("rnn", "float32"): ((128, 128), (64, 64)),
+    ("lstm", "16bit"): ((128, 64), (64, 64)), ("lstm", "float32"): ((64, 64), (32, 32)),
+    ("gru", "16bit"): ((128, 128), (64, 64)), ("gru", "float32"): ((64, 64), (32, 32)),
+    ("peephole_lstm", "16bit"): ((128, 64), (64, 64)),
+    ("peephole_lstm", "float32"): ((64, 64), (32, 32)),
 }
-FUSED_MAX_HIDDEN = {
-    (direction, cell, dtype): _FUSED_LIMITS[("rnn" if cell.startswith("rnn") else cell,
-                                             "float32" if dtype == "float32" else "16bit")][d]
-    for d, direction in enumerate(("forward", "backward")) for cell in CELLS for dtype in DTYPES
-}
+
+
+def _fused_table(klass):
+    """{(direction, cell, dtype name): largest fused H} of class index ``klass`` (None: 0)."""
+    def limit(direction, cell, dtype):
+        key = ("rnn" if cell.startswith("rnn") else cell,
+               "float32" if dtype == "float32" else "16bit")
+        return 0 if klass is None else _FUSED_LIMITS[key][klass][direction == "backward"]
+    return {(d, cell, dtype): limit(d, cell, dtype)
+            for d in ("forward", "backward") for cell in CELLS for dtype in DTYPES}
+
+
+#: {shared-memory class: {(direction, cell, dtype name): largest fused H}}; 0: step only.
+FUSED_MAX_HIDDEN_BY_SHARED = {shared: _fused_table(k) for k, shared in enumerate(SHARED_CLASSES)}
+_STEP_ONLY = _fused_table(None)
+#: The largest class's limits: sm_80 and sm_90, and the interpreter.
+FUSED_MAX_HIDDEN = FUSED_MAX_HIDDEN_BY_SHARED[SHARED_CLASSES[0]]
+
+
+def fused_limits(shared=None, registers=MIN_SM_REGISTERS):
+    """The FUSED_MAX_HIDDEN table of a device with ``shared`` opt-in bytes of shared memory per
+    block and ``registers`` per SM (None: the largest class, as under the interpreter)."""
+    if shared is None:
+        return FUSED_MAX_HIDDEN
+    if registers >= MIN_SM_REGISTERS:
+        for least in SHARED_CLASSES:
+            if shared >= least:
+                return FUSED_MAX_HIDDEN_BY_SHARED[least]
+    return _STEP_ONLY
+
+
 STEP_BLOCK_H = 32  # hidden units per program of the step kernels
 STEP_BLOCK_K = 32  # reduction chunk of the step kernels
 
@@ -108,8 +154,18 @@ def _build_configs():
     return tuple(configs)
 
 
-#: Every kernel configuration the dispatcher can choose (the AOT test compiles all of them).
+#: Every kernel configuration the dispatcher can choose on some device (the largest class's).
 CONFIGS = _build_configs()
+
+
+@functools.lru_cache(maxsize=None)
+def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
+    """The configurations of :data:`CONFIGS` the dispatcher can choose on a device with these
+    limits (see :func:`fused_limits`): every step kernel and the fused buckets within the limits.
+    The AOT test compiles these per arch."""
+    limits = fused_limits(shared, registers)
+    return tuple(c for c in CONFIGS
+                 if c.h_pad <= limits[(c.kernel.split("_")[0], c.cell, c.dtype)])
 
 _forced = None  # (strategy, step tile overrides) set by forced_strategy()
 
@@ -146,14 +202,49 @@ def _dtype_name(dtype):
 FUSED_MAX_ELEMENTS = 2 ** 31
 
 
-def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0):
-    """The :class:`KernelConfig` (from :data:`CONFIGS`) that runs ``direction`` ("forward" or
+class DeviceLimits(NamedTuple):
+    """What the dispatcher reads of a CUDA device: compute capability (``10 * major + minor``),
+    opt-in shared memory per block (bytes), registers per SM, SM count."""
+
+    cc: int
+    shared: int
+    registers: int
+    sms: int
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_limits(index):
+    props = torch.cuda.get_device_properties(index)
+    cc = 10 * props.major + props.minor
+    # Attribute names differ across torch versions; missing ones come from the AOT table (an
+    # unknown arch: the 48 KB every device grants, so step only).
+    shared = (getattr(props, "shared_memory_per_block_optin", None)
+              or ARCH_SHARED.get(cc, 49152))
+    registers = getattr(props, "regs_per_multiprocessor", None) or MIN_SM_REGISTERS
+    return DeviceLimits(cc, int(shared), int(registers), int(props.multi_processor_count))
+
+
+def device_limits(device):
+    """The :class:`DeviceLimits` of ``device`` (a torch.device; read once per CUDA device
+    index), or None for a CPU device (the interpreter: the largest class, like sm_80/sm_90)."""
+    if device.type != "cuda":
+        return None
+    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _limits_of(limits):
+    return fused_limits() if limits is None else fused_limits(limits.shared, limits.registers)
+
+
+def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, limits=None):
+    """The :class:`KernelConfig` (from :func:`dispatchable` on a device with ``limits``, a
+    :class:`DeviceLimits`; None: the largest class) that runs ``direction`` ("forward" or
     "backward") of ``cell`` at ``hidden_size`` for ``dtype`` (a torch dtype).
 
     ``strategy`` None (and no :func:`forced_strategy` in effect) picks "fused" when
-    ``hidden_size <= FUSED_MAX_HIDDEN[(direction, cell, dtype)]``, else "step"; "fused" at a
-    hidden size no fused bucket covers raises ValueError. ``rows`` (N, the packed rows) sends
-    inputs whose (N, max(G, S) * H) tensors reach :data:`FUSED_MAX_ELEMENTS` to "step".
+    ``hidden_size`` is within the device's :func:`fused_limits`, else "step"; "fused" at a
+    hidden size no fitting fused bucket covers raises ValueError. ``rows`` (N, the packed rows)
+    sends inputs whose (N, max(G, S) * H) tensors reach :data:`FUSED_MAX_ELEMENTS` to "step".
     """
     name = _dtype_name(dtype)
     overrides = {}
@@ -161,22 +252,38 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0):
         strategy, block_h, block_k = _forced
         overrides = {k: v for k, v in (("block_h", block_h), ("block_k", block_k)) if v}
     if strategy is None:
-        small = hidden_size <= FUSED_MAX_HIDDEN[(direction, cell, name)]
+        small = hidden_size <= _limits_of(limits)[(direction, cell, name)]
         fits_int32 = rows * max(GATES[cell], STASH[cell]) * hidden_size < FUSED_MAX_ELEMENTS
         strategy = "fused" if small and fits_int32 else "step"
-    for config in CONFIGS:
+    configs = CONFIGS if limits is None else dispatchable(limits.shared, limits.registers)
+    for config in configs:
         if (config.kernel, config.cell, config.dtype) != (f"{direction}_{strategy}", cell, name):
             continue
         if strategy == "step":
             return dataclasses.replace(config, **overrides) if overrides else config
         if hidden_size <= config.h_pad:
             return config
-    raise ValueError(f"no {strategy} {direction} kernel for {cell} {name} at H={hidden_size}")
+    raise ValueError(f"no {strategy} {direction} kernel for {cell} {name} at H={hidden_size}"
+                     + ("" if limits is None else f" fits this device ({limits.shared} B shared)"))
 
 
-def fused_max_hidden(direction, cell, dtype):
-    """Largest H the fused strategy serves for ``direction`` of ``cell`` in ``dtype`` (torch)."""
-    return FUSED_MAX_HIDDEN[(direction, cell, _dtype_name(dtype))]
+def fused_max_hidden(direction, cell, dtype, limits=None):
+    """Largest H the fused strategy serves for ``direction`` of ``cell`` in ``dtype`` (torch) on
+    a device with ``limits`` (:class:`DeviceLimits`; None: the largest class)."""
+    return _limits_of(limits)[(direction, cell, _dtype_name(dtype))]
+
+
+def strategy_note(cell, dtype, limits):
+    """Which strategy runs ``cell`` in ``dtype`` on a device with ``limits`` (its
+    :func:`device_limits`), and why, in one line: the fused limits of its shared-memory class."""
+    forward, backward = (fused_max_hidden(d, cell, dtype, limits) for d in ("forward", "backward"))
+    where = ("the interpreter (sm_80/sm_90 limits)" if limits is None else
+             f"sm_{limits.cc}: {limits.shared} B shared memory per block, {limits.registers} "
+             f"registers per SM")
+    if not forward and not backward:
+        return f"triton strategy: step kernels at every H ({where}: no fused kernel fits)"
+    return (f"triton strategy: fused kernels (W_hh in shared memory) up to H={forward} forward / "
+            f"H={backward} backward, step kernels beyond ({where})")
 
 
 def _interpreted():

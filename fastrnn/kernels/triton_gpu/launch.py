@@ -8,7 +8,8 @@ import triton
 
 from fastrnn import cells
 from fastrnn.kernels.triton_gpu import why_not
-from fastrnn.kernels.triton_gpu.configs import GATES, STASH, select_config
+from fastrnn.kernels.triton_gpu.configs import (FP_FUSION, GATES, STASH, device_limits,
+                                                select_config)
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_step_kernel,
                                                 _forward_fused_kernel, _forward_step_kernel)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
@@ -23,6 +24,25 @@ def _steps(batch_sizes, device):
     if sizes.numel() > 1:
         offsets[1:] = torch.cumsum(sizes, 0)[:-1]
     return sizes.to(device=device, dtype=torch.int32), offsets.to(device=device, dtype=torch.int32)
+
+
+def _aligned(t):
+    """``t`` contiguous and starting on 16 bytes (a copy when not; None stays None): the kernels
+    then run only the pointer variant Triton specialises for aligned pointers, the one
+    ``tests/test_triton_aot.py`` checks on every arch (an h0[k] view is often not aligned)."""
+    if t is None:
+        return None
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()
+
+
+def _options(config, step_math):
+    """The constexprs and launch options of ``config``'s kernel (what bench/triton_aot.py
+    compiles): the cell, tiles, warps and the pinned ``enable_fp_fusion``."""
+    tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
+             dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k))
+    return dict(CELL=step_math, BLOCK_B=config.block_b, num_warps=config.num_warps,
+                enable_fp_fusion=FP_FUSION, **tiles)
 
 
 def _check(cell, xg, w_hr, w_cell, hidden):
@@ -43,13 +63,15 @@ def _check(cell, xg, w_hr, w_cell, hidden):
 
 
 class _Plan(NamedTuple):
-    """A call's checked plan (:func:`make_plan`): the cell's spec and its Triton step math, and
-    the step tables on the device (``sizes``, ``offsets``: int32 (T,); None when T or B is 0)."""
+    """A call's checked plan (:func:`make_plan`): the cell's spec and its Triton step math, the
+    step tables on the device (``sizes``, ``offsets``: int32 (T,); None when T or B is 0) and
+    the device's :class:`~.configs.DeviceLimits` (None on the CPU: the interpreter)."""
 
     spec: object
     step_math: object
     sizes: torch.Tensor
     offsets: torch.Tensor
+    limits: object
 
 
 def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
@@ -59,7 +81,7 @@ def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
     _check(cell, xg, w_hr, w_cell, w_hh.shape[1])
     empty = len(batch_sizes) == 0 or h0.shape[0] == 0
     sizes, offsets = (None, None) if empty else _steps(batch_sizes, xg.device)
-    return _Plan(cells.spec(cell), cell_math(cell), sizes, offsets)
+    return _Plan(cells.spec(cell), cell_math(cell), sizes, offsets, device_limits(xg.device))
 
 
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
@@ -77,36 +99,34 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     """
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
-    spec, step_math, bs, off = plan
+    spec, step_math, bs, off, limits = plan
     if bias is not None:
         xg = xg + bias
     N = xg.shape[0]
     B, H = h0.shape
     T = len(batch_sizes)
     dev, dtype = xg.device, xg.dtype
-    xg, h0, w_hh = xg.contiguous(), h0.contiguous(), w_hh.contiguous()
-    c0 = None if c0 is None else c0.contiguous()
+    xg, h0, c0, w_hh, b_hn, w_cell = map(_aligned, (xg, h0, c0, w_hh, b_hn, w_cell))
     y = torch.empty(N, H, device=dev, dtype=dtype)
     h_prev = torch.empty(N, H, device=dev, dtype=torch.float32)
     stash = torch.empty(N, STASH[cell] * H, device=dev, dtype=torch.float32)
     if T == 0 or B == 0:
         return y, h0.clone(), None if c0 is None else c0.clone(), (h_prev, stash)
-    config = select_config("forward", cell, dtype, H, rows=N)
+    config = select_config("forward", cell, dtype, H, rows=N, limits=limits)
+    options = _options(config, step_math)
     n_blocks = triton.cdiv(B, config.block_b)
     if spec.has_b_hn:
-        bhn = b_hn.contiguous() if b_hn is not None else torch.zeros(H, device=dev, dtype=dtype)
+        bhn = b_hn if b_hn is not None else torch.zeros(H, device=dev, dtype=dtype)
     else:
         bhn = w_hh  # never read: a placeholder pointer
-    wcell = w_hh if w_cell is None else w_cell.contiguous()  # w_hh: never read
+    wcell = w_hh if w_cell is None else w_cell  # w_hh: never read
     if config.strategy == "fused":
         h_n = torch.empty(B, H, device=dev, dtype=dtype)
         c_n = torch.empty(B, H, device=dev, dtype=dtype) if spec.has_c else None
         _forward_fused_kernel[(n_blocks,)](
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
-            bs, off, T, B, H, int(bool(reverse)),
-            CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b,
-            num_warps=config.num_warps)
+            bs, off, T, B, H, int(bool(reverse)), **options)
         return y, h_n, c_n, (h_prev, stash)
     h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
     c_state = c0.to(torch.float32).clone() if spec.has_c else h_bufs[0]
@@ -115,10 +135,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     for s, t in enumerate(order):
         _forward_step_kernel[grid](
             xg, w_hh, bhn, wcell, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
-            y, h_prev, stash, bs, off, t, B, H,
-            CELL=step_math, BLOCK_B=config.block_b,
-            BLOCK_H=config.block_h, BLOCK_K=config.block_k,
-            num_warps=config.num_warps)
+            y, h_prev, stash, bs, off, t, B, H, **options)
     h_n = h_bufs[T % 2].to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
     return y, h_n, c_n, (h_prev, stash)
@@ -137,34 +154,34 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     """
     plan = plan or make_plan(cell, grad_y, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
-    spec, step_math, bs, off = plan
+    spec, step_math, bs, off, limits = plan
     h_prev, stash = saved
     N, H = grad_y.shape[0], w_hh.shape[1]
     B = h0.shape[0]
     T = len(batch_sizes)
     G = GATES[cell]
     dev, dtype = grad_y.device, w_hh.dtype
-    w_hh = w_hh.contiguous()
+    grad_y, grad_h_n, grad_c_n, w_hh, w_cell = map(_aligned, (grad_y, grad_h_n, grad_c_n, w_hh,
+                                                             w_cell))
     d_gates = torch.empty(N, G * H, device=dev, dtype=torch.float32)
     d_hn = torch.empty(N, H, device=dev, dtype=torch.float32) if spec.has_b_hn else None
     d_h0 = grad_h_n.to(torch.float32).clone()
     d_c0 = None
-    wcell = w_hh if w_cell is None else w_cell.contiguous()  # w_hh: never read
+    wcell = w_hh if w_cell is None else w_cell  # w_hh: never read
     if spec.has_c:
         if grad_c_n is None:
             grad_c_n = torch.zeros(B, H, device=dev, dtype=dtype)
         d_c0 = grad_c_n.to(torch.float32).clone()
     if T > 0 and B > 0:
-        config = select_config("backward", cell, dtype, H, rows=N)
+        config = select_config("backward", cell, dtype, H, rows=N, limits=limits)
+        options = _options(config, step_math)
         n_blocks = triton.cdiv(B, config.block_b)
         dhn_arg = d_hn if d_hn is not None else d_gates
         if config.strategy == "fused":
             _backward_fused_kernel[(n_blocks,)](
                 grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh, wcell,
                 h_prev, stash, d_gates, dhn_arg, d_h0, d_c0 if d_c0 is not None else d_h0,
-                bs, off, T, B, H, int(bool(reverse)),
-                CELL=step_math, H_PAD=config.h_pad, BLOCK_B=config.block_b,
-                num_warps=config.num_warps)
+                bs, off, T, B, H, int(bool(reverse)), **options)
         else:
             order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
             grid = (n_blocks, triton.cdiv(H, config.block_h))
@@ -174,10 +191,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                 _backward_step_kernel[grid](
                     grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg,
                     d_h0, d_c0 if d_c0 is not None else d_h0,
-                    bs, off, t_done, t_next, B, H,
-                    CELL=step_math, BLOCK_B=config.block_b, BLOCK_H=config.block_h,
-                    BLOCK_K=config.block_k,
-                    num_warps=config.num_warps)
+                    bs, off, t_done, t_next, B, H, **options)
     # Weight gradients: one float32 GEMM over all steps, after the loop (deterministic).
     d_hidden = d_gates if d_hn is None else torch.cat([d_gates[:, :2 * H], d_hn], dim=1)
     d_w_hh = torch.mm(d_hidden.t(), h_prev).to(dtype)
