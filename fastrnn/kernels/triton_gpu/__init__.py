@@ -57,6 +57,10 @@ Strategies (chosen by :func:`select_config` from H, the cell, the dtype and the 
            step s for the program's own hidden units.
 
 Every launch pins ``enable_fp_fusion`` (:data:`~.configs.FP_FUSION`, as the AOT compile does).
+The step tables (batch size and first packed row per step, int32 (T,)) are cached on the device
+per ``batch_sizes`` content and device, copied from pinned memory without waiting: no
+call synchronises with the host, and a ``torch.cuda.CUDAGraph`` can capture forward and
+backward (``tests/test_triton_launch.py``).
 
 Both strategies write the same ``saved`` tensors, so either backward can follow either forward:
 

@@ -1,6 +1,7 @@
 """Launchers of the triton backend (the kernel contract of :mod:`fastrnn.kernels.reference`)."""
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -17,13 +18,38 @@ from fastrnn.kernels.triton_gpu.step_math import cell_math
 # ----------------------------------------------------------------------------------------------
 # Launchers (the kernel contract of fastrnn.kernels.reference).
 # ----------------------------------------------------------------------------------------------
+_CAPTURED = {}  # step tables a CUDA graph captured (it reads them on every replay): never freed
+
+
+@functools.lru_cache(maxsize=64)
+def _device_tables(device, data):
+    """(host, device) int32 (2, T4) tables of the int64 batch sizes in bytes ``data`` (T,): the
+    sizes, then the first packed row of each step; T4 = T rounded up to 4, so that both rows
+    start 16-byte aligned. On CUDA the host table is pinned and copied asynchronously."""
+    sizes = torch.frombuffer(bytearray(data), dtype=torch.int64)
+    cuda = device.type == "cuda"
+    host = torch.zeros(2, -(-sizes.numel() // 4) * 4, dtype=torch.int32, pin_memory=cuda)
+    host[0, :sizes.numel()] = sizes
+    host[1, 1:sizes.numel()] = torch.cumsum(sizes[:-1], 0)
+    return host, host.to(device, non_blocking=True)
+
+
 def _steps(batch_sizes, device):
-    """(T,) int32 batch sizes and first packed rows on ``device``, from CPU int64 batch_sizes."""
+    """(T,) int32 batch sizes and first packed rows on ``device``, from CPU int64 batch_sizes.
+
+    Made once per content and device (an LRU cache, :func:`_device_tables`), so that a call
+    neither copies from pageable memory nor waits for the device. On CUDA, a table is marked as
+    used by the current stream (so that its eviction waits for that stream's kernels), and one
+    read during CUDA-graph capture is kept for good. Capture after a warm-up call (the usual
+    recipe; the kernels compile then too), so that the tables exist before capture."""
     sizes = torch.as_tensor(batch_sizes, dtype=torch.int64).cpu()
-    offsets = torch.zeros_like(sizes)
-    if sizes.numel() > 1:
-        offsets[1:] = torch.cumsum(sizes, 0)[:-1]
-    return sizes.to(device=device, dtype=torch.int32), offsets.to(device=device, dtype=torch.int32)
+    entry = _device_tables(device, sizes.numpy().tobytes())
+    table = entry[1]
+    if device.type == "cuda":
+        table.record_stream(torch.cuda.current_stream(device))
+        if torch.cuda.is_current_stream_capturing():
+            _CAPTURED[id(table)] = entry
+    return table[0, :sizes.numel()], table[1, :sizes.numel()]
 
 
 def _aligned(t):

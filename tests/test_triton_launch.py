@@ -1,0 +1,201 @@
+"""The triton backend's launches: step tables cached on the device (no host synchronisation per
+call), device-aware dispatch, and on CUDA: forward and backward without a host synchronisation
+(``torch.cuda.set_sync_debug_mode("error")``) and captured in a ``torch.cuda.CUDAGraph``.
+
+The CPU tests run the launcher under ``TRITON_INTERPRET=1`` (set by conftest.py without CUDA);
+the CUDA tests are skipped without a CUDA device.
+"""
+import contextlib
+import os
+
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import backends, cells
+from fastrnn.autograd import Recurrence
+
+tg = pytest.importorskip("fastrnn.kernels.triton_gpu")
+from fastrnn.kernels.triton_gpu import configs  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+launch = tg.load()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (sync debug mode, "
+                                                     "CUDA graphs)")
+PACKED = [5, 5, 4, 2, 2, 1, 1]
+
+
+def test_step_tables_are_cached_per_content():
+    """Equal batch_sizes (another tensor or a list) give the very same device tables; the
+    offsets are the first packed row of each step; both start 16-byte aligned."""
+    launch._device_tables.cache_clear()
+    sizes, offsets = launch._steps(torch.tensor(PACKED), DEVICE)
+    again = launch._steps(list(PACKED), DEVICE)
+    assert sizes.tolist() == PACKED and offsets.tolist() == [0, 5, 10, 14, 16, 18, 19]
+    assert (sizes.dtype, sizes.device.type) == (torch.int32, DEVICE.type)
+    assert again[0].data_ptr() == sizes.data_ptr() and again[1].data_ptr() == offsets.data_ptr()
+    assert sizes.data_ptr() % 16 == 0 and offsets.data_ptr() % 16 == 0
+    other = launch._steps(torch.tensor(PACKED[:-1]), DEVICE)
+    assert other[0].data_ptr() != sizes.data_ptr() and other[0].tolist() == PACKED[:-1]
+    assert launch._device_tables.cache_info().misses == 2 and not launch._CAPTURED
+
+
+def test_dispatch_reads_the_device_limits(monkeypatch):
+    """The plan carries the device's limits and the launch picks the config that fits them: on
+    a fake 99 KB device a float32 GRU at H = 64 (fused on sm_80/sm_90: 104 KB forward, 128 KB
+    backward) runs the step kernels."""
+    fake = configs.DeviceLimits(86, 101376, 65536, 84)
+    chosen = []
+    select = configs.select_config
+
+    def spy(*args, **kwargs):
+        chosen.append(select(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(launch, "device_limits", lambda device: fake)
+    monkeypatch.setattr(launch, "select_config", spy)
+    gen = torch.Generator().manual_seed(0)
+    H, B = 64, 2
+    xg = torch.randn(3 * B, 3 * H, generator=gen).to(DEVICE)
+    h0 = torch.zeros(B, H, device=DEVICE)
+    w_hh = (torch.randn(3 * H, H, generator=gen) * H ** -0.5).to(DEVICE)
+    y, *_ = launch.recurrence_forward("gru", xg, h0, None, w_hh, None, None, [B] * 3, False)
+    assert [c.strategy for c in chosen] == ["step"] and torch.isfinite(y).all()
+    assert configs.select_config("forward", "gru", torch.float32, H).strategy == "fused"
+
+
+class _Recorder:
+    """Stands for a kernel: records the tensor arguments of each launch, runs nothing."""
+
+    def __init__(self):
+        self.tensors = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.tensors.extend(
+            a for a in args if isinstance(a, torch.Tensor))
+
+
+@pytest.mark.parametrize("strategy", ["fused", "step"])
+def test_launch_passes_aligned_pointers(monkeypatch, strategy):
+    """Inputs that do not start on 16 bytes (views such as h0[k]) reach the kernels as aligned
+    copies: only the pointer variant the AOT test checks ever runs."""
+    kernels = {name: _Recorder() for name in ("_forward_fused_kernel", "_forward_step_kernel",
+                                              "_backward_fused_kernel", "_backward_step_kernel")}
+    for name, recorder in kernels.items():
+        monkeypatch.setattr(launch, name, recorder)
+    H, B, sizes = 5, 3, [3, 2]
+    flat = torch.randn(1 + 4 * (5 * B * 4 * H + 4 * H * H), device=DEVICE)[1:]  # 4 B past 16
+    views = iter(flat.split([5 * B * 4 * H] * 4 + [4 * H * H] * 4))
+    xg, h0, c0, w_hh = (next(views)[:n].view(*shape) for n, shape in
+                        [(5 * 4 * H, (5, 4 * H)), (B * H, (B, H)), (B * H, (B, H)),
+                         (4 * H * H, (4 * H, H))])
+    grad_y, grad_h_n, grad_c_n = (next(views)[:n].view(*shape) for n, shape in
+                                  [(5 * H, (5, H)), (B * H, (B, H)), (B * H, (B, H))])
+    assert all(t.data_ptr() % 16 for t in (xg, h0, c0, w_hh, grad_y, grad_h_n, grad_c_n))
+    with tg.forced_strategy(strategy):
+        y, h_n, c_n, saved = launch.recurrence_forward("lstm", xg, h0, c0, w_hh, None, None,
+                                                       sizes, False)
+        launch.recurrence_backward("lstm", grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, None, None,
+                                   sizes, False, y, saved)
+    launched = [t for recorder in kernels.values() for t in recorder.tensors]
+    assert len(launched) > 10 and all(t.data_ptr() % 16 == 0 for t in launched)
+    assert torch.equal(launched[0], xg)  # the same values, copied
+
+
+def _layer_inputs(cell, hidden, sizes, dtype, seed=0):
+    """One layer's leaves on DEVICE: xg (N, G*H), h0 (B, H), c0 (B, H) or None, w_hh (G*H, H),
+    b_hn (H,) or None, w_hr None, and w_cell (K, H) for a cell with per-unit weights."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = cells.spec(cell)
+    B, N = sizes[0], sum(sizes)
+
+    def rand(*shape, scale=0.5):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE, dtype).requires_grad_()
+
+    tensors = [rand(N, spec.gates * hidden), rand(B, hidden), rand(B, hidden) if spec.has_c else
+               None, rand(spec.gates * hidden, hidden, scale=hidden ** -0.5),
+               rand(hidden, scale=0.1) if spec.has_b_hn else None, None]
+    if spec.cell_weights:
+        tensors += [None, rand(len(spec.cell_weights), hidden)]
+    return tensors
+
+
+def _forward_backward(cell, hidden, sizes, dtype):
+    inputs = _layer_inputs(cell, hidden, sizes, dtype)
+    outputs = Recurrence.apply("triton", cell, torch.tensor(sizes), False, *inputs)
+    sum(out.float().sum() for out in outputs).backward()
+    return [t.grad for t in inputs if t is not None]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cell", configs.CELLS)
+def test_no_host_sync(cell, dtype):
+    """Forward and backward of both strategies (this device's largest fused H, and a step H)
+    never synchronise with the host, first call included (step tables made then)."""
+    limits = configs.device_limits(DEVICE)
+    largest = max(configs.fused_max_hidden(d, cell, dtype, limits) for d in ("forward", "backward"))
+    for hidden in sorted({max(largest, 16), 2 * configs.FUSED_BUCKETS[-1] + 8}):
+        sizes = [40] * 6 + [17] * 3 + [3]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            grads = _forward_backward(cell, hidden, sizes, dtype)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(torch.isfinite(g).all() for g in grads)
+
+
+@contextlib.contextmanager
+def _no_strategy():
+    yield
+
+
+@needs_cuda
+@pytest.mark.parametrize("strategy", ["fused", "step"])
+def test_cuda_graph_captures_forward_and_backward(strategy):
+    """A fastrnn.LSTM forward + backward captured in a CUDA graph and replayed on new data gives
+    the output and weight gradients of an eager call."""
+    torch.manual_seed(0)
+    model = fastrnn.LSTM(16, 32, num_layers=2, backend="triton").to(DEVICE)
+    assert model.backend_for().name == "triton"
+    static_x = torch.randn(12, 4, 16, device=DEVICE)
+    forced = tg.forced_strategy("step", 16, 16) if strategy == "step" else _no_strategy()
+
+    def step():
+        y, _ = model(static_x)
+        y.square().sum().backward()
+        return y
+
+    with forced:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: compiles the kernels, makes the step tables
+            for _ in range(2):
+                model.zero_grad(set_to_none=True)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        model.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = step()
+        new_x = torch.randn_like(static_x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        captured = [static_y.clone()] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+        eager = [step().detach()] + [p.grad for p in model.parameters()]
+    for a, b in zip(captured, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_for_names_the_strategy():
+    """The triton choice says which strategy runs and why (the device's fused limits)."""
+    backends.forget()
+    reason = backends.choose("triton", "lstm", DEVICE, torch.float16).reason
+    limit = configs.fused_max_hidden("forward", "lstm", torch.float16,
+                                     configs.device_limits(DEVICE))
+    assert "fused" in reason and f"H={limit}" in reason
