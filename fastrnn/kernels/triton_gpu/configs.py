@@ -134,6 +134,11 @@ _NUM_WARPS_EXCEPTIONS = {
     # 8 warps: STACK 8 on sm_80 at 128 registers under Triton 3.6 (3.9: 136, STACK 0); 4 warps:
     # 191 / 160 registers (sm_80 / sm_90) under 3.6, 156 / 140 under 3.9, STACK 0.
     ("backward_step", "peephole_lstm", "float32", 0): 4,
+    # 8 warps: STACK 8 at 128 registers under Triton 3.6 on sm_80 (lstm, peephole_lstm) and
+    # sm_86/sm_89 (peephole_lstm); 3.9: 128 registers, STACK 0. 4 warps: 162-163 registers,
+    # STACK 0 on sm_80/86/89/90 under both.
+    ("forward_step", "lstm", "float32", 0): 4,
+    ("forward_step", "peephole_lstm", "float32", 0): 4,
 }
 
 
