@@ -146,27 +146,27 @@ def aot_resources(work, jobs=2, cache_dir=None):
     import json
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
     work = [[dataclasses.asdict(c), cc, aligned] for c, cc, aligned in work]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
-    procs = []
-    for j in range(max(1, jobs)):
-        share = work[j::max(1, jobs)]
-        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        procs.append((proc, share))
-    results = {}
-    for proc, share in procs:
-        out, err = proc.communicate(json.dumps(share))
-        if proc.returncode != 0:
-            raise RuntimeError(f"AOT compile worker failed (rc {proc.returncode}):\n{err[-4000:]}")
-        for line, (fields, cc, aligned) in zip(out.splitlines(), share):
-            results[(KernelConfig(**fields), cc, aligned)] = json.loads(line)
-    return [results[(KernelConfig(**fields), cc, aligned)] for fields, cc, aligned in work]
+    jobs = max(1, jobs)
 
+    def compile_share(share):  # one worker process, run from its own thread: all run at once
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
+                              input=json.dumps(share), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"AOT compile worker failed (rc {proc.returncode}):\n"
+                               f"{proc.stderr[-4000:]}")
+        return [json.loads(line) for line in proc.stdout.splitlines()]
+
+    shares = [work[j::jobs] for j in range(jobs)]
+    with ThreadPoolExecutor(jobs) as pool:
+        rows = [row for share in pool.map(compile_share, shares) for row in share]
+    results = {(row["config"], row["cc"], row["aligned"]): row for row in rows}
+    return [results[(KernelConfig(**fields).name, cc, aligned)] for fields, cc, aligned in work]
 
 if __name__ == "__main__":
     _aot_worker()
