@@ -31,9 +31,10 @@ CALLER_POINTERS = {"xg_ptr", "h0_ptr", "c0_ptr", "w_ptr", "bhn_ptr", "wcell_ptr"
 
 def aot_source(config, aligned=True):
     """The ``triton.compiler.ASTSource`` of ``config`` as the launchers run it on a GPU: runtime
-    integers unspecialised (the kernels declare them ``do_not_specialize``). ``aligned``: every pointer 16-byte aligned (``tt.divisibility`` 16, what
-    Triton specialises on for torch allocations); False: the :data:`CALLER_POINTERS` without it
-    (the variant Triton compiles when they are all unaligned)."""
+    integers unspecialised (the kernels declare them ``do_not_specialize``). ``aligned``: every
+    pointer 16-byte aligned (``tt.divisibility`` 16, what Triton specialises on for torch
+    allocations); False: the :data:`CALLER_POINTERS` without it (the variant Triton compiles
+    when they are all unaligned)."""
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, _KERNELS[config.kernel])

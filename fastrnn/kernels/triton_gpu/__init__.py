@@ -91,9 +91,11 @@ vectorizer on sm_90 for the lstm backward (H_PAD 32 at 4 warps, 64 at 8 warps) a
 on the lstm forward at 64; plain ``"tf32"`` (what cuDNN does by default) fits in half the shared
 memory but rounds products to 10 mantissa bits (~1e-3), failing float32 parity.
 The interpreter multiplies float32 exactly, so tf32x3 rounding is only seen on a GPU.
-Under ``TRITON_INTERPRET=1`` a bf16 x bf16 ``tl.dot`` returns garbage (Triton 3.9 interpreter
-defect), so there only, bf16 operands are upcast to float32 before the product (``DOT_FP32``);
-the compiled GPU kernels never take that path.
+The kernels have no interpreter-only path: every ``tl.dot`` runs on its operands' own dtype.
+Triton's interpreter (3.6 to 3.9) multiplies the bit patterns of bf16 operands as integers; the
+test harness (``tests/_triton_interpreter.py``, installed by ``tests/conftest.py``) corrects its
+dot to widen bf16 exactly to float32 and sum in float32, as tensor cores do, so the bf16 tests
+run the kernel source that is compiled for a GPU.
 
 Real-GPU rules kept although the interpreter does not enforce them: every ``tl.dot`` operand is
 at least 16 in each dimension (batch blocks are 16 rows, ``H_PAD``/``BLOCK_H``/``BLOCK_K`` >= 16),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -289,8 +288,4 @@ def strategy_note(cell, dtype, limits):
         return f"triton strategy: step kernels at every H ({where}: no fused kernel fits)"
     return (f"triton strategy: fused kernels (W_hh in shared memory) up to H={forward} forward / "
             f"H={backward} backward, step kernels beyond ({where})")
-
-
-def _interpreted():
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
