@@ -436,3 +436,14 @@ def test_one_plan_per_call(generator, monkeypatch):
     want = [g for g, t in zip(direct, inputs) if t is not None and t.requires_grad]
     for got, expected in zip(grads, want):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not TWO_THREADS, reason="needs torch.get_num_threads() >= 2 and 2 CPUs")
+def test_thread_plan_follows_the_thresholds_after_a_cached_call(monkeypatch):
+    """The checked steps are cached, the thread decision is not: the ``threading`` fixture's
+    forced thresholds take effect for steps that an earlier call already planned."""
+    sizes = torch.full((5,), 8, dtype=torch.int64)
+    assert launch._schedule(sizes, False, 8, 4 * 16 * 16, 4).nthreads == 1
+    monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
+    monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
+    assert launch._schedule(sizes, False, 8, 4 * 16 * 16, 4).nthreads == 2

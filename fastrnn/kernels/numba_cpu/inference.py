@@ -13,25 +13,23 @@ from fastrnn.kernels.numba_cpu import buffers, launch
 
 
 def prepare_layer(cell, w_ih, w_hh, b_hn, w_hr, bias, w_cell):
-    """One layer and direction, prepared: ``(w_ih^T, launch.Prepared)`` (tensors as given to
+    """One layer and direction, prepared: ``(w_ih^T, buffers.Prepared)`` (tensors as given to
     :func:`.launch.recurrence_forward`; w_ih^T (I, G*H) a view, for torch's GEMM)."""
-    return w_ih.t(), launch.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell)
+    return w_ih.t(), buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell)
 
 
-_PLANS = {}
+_SIZES = {}
 
 
 def _dense_plan(steps, batch, reverse, row_work, itemsize):
-    """The :class:`.launch._Plan` of ``steps`` steps of ``batch`` rows, made once per shape and
-    thread count (it reads ``torch.get_num_threads()``)."""
-    key = (steps, batch, reverse, row_work, itemsize, torch.get_num_threads())
-    plan = _PLANS.get(key)
-    if plan is None:
-        if len(_PLANS) >= 256:
-            _PLANS.clear()
-        plan = _PLANS[key] = launch._schedule(np.full(steps, batch, np.int64), reverse, batch,
-                                              row_work, itemsize)
-    return plan
+    """The :class:`.launch._Plan` of ``steps`` steps of ``batch`` rows (the sizes array made once
+    per shape; the plan by :func:`.launch._schedule`, which caches the checked steps)."""
+    sizes = _SIZES.get((steps, batch))
+    if sizes is None:
+        if len(_SIZES) >= 256:
+            _SIZES.clear()
+        sizes = _SIZES[(steps, batch)] = np.full(steps, batch, np.int64)
+    return launch._schedule(sizes, reverse, batch, row_work, itemsize)
 
 
 def forward_stack(cell, layers, x, steps, batch, h0, c0, num_layers, directions):

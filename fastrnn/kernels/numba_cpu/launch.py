@@ -93,6 +93,28 @@ def _run_one(loop, tid, plan, gemm, args):
         loop(tid, plan.nthreads, plan.group, gemm, *args)
 
 
+_STEPS = {}
+
+
+def _checked_steps(sizes, batch, reverse):
+    """(order, offsets, sizes) of int64 ``sizes`` (:func:`_plan_steps`), checked; made once per
+    distinct steps (a training loop repeats its predecessor's) and shared by the calls with the
+    same steps: the loops only read them (read-only flags would make numba compile them again)."""
+    key = (sizes.tobytes(), sizes.ndim, batch, reverse) if sizes.size <= 4096 else None
+    steps = _STEPS.get(key)
+    if steps is None:
+        ok, order, offsets = _plan_steps(sizes.reshape(-1), batch, reverse)
+        if sizes.ndim != 1 or not ok:
+            raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
+                             f"(rows of h0), got {sizes.tolist()}")
+        steps = order, offsets, sizes.copy()  # a copy: the caller's tensor may change
+        if key is not None:
+            if len(_STEPS) >= 256:
+                _STEPS.clear()
+            _STEPS[key] = steps
+    return steps
+
+
 @njit(**_JIT)
 def _plan_steps(sizes, batch, reverse):
     """(ok, order, offsets) of batch sizes (T,): ok when they are non-increasing, none negative and
@@ -122,33 +144,8 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
         sizes = batch_sizes.contiguous().numpy()
     else:
         sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
+    order, offsets, sizes = _checked_steps(sizes, batch, reverse)
     threads = min(torch.get_num_threads(), _CPUS)
-    # Made once per distinct steps and shape: a call of a training loop repeats its predecessor's.
-    key = (sizes.tobytes(), sizes.ndim, reverse, batch, row_work, itemsize, threads) \
-        if sizes.size <= _PLAN_CACHE_MAX_STEPS else None
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _new_plan(sizes, reverse, batch, row_work, itemsize, threads)
-        if key is not None:
-            if len(_PLANS) >= 256:
-                _PLANS.clear()
-            _PLANS[key] = plan
-    return plan
-
-
-_PLANS = {}
-_PLAN_CACHE_MAX_STEPS = 4096
-
-
-def _new_plan(sizes, reverse, batch, row_work, itemsize, threads):
-    """:func:`_schedule`'s plan of int64 ``sizes``, made: its arrays are shared by every call with
-    the same key, and the loops only read them (read-only flags would make numba compile the loops
-    once more, for read-only arrays)."""
-    ok, order, offsets = _plan_steps(sizes.reshape(-1), batch, reverse)
-    if sizes.ndim != 1 or not ok:
-        raise ValueError(f"batch_sizes must be non-increasing with batch_sizes[0] = {batch} "
-                         f"(rows of h0), got {sizes.tolist()}")
-    sizes = sizes.copy()  # the plan's own (the caller's tensor may change)
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
@@ -266,42 +263,11 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
-                                 prepare(cell, w_hh, b_hn, w_hr, bias, w_cell),
+                                 buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell),
                                  h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
                                  save)
     return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
             tuple(map(torch.from_numpy, saved)))
-
-
-class Prepared(NamedTuple):
-    """One layer and direction's weights as the forward loop reads them (numpy, one dtype):
-    bias (G*H,) added to each row of xg (zeros without bias), b_hn (H,) or (0,), w_cell (K, H) or
-    (0, 0), w_t = W_hh^T (P, G*H) and wr_t = W_hr^T (H, P) or (0, 0), aligned copies."""
-
-    bias: np.ndarray
-    b_hn: np.ndarray
-    w_cell: np.ndarray
-    w_t: np.ndarray
-    wr_t: np.ndarray
-
-
-_EMPTY = {np.dtype(np.float32): np.zeros((0, 0), np.float32),  # what a cell does not use
-          np.dtype(np.float64): np.zeros((0, 0), np.float64)}
-
-
-def prepare(cell, w_hh, b_hn, w_hr, bias, w_cell):
-    """The :class:`Prepared` weights of :func:`recurrence_forward`'s arguments (tensors)."""
-    spec = cells.spec(cell)
-    dtype = buffers.NUMPY_DTYPES[w_hh.dtype]
-    hidden = w_hh.shape[0] // spec.gates
-    empty = _EMPTY[dtype]
-    # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
-    # per step (B=8, H=128) than this one copy per call.
-    return Prepared(
-        buffers.array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype),
-        buffers.array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype),
-        buffers.array(w_cell) if w_cell is not None else empty, buffers.transposed(w_hh),
-        buffers.transposed(w_hr) if w_hr is not None else empty)
 
 
 def run_forward(cell, plan, xg, prepared, h0, c0, save):
