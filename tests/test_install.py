@@ -217,27 +217,81 @@ def test_a_cache_that_fails_is_a_miss_and_an_unsaved_entry_never_an_error():
     class Broken:
         cache_path = "/broken"
 
-        def load_overload(self, sig, target_context):
+        def _load_overload(self, sig, target_context):  # what GuardedCache calls
             raise EOFError("Ran out of input")  # a truncated index file
 
         def save_overload(self, sig, data):
             raise OSError(28, "No space left on device")
 
     class Warm(Broken):
-        def load_overload(self, sig, target_context):
+        def _load_overload(self, sig, target_context):
             return "compiled"
 
+    from numba.core.registry import cpu_target
+    context = cpu_target.target_context
     jit._WARNED.clear()
     with pytest.warns(jit.CacheWarning) as record:
-        assert jit.GuardedCache(Broken()).load_overload(None, None) is None
+        assert jit.GuardedCache(Broken()).load_overload(None, context) is None
         jit.GuardedCache(Broken()).save_overload(None, None)
     assert [str(w.message).split(" (")[0] for w in record] == [
         "fastrnn: cannot read the numba disk cache in /broken",
         "fastrnn: cannot write the numba disk cache in /broken"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert jit.GuardedCache(Broken(), Warm()).load_overload(None, None) == "compiled"
+        assert jit.GuardedCache(Broken(), Warm()).load_overload(None, context) == "compiled"
         jit.GuardedCache(None, Warm()).save_overload(None, None)  # read only: nothing to save
+
+
+# Every cell's forward and backward (float32: dense, packed, inference) against torch.nn, then
+# whether numba had to load its typing and lowering registries (numba.np.linalg is one of the
+# modules only that loads), then a float64 call that may compile (a miss after cached loads).
+WARM_CALLS = """
+import sys, torch, fastrnn
+from torch.nn.utils.rnn import pack_padded_sequence
+from fastrnn.kernels.numba_cpu import loops
+torch.manual_seed(0)
+for mine, theirs in ((fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU),
+                     (fastrnn.RNN, torch.nn.RNN)):
+    ref = theirs(6, 8, num_layers=2, bidirectional=True)
+    mod = mine(6, 8, num_layers=2, bidirectional=True)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 3, 6)
+    for inp in (x, pack_padded_sequence(x, [5, 4, 2])):
+        got, want = mod(inp)[0], ref(inp)[0]
+        got, want = (got.data, want.data) if inp is not x else (got, want)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        got.sum().backward()
+        want.sum().backward()
+        for p, q in zip(mod.parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(mod(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
+loaded = [sum(f.stats.cache_hits.values()) for f in (loops._forward_thread, loops._backward_thread)]
+compiled = [sum(f.stats.cache_misses.values()) for f in (loops._forward_thread, loops._backward_thread)]
+print("loaded", loaded, "compiled", compiled, "registries", "numba.np.linalg" in sys.modules)
+ref, mod = torch.nn.GRU(3, 5).double(), fastrnn.GRU(3, 5).double()
+mod.load_state_dict(ref.state_dict())
+x = torch.randn(4, 2, 3, dtype=torch.float64)
+torch.testing.assert_close(mod(x)[0], ref(x)[0])
+print("float64 ok")
+"""
+
+
+def test_a_warm_cache_loads_without_numbas_registries_and_compiles_after():
+    """With the loops cached, a process's first calls load them without numba's typing and
+    lowering registries (0.55 s of a first call: fastrnn's cache skips numba's refresh of them
+    on a load), with results equal to torch.nn's; a compile after such loads still works."""
+    def run():
+        return subprocess.run([sys.executable, "-c", WARM_CALLS], capture_output=True, text=True,
+                              timeout=900)
+
+    first = run()  # warms whatever the cache lacks
+    assert first.returncode == 0, first.stderr[-4000:]
+    warm = run()
+    assert warm.returncode == 0, warm.stderr[-4000:]
+    lines = warm.stdout.splitlines()
+    assert lines[0] == "loaded [3, 3] compiled [0, 0] registries False", lines  # one per cell
+    assert lines[1] == "float64 ok"
 
 
 def test_import_loads_no_dynamo_triton_or_numba_and_leaves_the_environment_alone():

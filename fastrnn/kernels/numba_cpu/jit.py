@@ -37,6 +37,7 @@ from functools import lru_cache
 import numpy as np
 from numba import types
 from numba.core import caching, config
+from numba.core.runtime import rtsys
 from numba.extending import intrinsic, overload
 
 from fastrnn.cells.scalar import one as _one
@@ -220,9 +221,14 @@ class GuardedCache(caching._Cache):
         return self._caches[0].cache_path if self._caches else None
 
     def load_overload(self, sig, target_context):
+        # Not numba's Cache.load_overload, which first refreshes target_context: that imports
+        # and installs all of numba's typing and lowering registries (0.55 s of a process's first
+        # call on a 2-core AMD EPYC), of which cached machine code needs only the runtime (NRT)
+        # it allocates with. A compile (a miss) refreshes the contexts itself.
+        rtsys.initialize(target_context)
         for cache in self._caches:
             try:
-                data = cache.load_overload(sig, target_context)
+                data = cache._load_overload(sig, target_context)
             except Exception as exc:  # a corrupt, foreign or unreadable file
                 _warn("read", cache.cache_path, exc)
                 continue
