@@ -82,7 +82,7 @@ def resource_usage(config, cc, aligned=True):
 
     Returns a dict: config (name), cc, aligned, REG, STACK (bytes; > 0 means spills), SHARED
     (static shared memory, bytes), metadata_shared (dynamic shared memory the launch requests,
-    bytes), shared_limit (bytes), compile_s.
+    bytes), shared_limit (bytes), compile_s, triton (the version that compiled it).
     """
     import re
     import subprocess
@@ -102,7 +102,7 @@ def resource_usage(config, cc, aligned=True):
              for key in ("REG", "STACK", "SHARED")}
     return dict(config=config.name, cc=cc, aligned=aligned, **found,
                 metadata_shared=int(kernel.metadata.shared), shared_limit=ARCH_SHARED[cc],
-                compile_s=round(seconds, 2))
+                compile_s=round(seconds, 2), triton=triton.__version__)
 
 
 def fits(row):
@@ -134,14 +134,15 @@ def cases(ccs=tuple(ARCH_SHARED), variants=(True,)):
             for aligned in variants]
 
 
-def aot_resources(work, jobs=2, cache_dir=None):
+def aot_resources(work, jobs=2, cache_dir=None, pythonpath=None):
     """Resource usage of every (config, cc, aligned) of ``work``, compiled in ``jobs`` worker
     processes.
 
     The workers run without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit``
     functions cannot be compiled) and, when ``cache_dir`` is given, with that Triton cache
-    (pass a fresh directory to measure cold compile time). Returns a list of dicts (see
-    :func:`resource_usage`) in the order of ``work``.
+    (pass a fresh directory to measure cold compile time); ``pythonpath``: a directory put first
+    on their ``PYTHONPATH`` (e.g. another Triton version installed with ``pip --target``).
+    Returns a list of dicts (see :func:`resource_usage`) in the order of ``work``.
     """
     import dataclasses
     import json
@@ -153,6 +154,9 @@ def aot_resources(work, jobs=2, cache_dir=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(pythonpath)] + [
+            p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     jobs = max(1, jobs)
 
     def compile_share(share):  # one worker process, run from its own thread: all run at once

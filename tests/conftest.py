@@ -15,3 +15,9 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
     import _triton_interpreter
 
     _triton_interpreter.install()
+if os.environ.get("FASTRNN_EXPECT_TRITON"):  # test_triton36.py runs a subset under Triton 3.6
+    import triton
+
+    if triton.__version__ != os.environ["FASTRNN_EXPECT_TRITON"]:
+        raise RuntimeError(f"Triton {triton.__version__} imported, "
+                           f"{os.environ['FASTRNN_EXPECT_TRITON']} expected")
