@@ -43,6 +43,8 @@ def aot_source(config, aligned=True):
                            "process without TRITON_INTERPRET=1 (see aot_resources)")
     # CELL: the cell's step math (a CellMath of @triton.jit helpers), a constexpr like the rest.
     constexprs = {"CELL": cell_math(config.cell), "BLOCK_B": config.block_b}
+    if config.kernel.startswith("forward"):
+        constexprs["SAVE"] = config.save
     if config.strategy == "fused":
         constexprs["H_PAD"] = config.h_pad
     else:

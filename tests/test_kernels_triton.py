@@ -13,6 +13,7 @@ also run in reversed and shuffled orders (:func:`test_program_order`).
 """
 import ast
 import contextlib
+import dataclasses
 import functools
 import os
 import re
@@ -27,7 +28,7 @@ tg = pytest.importorskip("fastrnn.kernels.triton_gpu")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from fastrnn.kernels.triton_gpu import configs, kernels, step_math  # noqa: E402
+from fastrnn.kernels.triton_gpu import configs, kernels, launch, step_math  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -233,6 +234,45 @@ def test_launchers_return_eight_gradients(cell, strategy):
         assert grads[7] is None
     else:
         assert grads[7].shape == a["w_cell"].shape and grads[7].dtype == a["w_cell"].dtype
+
+
+@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("cell", configs.CELLS)
+def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strategy, monkeypatch):
+    """save=False (no backward follows): the forward kernels' SAVE=False variant runs, outputs
+    bitwise those of save=True, nothing saved. Then that variant given full-size h_prev and stash
+    buffers (NaN-filled; the launcher's own config forced to save=False) leaves them untouched."""
+    a = _launcher_inputs(cell)
+    sizes = torch.tensor(PACKED)
+    args = (cell, a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_hn"], None, sizes, True)
+    seen = []
+    options = launch._options
+
+    def spy(config, step_math, force_no_save=False):
+        seen.append(config)
+        if force_no_save and config.kernel.startswith("forward"):
+            config = dataclasses.replace(config, save=False)
+        return options(config, step_math)
+
+    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+        monkeypatch.setattr(launch, "_options", spy)
+        *outs, saved = tg.recurrence_forward(*args, save=True, w_cell=a["w_cell"])
+        *lean, nothing = tg.recurrence_forward(*args, save=False, w_cell=a["w_cell"])
+        assert [c.save for c in seen] == [True, False] and nothing == ()
+        for got, want in zip(lean, outs):
+            assert (got is None and want is None) or torch.equal(got, want)
+        empty = torch.empty
+
+        def nan_empty(*shape, **kwargs):
+            t = empty(*shape, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
+
+        monkeypatch.setattr(torch, "empty", nan_empty)
+        monkeypatch.setattr(launch, "_options", functools.partial(spy, force_no_save=True))
+        *forced, (h_prev, stash) = tg.recurrence_forward(*args, save=True, w_cell=a["w_cell"])
+    assert seen[-1].kernel.startswith("forward") and h_prev.isnan().all() and stash.isnan().all()
+    for got, want in zip(forced, outs):
+        assert (got is None and want is None) or torch.equal(got, want)
 
 
 def test_w_cell_is_checked():

@@ -14,7 +14,8 @@ variants with the caller's pointers unaligned cannot run (with all of them unali
 fp16/bf16 lstm and peephole_lstm forward at H_PAD 128 spill 144-152 B on sm_80), so checking
 them would double the compiles for nothing; ``python bench/triton_resources.py --unaligned``
 measures them. sm_86 and sm_89 share sm_80's Triton code generation but not its ptxas target,
-so they are compiled, not inferred. 4 archs, aligned: ~400 compiles (~1.5-2 s each per core).
+so they are compiled, not inferred. 4 archs, aligned: ~610 compiles (~1.5-2 s each per core;
+forward kernels twice: with the stash for backward and without, ``KernelConfig.save``).
 
 Compilation runs in worker processes without ``TRITON_INTERPRET`` (conftest.py sets it when there
 is no CUDA, and under the interpreter ``@triton.jit`` functions cannot be compiled), with a fresh

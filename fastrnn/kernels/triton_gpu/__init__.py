@@ -69,6 +69,11 @@ Both strategies write the same ``saved`` tensors, so either backward can follow 
   ``lstm`` and ``peephole_lstm``: i, f, g, o (activated) and c entering the step (S=5);
   ``gru``: r, z, n and ``h W_hn^T + b_hn`` (S=4).
 
+A forward without a backward to follow (``save=False``: inference, no gradient recorded) runs
+each forward kernel's ``SAVE=False`` variant, which writes neither (a configuration of its own,
+``KernelConfig.save``, compiled and checked ahead of time like the rest) and returns no
+``saved``.
+
 The backward kernels write ``d_gates`` (N, G*H) float32 (the gradient of the gate
 pre-activations = ``d_xg``; for GRU the n part is the gradient of ``x_n``) and, for GRU,
 ``d_hn`` (N, H) float32 (gradient of ``h W_hn^T + b_hn``). The weight gradients are then one

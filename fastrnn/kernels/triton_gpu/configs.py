@@ -98,7 +98,9 @@ class KernelConfig:
 
     ``kernel``: "forward_fused" | "backward_fused" | "forward_step" | "backward_step";
     ``h_pad``: the padded hidden size of the fused kernels (0 for step kernels, where H is a
-    runtime argument); ``block_h``/``block_k``: the step tiles (0 for fused kernels).
+    runtime argument); ``block_h``/``block_k``: the step tiles (0 for fused kernels); ``save``:
+    a forward kernel writes what backward reads (h_prev, the stash); False when no backward
+    follows (always True for backward kernels).
     """
 
     kernel: str
@@ -109,6 +111,7 @@ class KernelConfig:
     block_b: int = BLOCK_B
     block_h: int = 0
     block_k: int = 0
+    save: bool = True
 
     @property
     def strategy(self):
@@ -117,7 +120,8 @@ class KernelConfig:
     @property
     def name(self):
         size = f"H{self.h_pad}" if self.h_pad else f"bh{self.block_h}xbk{self.block_k}"
-        return f"{self.kernel}-{self.cell}-{self.dtype}-{size}-w{self.num_warps}"
+        return (f"{self.kernel}-{self.cell}-{self.dtype}-{size}-w{self.num_warps}"
+                + ("" if self.save else "-nosave"))
 
 
 #: Warps per program of the shipped kernels. Measured (Triton 3.9, ptxas with Triton's
@@ -146,15 +150,17 @@ def _build_configs():
     for cell in CELLS:
         for dtype in DTYPES:
             for direction in ("forward", "backward"):
+                saves = (True, False) if direction == "forward" else (True,)
                 for h_pad in FUSED_BUCKETS:
                     if h_pad <= FUSED_MAX_HIDDEN[(direction, cell, dtype)]:
                         kernel = f"{direction}_fused"
                         warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, h_pad), NUM_WARPS)
-                        configs.append(KernelConfig(kernel, cell, dtype, h_pad, warps))
+                        configs += [KernelConfig(kernel, cell, dtype, h_pad, warps, save=save)
+                                    for save in saves]
                 kernel = f"{direction}_step"
                 warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, 0), NUM_WARPS)
-                configs.append(KernelConfig(kernel, cell, dtype, 0, warps,
-                                            block_h=STEP_BLOCK_H, block_k=STEP_BLOCK_K))
+                configs += [KernelConfig(kernel, cell, dtype, 0, warps, block_h=STEP_BLOCK_H,
+                                         block_k=STEP_BLOCK_K, save=save) for save in saves]
     return tuple(configs)
 
 
@@ -240,7 +246,8 @@ def _limits_of(limits):
     return fused_limits() if limits is None else fused_limits(limits.shared, limits.registers)
 
 
-def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, limits=None):
+def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, limits=None,
+                  save=True):
     """The :class:`KernelConfig` (from :func:`dispatchable` on a device with ``limits``, a
     :class:`DeviceLimits`; None: the largest class) that runs ``direction`` ("forward" or
     "backward") of ``cell`` at ``hidden_size`` for ``dtype`` (a torch dtype).
@@ -249,6 +256,7 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
     ``hidden_size`` is within the device's :func:`fused_limits`, else "step"; "fused" at a
     hidden size no fitting fused bucket covers raises ValueError. ``rows`` (N, the packed rows)
     sends inputs whose (N, max(G, S) * H) tensors reach :data:`FUSED_MAX_ELEMENTS` to "step".
+    ``save`` False: a forward kernel that writes nothing for backward (backward ignores it).
     """
     name = _dtype_name(dtype)
     overrides = {}
@@ -261,7 +269,8 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
         strategy = "fused" if small and fits_int32 else "step"
     configs = CONFIGS if limits is None else dispatchable(limits.shared, limits.registers)
     for config in configs:
-        if (config.kernel, config.cell, config.dtype) != (f"{direction}_{strategy}", cell, name):
+        if ((config.kernel, config.cell, config.dtype) != (f"{direction}_{strategy}", cell, name)
+                or config.save != (save or direction == "backward")):
             continue
         if strategy == "step":
             return dataclasses.replace(config, **overrides) if overrides else config

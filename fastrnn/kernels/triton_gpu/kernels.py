@@ -24,14 +24,15 @@ def _forward_fused_kernel(
     y_ptr, hn_ptr, cn_ptr, hprev_ptr, stash_ptr,           # outputs
     bs_ptr, off_ptr, T, B, H,                              # runtime sizes
     reverse,                                               # 1: run t = T-1 ... 0
-    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr,
+    CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Whole-sequence forward of one batch block (program id 0 -> rows [pid*BLOCK_B, ...)).
 
     xg: (N, G*H); h0: (B, H); c0: (B, H) (lstm); w: (G*H, H); bhn: (H,) (gru; zeros without bias);
     wcell: (K, H) the cell's own per-unit weights (peephole_lstm; K = 0: never read);
     y: (N, H) in the input dtype; hn/cn: (B, H); hprev: (N, H) fp32; stash: (N, S*H) fp32;
-    bs/off: (T,) int32 batch size and first packed row of each step.
+    bs/off: (T,) int32 batch size and first packed row of each step. SAVE False: hprev and
+    stash are never written (no backward follows; they may be placeholders).
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
@@ -53,10 +54,11 @@ def _forward_fused_kernel(
         p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
-        tl.store(hprev_ptr + h_off, h, mask=m)
-        st_ptrs = stash_ptr + prow * (S * H) + cols[None, :]
-        for k in tl.static_range(S):
-            tl.store(st_ptrs + k * H, stash[k], mask=m)
+        if SAVE:
+            tl.store(hprev_ptr + h_off, h, mask=m)
+            st_ptrs = stash_ptr + prow * (S * H) + cols[None, :]
+            for k in tl.static_range(S):
+                tl.store(st_ptrs + k * H, stash[k], mask=m)
         tl.store(y_ptr + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
         h = tl.where(active[:, None], h_new, h)
         c = tl.where(active[:, None], c_new, c)
@@ -134,7 +136,7 @@ def _forward_step_kernel(
     y_ptr, hprev_ptr, stash_ptr,
     bs_ptr, off_ptr, t, B, H,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Step ``t`` for batch block program_id(0) and hidden units [program_id(1)*BLOCK_H, ...).
 
@@ -168,10 +170,11 @@ def _forward_step_kernel(
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
     h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
     tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
-    tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
-    st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
-    for k in tl.static_range(S):
-        tl.store(st_ptrs + k * H, stash[k], mask=m)
+    if SAVE:
+        tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
+        st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
+        for k in tl.static_range(S):
+            tl.store(st_ptrs + k * H, stash[k], mask=m)
     tl.store(y_ptr + first64 * H + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
     tl.store(h_out_ptr + state_off, tl.where(active[:, None], h_new, h), mask=state_mask)
     CELL.store_c(c_ptr + state_off, tl.where(active[:, None], c_new, c), state_mask)

@@ -64,9 +64,12 @@ def _aligned(t):
 
 def _options(config, step_math):
     """The constexprs and launch options of ``config``'s kernel (what bench/triton_aot.py
-    compiles): the cell, tiles, warps and the pinned ``enable_fp_fusion``."""
+    compiles): the cell, tiles, whether a forward kernel saves for backward, warps and the pinned
+    ``enable_fp_fusion``."""
     tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
              dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k))
+    if config.kernel.startswith("forward"):
+        tiles["SAVE"] = config.save
     return dict(CELL=step_math, BLOCK_B=config.block_b, num_warps=config.num_warps,
                 enable_fp_fusion=FP_FUSION, **tiles)
 
@@ -118,10 +121,10 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     None (gru); w_hr must be None; w_cell: (K, H) for a cell with per-unit weights
     (peephole_lstm), else None; batch_sizes: CPU int64 (T,). All floating tensors share xg's
     dtype (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or
-    None, saved = (h_prev (N, H) fp32, stash (N, S*H) fp32)). See
-    :mod:`fastrnn.kernels.reference`. ``save`` is accepted for the contract; the kernels always
-    write the stash. ``bias`` (G*H,) or None is added to xg before the kernels (one elementwise
-    pass on the GPU). ``plan``: the call's :func:`make_plan`, made here when None.
+    None, saved = (h_prev (N, H) fp32, stash (N, S*H) fp32), or () when ``save`` is False: then
+    the kernels write neither (no backward follows). See :mod:`fastrnn.kernels.reference`.
+    ``bias`` (G*H,) or None is added to xg before the kernels (one elementwise pass on the GPU).
+    ``plan``: the call's :func:`make_plan`, made here when None.
     """
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
@@ -134,11 +137,16 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     dev, dtype = xg.device, xg.dtype
     xg, h0, c0, w_hh, b_hn, w_cell = map(_aligned, (xg, h0, c0, w_hh, b_hn, w_cell))
     y = torch.empty(N, H, device=dev, dtype=dtype)
-    h_prev = torch.empty(N, H, device=dev, dtype=torch.float32)
-    stash = torch.empty(N, STASH[cell] * H, device=dev, dtype=torch.float32)
+    if save:
+        h_prev = torch.empty(N, H, device=dev, dtype=torch.float32)
+        stash = torch.empty(N, STASH[cell] * H, device=dev, dtype=torch.float32)
+        saved = (h_prev, stash)
+    else:  # placeholders the kernels never write (SAVE=False)
+        h_prev = stash = torch.empty(1, device=dev, dtype=torch.float32)
+        saved = ()
     if T == 0 or B == 0:
-        return y, h0.clone(), None if c0 is None else c0.clone(), (h_prev, stash)
-    config = select_config("forward", cell, dtype, H, rows=N, limits=limits)
+        return y, h0.clone(), None if c0 is None else c0.clone(), saved
+    config = select_config("forward", cell, dtype, H, rows=N, limits=limits, save=save)
     options = _options(config, step_math)
     n_blocks = triton.cdiv(B, config.block_b)
     if spec.has_b_hn:
@@ -153,7 +161,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
             bs, off, T, B, H, int(bool(reverse)), **options)
-        return y, h_n, c_n, (h_prev, stash)
+        return y, h_n, c_n, saved
     h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
     c_state = c0.to(torch.float32).clone() if spec.has_c else h_bufs[0]
     grid = (n_blocks, triton.cdiv(H, config.block_h))
@@ -164,7 +172,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             y, h_prev, stash, bs, off, t, B, H, **options)
     h_n = h_bufs[T % 2].to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
-    return y, h_n, c_n, (h_prev, stash)
+    return y, h_n, c_n, saved
 
 
 def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_hr,
