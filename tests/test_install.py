@@ -268,7 +268,9 @@ for mine, theirs in ((fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU),
         torch.testing.assert_close(mod(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
 loaded = [sum(f.stats.cache_hits.values()) for f in (loops._forward_thread, loops._backward_thread)]
 compiled = [sum(f.stats.cache_misses.values()) for f in (loops._forward_thread, loops._backward_thread)]
-print("loaded", loaded, "compiled", compiled, "registries", "numba.np.linalg" in sys.modules)
+from numba.core.runtime import rtsys
+print("loaded", loaded, "compiled", compiled, "registries", "numba.np.linalg" in sys.modules,
+      "array module", "numba.np.arrayobj" in sys.modules, "runtime", rtsys._init)
 ref, mod = torch.nn.GRU(3, 5).double(), fastrnn.GRU(3, 5).double()
 mod.load_state_dict(ref.state_dict())
 x = torch.randn(4, 2, 3, dtype=torch.float64)
@@ -280,7 +282,8 @@ print("float64 ok")
 def test_a_warm_cache_loads_without_numbas_registries_and_compiles_after():
     """With the loops cached, a process's first calls load them without numba's typing and
     lowering registries (0.55 s of a first call: fastrnn's cache skips numba's refresh of them
-    on a load), with results equal to torch.nn's; a compile after such loads still works."""
+    on a load), its array module (0.05 s) or its runtime (0.05 s: no compiled code of ours
+    allocates), with results equal to torch.nn's; a compile after such loads still works."""
     def run():
         return subprocess.run([sys.executable, "-c", WARM_CALLS], capture_output=True, text=True,
                               timeout=900)
@@ -290,8 +293,32 @@ def test_a_warm_cache_loads_without_numbas_registries_and_compiles_after():
     warm = run()
     assert warm.returncode == 0, warm.stderr[-4000:]
     lines = warm.stdout.splitlines()
-    assert lines[0] == "loaded [3, 3] compiled [0, 0] registries False", lines  # one per cell
+    assert lines[0] == ("loaded [3, 3] compiled [0, 0] registries False array module False "
+                        "runtime False"), lines
     assert lines[1] == "float64 ok"
+
+
+def test_cache_entries_are_keyed_by_the_compile_settings_and_inlined_files():
+    """Numba keys a cache entry by the function's own file; ours also by the compile settings
+    (jit.py) and, for the loops, the files they inline: code cached with other settings (say
+    with the runtime, which a load no longer initializes) must never load."""
+    numba_cpu.load()
+    from numba import float32, types
+    from numba.core.dispatcher import Dispatcher
+
+    from fastrnn.kernels.numba_cpu import buffers, jit, loops
+    ours = [value for module in (buffers, loops) for value in vars(module).values()
+            if isinstance(value, Dispatcher) and jit._ours(value.py_func.__code__.co_filename)]
+    assert buffers._aligned_start in ours and loops._forward_thread in ours
+    sig = (types.Array(float32, 1, "C"),)
+    for dispatcher in ours:
+        cache = dispatcher._cache._caches[0]
+        assert isinstance(cache, jit.KeyedCache), dispatcher
+        files = loops._INLINED if dispatcher in (loops._forward_thread,
+                                                 loops._backward_thread) else ()
+        key = cache._index_key(sig, dispatcher.targetctx.codegen())
+        assert key[-1] == jit._digest((jit.__file__, *files)), dispatcher
+    assert jit._JIT["_nrt"] is False  # no runtime in our compiled code: see the warm test
 
 
 def test_import_loads_no_dynamo_triton_or_numba_and_leaves_the_environment_alone():

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import os
+import pathlib
 import stat
 import sys
 import tempfile
@@ -37,7 +39,6 @@ from functools import lru_cache
 import numpy as np
 from numba import types
 from numba.core import caching, config
-from numba.core.runtime import rtsys
 from numba.extending import intrinsic, overload
 
 from fastrnn.cells.scalar import one as _one
@@ -49,7 +50,11 @@ _FASTMATH = {"contract"}
 # ZeroDivisionError branch out of the gate loops so they vectorize.
 # cache: see the module docstring (CACHE_ROOT, FastrnnCacheLocator); False where no directory
 # is writable, so that no function of ours tries to save.
-_JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy")
+# _nrt=False: no Numba runtime (NRT) in our code: it allocates nothing (the launchers pass every
+# buffer) and keeps no reference counts, so loading it from the cache needs no runtime, whose
+# initialisation compiles for 0.05 s in a process's first call. A function that would allocate
+# fails to compile.
+_JIT = dict(cache=True, fastmath=_FASTMATH, nogil=True, error_model="numpy", _nrt=False)
 
 
 def _host_cpu():
@@ -223,9 +228,8 @@ class GuardedCache(caching._Cache):
     def load_overload(self, sig, target_context):
         # Not numba's Cache.load_overload, which first refreshes target_context: that imports
         # and installs all of numba's typing and lowering registries (0.55 s of a process's first
-        # call on a 2-core AMD EPYC), of which cached machine code needs only the runtime (NRT)
-        # it allocates with. A compile (a miss) refreshes the contexts itself.
-        rtsys.initialize(target_context)
+        # call on a 2-core AMD EPYC), of which our cached machine code needs none (nor the
+        # runtime: _JIT). A compile (a miss) refreshes the contexts itself.
         for cache in self._caches:
             try:
                 data = cache._load_overload(sig, target_context)
@@ -257,6 +261,25 @@ class GuardedCache(caching._Cache):
                 self._writable.flush()
 
 
+class KeyedCache(caching.FunctionCache):
+    """Numba's disk cache of a jitted function of ours, each entry keyed also by the contents of
+    this file (the compile settings, ``_JIT``) and of ``files`` (what the function compiles in from
+    other files): Numba keys it by the function's own file and bytecode only, so a change of
+    either would load stale code (code compiled with the runtime, loaded without it, crashes)."""
+
+    def __init__(self, py_func, files=()):
+        super().__init__(py_func)
+        self._extra_key = _digest((__file__, *files))
+
+    def _index_key(self, sig, codegen):
+        return super()._index_key(sig, codegen) + (self._extra_key,)
+
+
+@lru_cache(maxsize=None)
+def _digest(files):
+    return hashlib.sha256(b"".join(pathlib.Path(f).read_bytes() for f in files)).hexdigest()
+
+
 def _reading(cache, path):
     """numba cache ``cache`` reading directory ``path`` instead (same keys and source stamp)."""
     twin = copy.copy(cache)
@@ -273,10 +296,10 @@ def guard_cache(dispatcher):
     cache = dispatcher._cache
     if isinstance(cache, GuardedCache):
         return
-    if isinstance(cache, caching.NullCache):
-        if CACHING:
-            return  # compiled without cache=True on purpose
-        cache = caching.FunctionCache(dispatcher.py_func)  # FastrnnCacheLocator: read only
+    if isinstance(cache, caching.NullCache) and CACHING:
+        return  # compiled without cache=True on purpose
+    if isinstance(cache, caching.NullCache) or type(cache) is caching.FunctionCache:
+        cache = KeyedCache(dispatcher.py_func)  # without cache=True: FastrnnCacheLocator, read only
     if not isinstance(cache, caching.Cache):
         return
     locator = cache._impl.locator

@@ -3,13 +3,8 @@ rows of a whole (possibly packed) sequence and inlines the cell's own row step (
 math" section of its file in :mod:`fastrnn.cells`), picked at compile time by the cell's code."""
 from __future__ import annotations
 
-import hashlib
-import pathlib
-
-import numpy as np
 from numba import literally, njit, types
 from numba.core import cgutils
-from numba.core.caching import FunctionCache
 from numba.extending import intrinsic, overload, register_jitable
 
 from fastrnn import cells
@@ -160,23 +155,9 @@ def _borrowed(typingctx, arrays):
 # (N, P) input ``dy_all`` and (N, H) m_all are kept for d_w_hr). The step matmul's operand is
 # d_xg's rows, or with ``scratch_grad`` the step's own ``dg`` (B, G*H) (GRU: r scales the n part);
 # with ``direct_h`` it adds onto what the row step left in dh, else it overwrites dh.
-
-@njit(**_JIT)
-def _thread_rows(tid, nthreads, group, batch):
-    """The batch rows of thread ``tid``, ascending: groups of ``group`` rows dealt round-robin over
-    ``nthreads``. At a step with ``rows`` active rows, a thread's active rows are a prefix."""
-    count = 0
-    for b in range(batch):
-        if (b // group) % nthreads == tid:
-            count += 1
-    mine = np.empty(count, np.int64)
-    count = 0
-    for b in range(batch):
-        if (b // group) % nthreads == tid:
-            mine[count] = b
-            count += 1
-    return mine
-
+#
+# Thread ``tid`` of ``nthreads`` owns the groups of ``group`` batch rows dealt to it round-robin
+# (rows tid*group.., then (tid+nthreads)*group..); a step's active rows are those below ``rows``.
 
 @njit(**_JIT)
 def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
@@ -184,31 +165,28 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_
     _prefer_wide_vectors()
     xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m = _borrowed((
         xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m))
-    mine = _thread_rows(tid, nthreads, group, h.shape[0])
     out = m if has_proj else y  # the row step's output: the projection's input, or y itself
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
         a, base = (gates, off) if packed else (acc, 0)
         _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
-            forward_step(literally(code), a, base + b, xg, q, bias, b_hn, w_cell, h, c, b, out,
-                         b if has_proj else q)
-            for u in range(c_all.shape[1]):
-                c_all[q, u] = c[b, u]
-            if not has_proj:
-                for k in range(h.shape[1]):
-                    h[b, k] = y[q, k]
+        for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
+            for b in range(g, min(g + group, rows)):
+                q = off + b
+                forward_step(literally(code), a, base + b, xg, q, bias, b_hn, w_cell, h, c, b,
+                             out, b if has_proj else q)
+                for u in range(c_all.shape[1]):
+                    c_all[q, u] = c[b, u]
+                if not has_proj:
+                    for k in range(h.shape[1]):
+                        h[b, k] = y[q, k]
         if has_proj:
             _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm, True)
-            for b in mine:
-                if b >= rows:
-                    break
-                for k in range(h.shape[1]):
-                    h[b, k] = y[off + b, k]
+            for g in range(tid * group, rows, nthreads * group):
+                for b in range(g, min(g + group, rows)):
+                    for k in range(h.shape[1]):
+                        h[b, k] = y[off + b, k]
 
 
 @njit(**_JIT)
@@ -221,49 +199,39 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
     grad_y, y, h0, c0, gates, c_all, w_cell, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc = \
         _borrowed((grad_y, y, h0, c0, gates, c_all, w_cell, dh, dc, dm, d_xg, d_hn, dg, dy_all,
                    m_all, tc))
-    mine = _thread_rows(tid, nthreads, group, dh.shape[0])
     tanh_c = m_all if has_proj else tc
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
         if has_proj:  # carry + grad_y, kept per packed row for d_w_hr; dm = that @ w_hr
-            for b in mine:
-                if b >= rows:
-                    break
-                for k in range(dh.shape[1]):
-                    dy_all[off + b, k] = dh[b, k] + grad_y[off + b, k]
+            for g in range(tid * group, rows, nthreads * group):
+                for b in range(g, min(g + group, rows)):
+                    for k in range(dh.shape[1]):
+                        dy_all[off + b, k] = dh[b, k] + grad_y[off + b, k]
             _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm, True)
-        for b in mine:
-            if b >= rows:
-                break
-            q = off + b
-            if not has_proj:
-                for u in range(dm.shape[1]):
-                    dm[b, u] = dh[b, u] + grad_y[q, u]
-            pr = prev[q]
-            h_prev, hr = (y, pr) if pr >= 0 else (h0, -1 - pr)
-            c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
-            backward_step(literally(code), gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh, dc,
-                          b, tanh_c, q if has_proj else b, has_proj, w_cell, d_xg, d_hn,
-                          dg)
+        for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
+            for b in range(g, min(g + group, rows)):
+                q = off + b
+                if not has_proj:
+                    for u in range(dm.shape[1]):
+                        dm[b, u] = dh[b, u] + grad_y[q, u]
+                pr = prev[q]
+                h_prev, hr = (y, pr) if pr >= 0 else (h0, -1 - pr)
+                c_prev, cr = (c_all, pr) if pr >= 0 else (c0, -1 - pr)
+                backward_step(literally(code), gates, y, c_all, q, h_prev, hr, c_prev, cr, dm, dh,
+                              dc, b, tanh_c, q if has_proj else b, has_proj, w_cell, d_xg,
+                              d_hn, dg)
         operand, base = (dg, 0) if scratch_grad else (d_xg, off)
         _matmul_rows(dh, 0, operand, base, w, tid, nthreads, group, rows, gemm, not direct_h)
 
 
-class _StepMathCache(FunctionCache):
-    """Numba's disk cache of a time loop, each entry keyed also by what the loop compiles in from
-    other files (the cells' step math, the activations, the matmul, the compile settings): Numba
-    keys it by the loop's own file and bytecode only, so an edit there would load a stale loop."""
-
-    def _index_key(self, sig, codegen):
-        return super()._index_key(sig, codegen) + (_STEP_MATH,)
-
-
-_INLINED = [pathlib.Path(cells.MODULES[name].__file__) for name in CODES] + [
-    pathlib.Path(module.__file__) for module in (activations, jit, matmul, scalar)]
-_STEP_MATH = hashlib.sha256(b"".join(f.read_bytes() for f in _INLINED)).hexdigest()  # 0.2 ms
+# A loop's cache entries are keyed also by what it compiles in from other files (the cells' step
+# math, the activations, the matmul, the compile settings): an edit there must not load a stale
+# loop.
+_INLINED = tuple(str(cells.MODULES[name].__file__) for name in CODES) + tuple(
+    str(module.__file__) for module in (activations, matmul, scalar))
 for _loop in (_forward_thread, _backward_thread):
-    _loop._cache = _StepMathCache(_loop.py_func)
+    _loop._cache = jit.KeyedCache(_loop.py_func, _INLINED)
 
 
 @njit(**_JIT)

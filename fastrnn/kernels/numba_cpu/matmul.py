@@ -8,7 +8,7 @@ import os
 import numpy as np
 import torch
 from llvmlite import ir
-from numba import carray, njit, types
+from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -87,17 +87,16 @@ def _call_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb, be
 
 
 @intrinsic
-def _stack_array(typingctx, size, dtype):
-    """A pointer to ``size`` (a literal int) uninitialized elements of ``dtype`` on the calling
-    function's stack: scratch without a heap allocation (wrap it with ``numba.carray``)."""
-    if not isinstance(size, types.IntegerLiteral):
-        return None
-    count, item = size.literal_value, dtype.dtype
+def _on_stack(typingctx, value, dtype):
+    """The address (int64) of a slot on the calling function's stack holding ``value`` as
+    ``dtype``: a by-reference scalar argument without a heap allocation."""
+    item = dtype.dtype
 
     def codegen(context, builder, signature, args):
-        return cgutils.alloca_once(builder, context.get_value_type(item),
-                                   size=context.get_constant(types.intp, count))
-    return types.CPointer(item)(size, dtype), codegen
+        slot = cgutils.alloca_once_value(
+            builder, context.cast(builder, args[0], signature.args[0], item))
+        return builder.ptrtoint(slot, context.get_value_type(types.int64))
+    return types.int64(value, dtype), codegen
 
 
 @njit(**_JIT)
@@ -107,22 +106,14 @@ def _gemm_rows(gemm, acc, ai, a, bi, nrows, w, overwrite):
     acc^T += w^T a^T with no transposes. The by-reference scalars live on the stack (a heap
     allocation per step cost 0.1 µs each)."""
     k_total, n_total = w.shape
-    ints = carray(_stack_array(6, np.int32), 6)
-    ints[0], ints[1], ints[2] = n_total, nrows, k_total
-    ints[3], ints[4], ints[5] = n_total, a.shape[1], acc.shape[1]
-    trans = carray(_stack_array(1, np.uint8), 1)
-    trans[0] = 78  # 'N'
-    one = carray(_stack_array(2, w.dtype), 2)
-    one[0] = 1
-    one[1] = 0 if overwrite else 1  # beta
-    ip = np.int64(ints.ctypes.data)
-    item = np.int64(4)
-    _call_gemm(gemm, np.int64(trans.ctypes.data), np.int64(trans.ctypes.data), ip, ip + item,
-               ip + 2 * item, np.int64(one.ctypes.data), np.int64(w.ctypes.data), ip + 3 * item,
-               np.int64(a.ctypes.data) + np.int64(bi * a.strides[0]), ip + 4 * item,
-               np.int64(one.ctypes.data) + np.int64(w.itemsize),
+    trans = _on_stack(78, np.uint8)  # 'N'
+    _call_gemm(gemm, trans, trans, _on_stack(n_total, np.int32), _on_stack(nrows, np.int32),
+               _on_stack(k_total, np.int32), _on_stack(1, w.dtype), np.int64(w.ctypes.data),
+               _on_stack(n_total, np.int32),
+               np.int64(a.ctypes.data) + np.int64(bi * a.strides[0]),
+               _on_stack(a.shape[1], np.int32), _on_stack(0 if overwrite else 1, w.dtype),
                np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
-               ip + 5 * item)
+               _on_stack(acc.shape[1], np.int32))
 
 
 # --------------------------------------------------------------------------- matmul micro-kernels
