@@ -23,7 +23,7 @@ from fastrnn import autograd, backends, cells, functional
 class _Prepared(NamedTuple):
     backend: str  # the module's ``backend`` attribute it was made for
     weights: list  # the tensors it was made from, held so that no other tensor takes their memory
-    stamp: Optional[list]  # their (version, data pointer); None: not reusable (inference tensors)
+    stamp: Optional[list]  # their (id, version, data pointer); None: not reusable (inference tensors)
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: list  # what the backend prepared, per layer and direction
 
@@ -32,20 +32,20 @@ _PREPARED = weakref.WeakKeyDictionary()  # module -> _Prepared
 
 
 def _stamp(weights):
-    """What changes when a weight does: its version counter (in-place updates, optimizer steps)
-    and its data pointer (``.data =``). None when a weight is an inference tensor (no version
-    counter): then nothing is reused."""
-    if any(w.is_inference() for w in weights):
+    """What changes when a weight does: the tensor (its id: the entry holds the tensors, so an id
+    is not reused while it lives), its version counter (in-place updates, optimizer steps) and its
+    data pointer (``.data =``). None when a weight is an inference tensor (no version counter):
+    then nothing is reused."""
+    try:
+        return [(id(w), w._version, w.data_ptr()) for w in weights]
+    except RuntimeError:  # "Inference tensors do not track version counter."
         return None
-    return [(w._version, w.data_ptr()) for w in weights]
 
 
 def _prepared(module, weights):
     """The module's :class:`_Prepared` for its current ``weights``, remade when they changed."""
     entry = _PREPARED.get(module)
     if (entry is not None and entry.backend == module.backend and entry.stamp is not None
-            and len(entry.weights) == len(weights)
-            and all(a is b for a, b in zip(entry.weights, weights))
             and entry.stamp == _stamp(weights)):
         return entry
     weight, cell = weights[0], module.cell
@@ -69,7 +69,7 @@ def _state_arrays(states, shapes, dtype, batched):
     in ``shapes`` (unbatched: given as (L*D, ·), returned as (L*D, 1, ·)), else None."""
     out = []
     for state, shape in zip(states, shapes):
-        if (type(state) is not torch.Tensor or state.dtype != dtype or state.device.type != "cpu"
+        if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
                 or state.shape != (shape if batched else shape[::2])):
             return None
         array = (state.detach() if state.requires_grad else state).numpy()
@@ -80,7 +80,7 @@ def _state_arrays(states, shapes, dtype, batched):
 def forward(module, input, hx):
     """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
     not apply."""
-    if (type(input) is not torch.Tensor or input.device.type != "cpu"
+    if (type(input) is not torch.Tensor or not input.is_cpu
             or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()
             or torch._C._is_any_autocast_enabled()

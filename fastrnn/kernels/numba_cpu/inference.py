@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, launch
+from fastrnn.kernels.numba_cpu import buffers, launch, matmul
 
 
 def prepare_layer(cell, w_ih, w_hh, b_hn, w_hr, bias, w_cell):
@@ -18,18 +18,22 @@ def prepare_layer(cell, w_ih, w_hh, b_hn, w_hr, bias, w_cell):
     return w_ih.t(), buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell)
 
 
-_SIZES = {}
+_PLANS = {}
 
 
 def _dense_plan(steps, batch, reverse, row_work, itemsize):
-    """The :class:`.launch._Plan` of ``steps`` steps of ``batch`` rows (the sizes array made once
-    per shape; the plan by :func:`.launch._schedule`, which caches the checked steps)."""
-    sizes = _SIZES.get((steps, batch))
-    if sizes is None:
-        if len(_SIZES) >= 256:
-            _SIZES.clear()
-        sizes = _SIZES[(steps, batch)] = np.full(steps, batch, np.int64)
-    return launch._schedule(sizes, reverse, batch, row_work, itemsize)
+    """The :class:`.launch._Plan` of ``steps`` steps of ``batch`` rows, by :func:`.launch._schedule`,
+    made once per shape and thread setting (its thresholds included: tests move them)."""
+    key = (steps, batch, reverse, row_work, itemsize, torch.get_num_threads(),
+           matmul.USE_BLAS, launch.PARALLEL_MIN_BATCH, launch.PARALLEL_MIN_WORK,
+           launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        plan = _PLANS[key] = launch._schedule(np.full(steps, batch, np.int64), reverse, batch,
+                                              row_work, itemsize)
+    return plan
 
 
 def forward_stack(cell, layers, x, steps, batch, h0, c0, num_layers, directions):
@@ -39,7 +43,8 @@ def forward_stack(cell, layers, x, steps, batch, h0, c0, num_layers, directions)
     H) or None)``."""
     spec = cells.spec(cell)
     itemsize = x.element_size()
-    layer_input, h_n, c_n = x, [], []
+    # (T*B, I): torch's GEMM of the full path (a 3-D input folds into this same matmul)
+    layer_input, h_n, c_n = x.reshape(steps * batch, x.shape[-1]), [], []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
@@ -47,8 +52,7 @@ def forward_stack(cell, layers, x, steps, batch, h0, c0, num_layers, directions)
             w_ih_t, prepared = layers[k]
             proj, width = prepared.w_t.shape
             plan = _dense_plan(steps, batch, direction == 1, width * proj, itemsize)
-            # torch's GEMM of the full path (a 3-D input folds into the same (T*B, I) matmul)
-            xg = torch.matmul(layer_input, w_ih_t).numpy().reshape(steps * batch, width)
+            xg = torch.mm(layer_input, w_ih_t).numpy()
             y, h, c, _ = launch.run_forward(cell, plan, xg, prepared,
                                             None if h0 is None else h0[k],
                                             None if c0 is None else c0[k], False)
