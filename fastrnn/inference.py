@@ -12,56 +12,76 @@ mode, an input or state of another dtype, device or shape than the module's.
 """
 from __future__ import annotations
 
+import operator
 import weakref
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 
 from fastrnn import autograd, backends, cells, functional
 
 
 class _Prepared(NamedTuple):
+    module: weakref.ref  # the module it was made for
     backend: str  # the module's ``backend`` attribute it was made for
     weights: list  # the tensors it was made from, held so that no other tensor takes their memory
-    stamp: Optional[list]  # their (id, version, data pointer); None: not reusable (inference tensors)
+    stamp: Optional[tuple]  # their versions and data pointers; None: not reusable
     kernels: object  # the backend's lean path functions, or None: the backend has none
-    layers: list  # what the backend prepared, per layer and direction
+    layers: object  # what the backend prepared (its lean path's stack), or None
 
 
-_PREPARED = weakref.WeakKeyDictionary()  # module -> _Prepared
+# id(module) -> _Prepared, dropped when the module dies (a dict keyed by id: a WeakKeyDictionary
+# lookup makes a weak reference each call)
+_PREPARED = {}
+_VERSION = operator.attrgetter("_version")
 
 
 def _stamp(weights):
-    """What changes when a weight does: the tensor (its id: the entry holds the tensors, so an id
-    is not reused while it lives), its version counter (in-place updates, optimizer steps) and its
-    data pointer (``.data =``). None when a weight is an inference tensor (no version counter):
-    then nothing is reused."""
+    """What changes when a weight does, besides the tensor itself: its version counter (in-place
+    updates, optimizer steps) and its data pointer (``.data =``). None when a weight is an
+    inference tensor (no version counter): then nothing is reused."""
     try:
-        return [(id(w), w._version, w.data_ptr()) for w in weights]
+        return list(map(_VERSION, weights)), list(map(torch.Tensor.data_ptr, weights))
     except RuntimeError:  # "Inference tensors do not track version counter."
         return None
 
 
 def _prepared(module, weights):
     """The module's :class:`_Prepared` for its current ``weights``, remade when they changed."""
-    entry = _PREPARED.get(module)
-    if (entry is not None and entry.backend == module.backend and entry.stamp is not None
+    entry = _PREPARED.get(id(module))
+    if (entry is not None and entry.module() is module and entry.backend == module.backend
+            and entry.stamp is not None and all(map(operator.is_, weights, entry.weights))
             and entry.stamp == _stamp(weights)):
         return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size)
     lean = getattr(backends.KERNELS.get(name), "lean_path", None)
-    kernels, layers = (lean(), []) if lean is not None else (None, None)
+    kernels = lean() if lean is not None else None
+    layers = None
     if kernels is not None:
         directions = 2 if module.bidirectional else 1
+        per_layer = []
         for w in functional.layer_weights(cell, weights, module.bias, module.num_layers,
                                           directions):
             bias, b_hn = functional.projection_bias(cell, w.b_ih, w.b_hh)
-            layers.append(kernels.prepare_layer(cell, w.w_ih, w.w_hh, b_hn, w.w_hr, bias,
-                                                w.w_cell))
-    entry = _Prepared(module.backend, list(weights), _stamp(weights), kernels, layers)
-    _PREPARED[module] = entry
+            per_layer.append((w.w_ih, w.w_hh, b_hn, w.w_hr, bias, w.w_cell))
+        layers = kernels.prepare_stack(cell, per_layer)
+    if id(module) not in _PREPARED:
+        weakref.finalize(module, _PREPARED.pop, id(module), None)
+    entry = _Prepared(weakref.ref(module), module.backend, list(weights), _stamp(weights),
+                      kernels, layers)
+    _PREPARED[id(module)] = entry
     return entry
+
+
+def _numpy(tensor):
+    """A numpy view of a CPU tensor (None where there is none: a tensor with its negative bit
+    set)."""
+    try:
+        return (tensor.detach() if tensor.requires_grad else tensor).numpy()
+    except RuntimeError:
+        return None
 
 
 def _state_arrays(states, shapes, dtype, batched):
@@ -72,7 +92,9 @@ def _state_arrays(states, shapes, dtype, batched):
         if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
                 or state.shape != (shape if batched else shape[::2])):
             return None
-        array = (state.detach() if state.requires_grad else state).numpy()
+        array = _numpy(state)
+        if array is None:
+            return None
         out.append(array if batched else array[:, None])
     return out
 
@@ -93,7 +115,11 @@ def forward(module, input, hx):
     if entry.kernels is None or dims not in (2, 3) or input.dtype != weight.dtype:
         return None
     batched = dims == 3
-    x = input.transpose(0, 1) if batched and module.batch_first else input
+    x = _numpy(input)
+    if x is None:
+        return None
+    if batched and module.batch_first:
+        x = x.transpose(1, 0, 2)
     steps, batch, features = x.shape[0], x.shape[1] if batched else 1, x.shape[-1]
     if steps == 0 or batch == 0 or features != module.input_size:
         return None
@@ -113,12 +139,14 @@ def forward(module, input, hx):
             return None
         h0, c0 = arrays if spec.has_c else (arrays[0], None)
     y, h_n, c_n = entry.kernels.forward_stack(
-        module.cell, entry.layers, x if batched else x[:, None], steps, batch, h0, c0,
-        module.num_layers, 2 if module.bidirectional else 1)
-    out = y
+        entry.layers, np.ascontiguousarray(x).reshape(steps * batch, features),
+        steps, batch, h0, c0, module.num_layers, 2 if module.bidirectional else 1)
+    # shaped as numpy views (a torch view costs several times more)
+    y = y.reshape(steps, batch, -1)
     if not batched:
-        out, h_n = out.squeeze(1), h_n.squeeze(1)
-        c_n = c_n.squeeze(1) if c_n is not None else None
+        y, h_n = y[:, 0], h_n[:, 0]
+        c_n = c_n[:, 0] if c_n is not None else None
     elif module.batch_first:
-        out = out.transpose(0, 1)
-    return (out, (h_n, c_n)) if spec.has_c else (out, h_n)
+        y = y.transpose(1, 0, 2)
+    out, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
+    return (out, (h_n, torch.from_numpy(c_n))) if spec.has_c else (out, h_n)

@@ -7,9 +7,9 @@ come from torch. The only new constructor argument is the keyword-only ``backend
 
 The sequence modules subclass ``nn.RNNBase``, not ``nn.LSTM``/``nn.GRU``/``nn.RNN``:
 ``isinstance(m, nn.RNNBase)`` holds, ``isinstance(m, nn.LSTM)`` does not, because torch.compile's
-Dynamo refuses to compile any module that is an ``nn.RNN``/``nn.GRU``/``nn.LSTM``
-("Attempted to wrap RNN, GRU, or LSTM") while an ``nn.RNNBase`` subclass compiles. The cells
-subclass ``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
+Dynamo refuses to compile any module that is an ``nn.RNN``/``nn.GRU``/``nn.LSTM`` ("Attempted
+to wrap RNN, GRU, or LSTM") while an ``nn.RNNBase`` subclass compiles. The cells subclass
+``nn.RNNCell``/``nn.LSTMCell``/``nn.GRUCell``.
 
 Under no_grad/inference_mode a dense CPU input takes the lean path of :mod:`fastrnn.inference`.
 Under ``torch.jit.trace`` and ``torch.onnx.export`` (either exporter) every module runs torch.nn's
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+from operator import is_
 import warnings
 
 import torch
@@ -122,10 +123,9 @@ class _Recurrent(_Backend, nn.RNNBase):
         return self._flat_weights
 
     def _update_flat_weights(self):
-        """torch.nn's, only if a weight is no longer the tensor in ``_flat_weights`` (torch's own
-        check reads each weight through ``nn.Module.__getattr__``: 18 µs of an LSTM call)."""
-        params = self._parameters
-        if any(params.get(n) is not w for n, w in zip(self._flat_weights_names, self._flat_weights)):
+        """torch.nn's, only if a weight is not the tensor in ``_flat_weights`` (torch's: 18 µs)."""
+        if not all(map(is_, map(self._parameters.get, self._flat_weights_names),
+                       self._flat_weights)):
             super()._update_flat_weights()
 
     def _zero_state(self, batch, input):

@@ -113,9 +113,9 @@ def test_lean_equals_full_path_and_torch(case, dtype, mode, lean_calls):
         torch.testing.assert_close(g, e, **TOL[dtype])
 
 
-def run(mod, x):
+def run(mod, *args):
     with torch.no_grad():
-        return mod(x)
+        return mod(*args)
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "optimizer", "load_state_dict",
@@ -212,6 +212,64 @@ def test_bad_input_raises_as_the_full_path(bad, lean_calls):
     assert lean_calls == []
 
 
+ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, settings to patch)
+    "one-call": (1, {}),
+    "one-call-blas-threads-local": (2, {}),  # 2 threads, small steps: the loop's gemm on 1
+    "three-buffers": (1, {"inference.GROUP_MAX_BYTES": 0}),
+    "loop-threads": (2, {"launch.PARALLEL_MIN_BATCH": 1, "launch.PARALLEL_MIN_WORK": 0}),
+    "no-blas": (1, {"matmul.USE_BLAS": False}),
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", [("lstm_proj", 2, True, False, (4, 3, 5), True),
+                                  ("gru", 3, False, True, (3, 4, 5), False),
+                                  ("rnn_relu", 2, True, False, (6, 2, 5), True)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
+    """Each way the numba lean path can run a layer (one compiled call, its loop's BLAS calls on
+    a thread-local count, its buffers apart, the loop on several threads, no BLAS) is bitwise
+    the full path under the same settings, and close to torch.nn."""
+    from fastrnn.kernels.numba_cpu import inference as lean, launch, matmul
+    threads, settings = ROUTES[route]
+    if launch._CPUS < threads:
+        pytest.skip(f"needs {threads} CPUs, this process may run on {launch._CPUS}")
+    modules = {"inference": lean, "launch": launch, "matmul": matmul}
+    for name, value in settings.items():
+        module, attr = name.split(".")
+        monkeypatch.setattr(modules[module], attr, value)
+    variant, layers, bidirectional, batch_first, shape, with_hx = case
+    generator = torch.Generator().manual_seed(seed_of(case, route))
+    torch.manual_seed(seed_of(case, route))
+    ref, mod = pair(variant, "numba", torch.float32, input_size=5, hidden_size=4,
+                    num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    x = torch.randn(shape, generator=generator)
+    args = (x, make_hx(variant, mod, x, batch_first, torch.float32, generator)) if with_hx \
+        else (x,)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = run(mod, *args)
+        call = next(iter(mod_stack(mod).calls.values()))
+        assert call.layout.one_call == (route != "loop-threads")
+        assert (call.layout.sizes[1] == 0) == (route != "three-buffers")
+        assert all(bool(a.gemm) == (route != "no-blas") for a in call.args)
+        if route == "one-call-blas-threads-local":
+            assert all(a.blas_threads == 1 for a in call.args)
+        expected = full_path(mod, *args)
+    finally:
+        torch.set_num_threads(previous)
+    assert len(lean_calls) == 1
+    assert_bitwise(got, expected)
+    for g, e in zip(flatten(got), flatten(ref(*args)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+
+def mod_stack(mod):
+    """The numba lean path's prepared stack of ``mod``."""
+    return inference._PREPARED[id(mod)].layers
+
+
 def test_plans_per_thread_count(lean_calls):
     torch.manual_seed(0)
     ref, mod = pair("gru", "numba", torch.float32, input_size=8, hidden_size=16)
@@ -229,11 +287,12 @@ def test_plans_per_thread_count(lean_calls):
 def test_prepared_weights_do_not_outlive_the_module():
     mod = fastrnn.LSTM(5, 4, backend="numba")
     run(mod, torch.randn(2, 1, 5))
-    assert mod in inference._PREPARED
+    key = id(mod)
+    assert inference._PREPARED[key].module() is mod
     gone = weakref.ref(mod)
     del mod
     gc.collect()
-    assert gone() is None
+    assert gone() is None and key not in inference._PREPARED
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["lean", "full"])
