@@ -2,6 +2,7 @@
 ONNX Runtime baseline's weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
 import importlib.util
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,20 @@ def test_onnx_check_catches_a_wrong_gate_order(cell, monkeypatch):
         baselines.onnx_runner(case, baselines._torch_module(case, "cpu"), x, lengths)
 
 
+def test_background_load_runs_busy_processes_only_inside_its_block():
+    from fastrnn_bench import timing
+    def states(pids):
+        return [Path(f"/proc/{pid}/stat").read_text().split()[2] for pid in pids]
+
+    with timing.background_load(2) as pids:
+        assert len(pids) == 2
+        deadline = time.monotonic() + 10
+        while states(pids) != ["R", "R"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # still starting Python
+        assert states(pids) == ["R", "R"]  # spinning
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+
+
 def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     from numba.np.ufunc import parallel
     out = tmp_path / "run"
@@ -155,8 +170,12 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     assert all((out / p).stat().st_size > 10_000 for p in pngs)
 
     # second run into the same folder: compared case by case with the first
-    assert cli.main(common + ["--cells", "gru", "--modes", "inference"]) == 0
+    assert cli.main(common + ["--cells", "gru", "--modes", "inference",
+                              "--background-load", "1"]) == 0
     second = json.loads((out / "results.json").read_text())
+    assert report["machine"]["background_load"] == 0
+    assert second["machine"]["background_load"] == 1
+    assert "background load: 1 busy processes" in (out / "results.md").read_text()
     assert (out / "results.previous.json").exists()
     rows = second["comparison"]
     assert {r["impl"] for r in rows} >= {"torch", "fastrnn-native", "fastrnn-reference"}

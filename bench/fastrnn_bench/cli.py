@@ -34,8 +34,8 @@ from .baselines import (BASELINES, KERNEL_BACKENDS, LOOP_MAX_STEPS, LOOP_MAX_TRA
 from .grid import CELLS, DTYPES, MODES, build_grid
 from .plots import plots
 from .report import _print_summary, compare, markdown, noise_check, ratios
-from .timing import (CHECK_TOLERANCE, Settings, check_outputs, gemm_peak, machine_info,
-                     measure, rss_peak_supported)
+from .timing import (CHECK_TOLERANCE, Settings, background_load, check_outputs, gemm_peak,
+                     machine_info, measure, rss_peak_supported)
 
 DEFAULT_OUT = "bench/results"
 
@@ -49,8 +49,9 @@ def _console():
 
 
 def run_benchmark(cases, device, backends, baselines, settings, out, explicit_backends=False,
-                  deadline=None, grid_name="custom", progress=True, argv=None):
-    """Run ``cases``; write results.json, results.md and plots into ``out``. Returns the report."""
+                  deadline=None, grid_name="custom", progress=True, argv=None, background=0):
+    """Run ``cases``; write results.json, results.md and plots into ``out``. Returns the report.
+    ``background``: how many busy processes the caller runs meanwhile (recorded)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
     device = torch.device(device)
@@ -66,8 +67,10 @@ def run_benchmark(cases, device, backends, baselines, settings, out, explicit_ba
     started = time.perf_counter()
     cpu_started = time.process_time()
     machine = machine_info(device)
+    machine["background_load"] = background
     load = machine.get("loadavg_start")
-    if load and load[0] > 0.5 * (machine["affinity_cpus"] or machine["cpu_count"]):
+    if not background and load and load[0] > 0.5 * (machine["affinity_cpus"]
+                                                     or machine["cpu_count"]):
         console.print(f"[yellow]warning: load average {load[0]:.1f} on "
                       f"{machine['cpu_count']} cores: other processes share the CPU; "
                       "timings will be noisy (the interleaving keeps ratios fairer than times)")
@@ -172,6 +175,9 @@ def parser():
     p.add_argument("--threads", type=int, default=None,
                    help="torch.set_num_threads before timing "
                         "(default: leave torch's choice)")
+    p.add_argument("--background-load", type=int, default=0, metavar="N",
+                   help="run N busy processes on the same CPUs while timing (contention, as on a "
+                        "shared machine); the report says so")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -203,8 +209,10 @@ def main(argv=None):
     deadline = time.perf_counter() + 60 * args.max_minutes if args.max_minutes else None
     _console().print(f"fastrnn-bench: {len(cases)} cases ({grid_name} grid) on {device}; "
                      f"fastrnn backends {backends}; baselines {baselines}; out {out}")
-    run_benchmark(cases, device, backends, baselines, settings, out, explicit, deadline,
-                  grid_name, progress=not args.no_progress, argv=argv)
+    with background_load(args.background_load):
+        run_benchmark(cases, device, backends, baselines, settings, out, explicit, deadline,
+                      grid_name, progress=not args.no_progress, argv=argv,
+                      background=args.background_load)
     return 0
 
 

@@ -91,7 +91,10 @@ def markdown(report):
              f"- versions: " + ", ".join(f"{k} {v}" for k, v in machine["versions"].items() if v),
              f"- date {machine['date']}; wall time {report['wall_s']:.0f} s (CPU time of this "
              f"process {report.get('cpu_s', 0):.0f} s); load average at start "
-             f"{machine.get('loadavg_start')}, at end {machine.get('loadavg_end')}",
+             f"{machine.get('loadavg_start')}, at end {machine.get('loadavg_end')}"
+             + (f"; **background load: {machine['background_load']} busy processes on the same "
+                "CPUs while timing** (`--background-load`)" if machine.get("background_load")
+                else ""),
              f"- GEMM peak (torch.mm {report['gemm_peak']['size']}², {report['gemm_peak']['dtype']}): "
              f"{report['gemm_peak']['gflops']:.1f} GFLOP/s",
              _noise_line(noise_check(report)), "",

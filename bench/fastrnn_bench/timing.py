@@ -11,7 +11,10 @@ import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +31,22 @@ CHECK_TOLERANCE = {"float32": 1e-4, "float64": 1e-8, "float16": 1e-2, "bfloat16"
 # --------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------
+@contextmanager
+def background_load(processes):
+    """``processes`` busy processes (a Python spin loop each, on the CPUs this process may use)
+    for the duration of the block: the contention of a shared machine or a CPU quota, controlled.
+    Yields their PIDs; they are killed on exit, whatever happens."""
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            for _ in range(processes)]
+    try:
+        yield [p.pid for p in busy]
+    finally:
+        for p in busy:
+            p.kill()
+        for p in busy:
+            p.wait()
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
