@@ -213,9 +213,10 @@ def test_bad_input_raises_as_the_full_path(bad, lean_calls):
 
 
 ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, settings to patch)
-    "one-call": (1, {}),
-    "one-call-blas-threads-local": (2, {}),  # 2 threads, small steps: the loop's gemm on 1
-    "three-buffers": (1, {"inference.GROUP_MAX_BYTES": 0}),
+    "one-thread": (1, {}),
+    "blas-threads-local": (2, {}),  # 2 threads, small steps: the loop's gemm calls on 1
+    "outputs-apart": (1, {"inference.GROUP_MAX_BYTES": 0}),
+    "scratch-not-kept": (1, {"inference.SCRATCH_KEEP_MAX_BYTES": 0}),
     "loop-threads": (2, {"launch.PARALLEL_MIN_BATCH": 1, "launch.PARALLEL_MIN_WORK": 0}),
     "no-blas": (1, {"matmul.USE_BLAS": False}),
 }
@@ -227,9 +228,10 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
                                   ("rnn_relu", 2, True, False, (6, 2, 5), True)],
                          ids=lambda c: "-".join(map(str, c)))
 def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
-    """Each way the numba lean path can run a layer (one compiled call, its loop's BLAS calls on
-    a thread-local count, its buffers apart, the loop on several threads, no BLAS) is bitwise
-    the full path under the same settings, and close to torch.nn."""
+    """Each way the numba lean path can run (one thread; its loop's BLAS calls on a thread-local
+    count; states and output in two allocations; scratch not kept; the loop on several threads;
+    no BLAS) is bitwise the full path under the same settings, twice (the second call on the
+    first's scratch where it is kept), and close to torch.nn."""
     from fastrnn.kernels.numba_cpu import inference as lean, launch, matmul
     threads, settings = ROUTES[route]
     if launch._CPUS < threads:
@@ -249,18 +251,19 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = run(mod, *args)
+        got, again = run(mod, *args), run(mod, *args)
         call = next(iter(mod_stack(mod).calls.values()))
-        assert call.layout.one_call == (route != "loop-threads")
-        assert (call.layout.sizes[1] == 0) == (route != "three-buffers")
-        assert all(bool(a.gemm) == (route != "no-blas") for a in call.args)
-        if route == "one-call-blas-threads-local":
-            assert all(a.blas_threads == 1 for a in call.args)
+        plans = call.layout.plans
+        assert call.layout.one_buffer == (route != "outputs-apart")
+        assert len(call.free) == (route != "scratch-not-kept")
+        assert all(p.nthreads == (2 if route == "loop-threads" else 1) for p in plans)
+        assert all(p.blas_threads == (threads == 2) for p in plans)  # never 2 x 2 threads
         expected = full_path(mod, *args)
     finally:
         torch.set_num_threads(previous)
-    assert len(lean_calls) == 1
+    assert len(lean_calls) == 2
     assert_bitwise(got, expected)
+    assert_bitwise(again, expected)
     for g, e in zip(flatten(got), flatten(ref(*args)), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 

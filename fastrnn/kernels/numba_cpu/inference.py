@@ -1,11 +1,9 @@
 """The numba backend's lean inference path (:mod:`fastrnn.inference`): a whole stack of layers over
 a dense input, no autograd, on weights prepared once per weight version (:func:`prepare_stack`),
-with a layout of its buffers and a thread plan made once per shape (:func:`_call`). Where each
-layer's loop runs on one thread (every call below ``launch.PARALLEL_MIN_BATCH`` rows), a layer and
-direction is one compiled call (:func:`.loops._forward_layer`: states, input projection through
-torch's own gemm call, time loop, on regions of one buffer); else torch projects and the loop runs
-on the plan's threads. Either way the same loop and input projection as
-:func:`.launch.recurrence_forward`: bitwise the same results as the full path."""
+with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`).
+Per layer and direction: one small compiled call for the states and the input projection
+(:func:`.loops._layer_start`, through the very gemm call torch.mm makes), then the same compiled
+loop, on the same plan, as :func:`.launch.recurrence_forward`: bitwise the full path's results."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,7 +13,7 @@ import torch
 
 from fastrnn import cells
 from fastrnn.kernels.numba_cpu import buffers, launch, matmul
-from fastrnn.kernels.numba_cpu.loops import CODES, _forward_layer, _forward_thread
+from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
 
 class _Stack:
@@ -37,25 +35,26 @@ def prepare_stack(cell, weights):
                          for w_ih, w_hh, b_hn, w_hr, bias, w_cell in weights])
 
 
-# Up to this many bytes a call's states, output and scratch are one allocation (a kept state then
-# keeps at most this much alive); above it, three.
+# Up to this many bytes a call's states and output are one allocation (a kept state then keeps at
+# most this much alive); above it, two.
 GROUP_MAX_BYTES = 64 << 10
-_ALIGN = 16  # elements: 64 bytes of float32 (regions of the scratch start at such offsets)
+# Scratch up to this many bytes is kept for the next call of its shape.
+SCRATCH_KEEP_MAX_BYTES = 1 << 20
 
 
 class _Layout(NamedTuple):
-    """Where a call's arrays live (:func:`_layout`): ``sizes`` elements of the (states, output,
-    scratch) buffers, (total, 0, 0) when they are one buffer; ``at`` (L*D, 6, 3) int64, per layer
-    and direction the (offset, rows, cols) of h, c in the states buffer (together h_n then c_n), y
-    in the output buffer (the last layer's) or in the scratch (the others'), then acc, m and xg in
-    the scratch; ``plans`` per direction; ``one_call``: each layer and direction is one compiled
-    call (every plan one loop thread)."""
+    """A call's buffers and plans (:func:`_layout`): ``states`` (L*D*B*P + L*D*B*H elements:
+    h_n then c_n), ``y_size`` (the last layer's y per direction: (T*B, P) rows, padded to 64
+    bytes), ``one_buffer`` (states and y in one allocation), ``scratch`` the shapes of the gate
+    rows, m, xg and the y of each layer but the last, ``keep_scratch`` whether it is kept for the
+    next call; ``plans`` per direction."""
 
-    sizes: tuple
-    at: np.ndarray
-    states: np.ndarray  # (2, 3): h_n's and c_n's (offset, rows, cols) ((0, 0): none)
+    states: int
+    y_size: int
+    one_buffer: bool
+    scratch: list
+    keep_scratch: bool
     plans: tuple
-    one_call: bool
 
 
 _LAYOUTS = {}
@@ -66,86 +65,40 @@ def _settings():
     (tests move them)."""
     return (torch.get_num_threads(), matmul.USE_BLAS, launch.PARALLEL_MIN_BATCH,
             launch.PARALLEL_MIN_WORK, launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES,
-            launch.BLAS_PARALLEL_MIN_STEP_WORK, GROUP_MAX_BYTES)
+            launch.BLAS_PARALLEL_MIN_STEP_WORK, GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
 
 
 def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
     """The :class:`_Layout` of a call, made once per shape and thread setting."""
-    width = spec.gates * hidden
     key = (spec.name, proj, hidden, steps, batch, num_layers, directions, itemsize, *_settings())
     layout = _LAYOUTS.get(key)
-    if layout is not None:
-        return layout
-    stack, n_rows = num_layers * directions, steps * batch
-    plans = tuple(launch._schedule(np.full(steps, batch, np.int64), reverse, batch, width * proj,
-                                   itemsize) for reverse in (False, True)[:directions])
-    h_size, c_size = batch * proj, batch * hidden if spec.has_c else 0
-    scratch = [(0, 0) if spec.gates_in_y else (batch, spec.row_blocks * hidden),
-               (batch, hidden) if proj != hidden else (0, 0), (n_rows, width)]
-    ends = np.cumsum([-(-rows * cols // _ALIGN) * _ALIGN for rows, cols in scratch])
-    y_size = -(-n_rows * proj // _ALIGN) * _ALIGN
-    at = np.zeros((stack, 6, 3), np.int64)
-    for k in range(stack):
-        last = k >= stack - directions
-        at[k, :3] = ((k * h_size, batch, proj),
-                     (stack * h_size + k * c_size, c_size and batch, c_size and hidden),
-                     ((k - stack + directions) * y_size if last else ends[-1] + k * y_size,
-                      n_rows, proj))
-        at[k, 3:] = [(end - size, rows, cols) for end, size, (rows, cols) in
-                     zip(ends, np.diff(ends, prepend=0), scratch)]
-    sizes = (stack * (h_size + c_size), directions * y_size,
-             ends[-1] + (stack - directions) * y_size)
-    if sum(sizes) * itemsize <= GROUP_MAX_BYTES:  # one buffer: states, then output, then scratch
-        sizes = ((sizes[0] + _ALIGN - 1) // _ALIGN * _ALIGN, sizes[1], sizes[2])
-        last = np.arange(stack) >= stack - directions
-        at[:, 2, 0] += np.where(last, sizes[0], sizes[0] + sizes[1])
-        at[:, 3:, 0] += sizes[0] + sizes[1]
-        sizes = (sum(sizes), 0, 0)
-    if len(_LAYOUTS) >= 256:
-        _LAYOUTS.clear()
-    states = np.array([(0, stack * batch, proj),
-                       (stack * h_size, c_size and stack * batch, c_size and hidden)],
-                      np.int64)
-    layout = _LAYOUTS[key] = _Layout(
-        tuple(int(size) for size in sizes), at, states, plans,
-        all(plan.nthreads == 1 for plan in plans))
+    if layout is None:
+        stack, n_rows, width = num_layers * directions, steps * batch, spec.gates * hidden
+        states = stack * batch * (proj + (hidden if spec.has_c else 0))
+        y_size = -(-n_rows * proj * itemsize // 64) * 64 // itemsize
+        scratch = [(0, 0) if spec.gates_in_y else (batch, spec.row_blocks * hidden),
+                   (batch, hidden) if proj != hidden else (0, 0), (n_rows, width)]
+        plans = tuple(launch._schedule(np.full(steps, batch, np.int64), reverse, batch,
+                                       width * proj, itemsize)
+                      for reverse in (False, True)[:directions])
+        scratch += [(n_rows, proj)] * (stack - directions)
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.clear()
+        layout = _LAYOUTS[key] = _Layout(
+            states, y_size, (states + directions * y_size) * itemsize <= GROUP_MAX_BYTES, scratch,
+            sum(rows * cols for rows, cols in scratch) * itemsize <= SCRATCH_KEEP_MAX_BYTES, plans)
     return layout
 
 
-def _region(buffer, at):
-    """The (rows, cols) view of flat ``buffer`` at ``at`` = (offset, rows, cols)."""
-    offset, rows, cols = at
-    return buffer[offset:offset + rows * cols].reshape(rows, cols)
-
-
-class _LayerArgs(NamedTuple):
-    """The arguments of :func:`.loops._forward_layer` after the per-call ones, as named there."""
-
-    gemm: int
-    set_threads: int
-    blas_threads: int
-    group: int
-    code: object
-    packed: bool
-    has_proj: bool
-    w_ih: np.ndarray
-    bias: np.ndarray
-    b_hn: np.ndarray
-    w_cell: np.ndarray
-    w_t: np.ndarray
-    wr_t: np.ndarray
-    at: np.ndarray
-    order: np.ndarray
-    offsets: np.ndarray
-    sizes: np.ndarray
-
-
 class _Call(NamedTuple):
-    """A stack's call of one shape: its :class:`_Layout` and, per layer and direction, the
-    arguments of :func:`.loops._forward_layer` after the per-call ones."""
+    """A stack's calls of one shape: the :class:`_Layout`, per layer and direction the arguments
+    of :func:`.loops._forward_thread` that do not change between calls (``args``), and the free
+    scratch groups (``free``: taken and given back by each call; two threads calling at once
+    take two)."""
 
     layout: _Layout
     args: list
+    free: list
 
 
 def _call(stack, steps, batch, num_layers, directions, dtype):
@@ -157,17 +110,12 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         proj, width = stack.layers[0][1].w_t.shape
         hidden = width // spec.gates
         layout = _layout(spec, proj, hidden, steps, batch, num_layers, directions, dtype.itemsize)
-        gemm = matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
-        args = []
-        for k, (w_ih, prepared) in enumerate(stack.layers):
-            plan = layout.plans[k % directions]
-            args.append(_LayerArgs(
-                gemm, matmul.MKL_SET_THREADS_LOCAL_ADDRESS, plan.blas_threads, plan.group,
-                CODES[stack.cell], spec.gates_in_y, proj != hidden, w_ih, *prepared, layout.at[k],
-                *plan[:3]))
+        args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
+                 prepared.w_cell, prepared.w_t, prepared.wr_t, proj != hidden)
+                for _, prepared in stack.layers]
         if len(stack.calls) >= 64:
             stack.calls.clear()
-        call = stack.calls[key] = _Call(layout, args)
+        call = stack.calls[key] = _Call(layout, args, [])
     return call
 
 
@@ -175,34 +123,48 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     """The forward of :func:`prepare_stack`'s ``stack``. x (T*B, I) C-contiguous numpy; h0 (L*D,
     B, P), c0 (L*D, B, H) numpy (None: zeros; c0 None also for cells without a cell state).
     Returns numpy ``(y (T*B, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None)``."""
-    dtype = x.dtype
-    layout, args = _call(stack, steps, batch, num_layers, directions, dtype)
-    states, ys, work = [buffers.alloc((size,), dtype) if size else None for size in layout.sizes]
-    if ys is None:
-        ys = work = states
+    dtype, layers = x.dtype, num_layers * directions
+    layout, args, free = _call(stack, steps, batch, num_layers, directions, dtype)
+    gemm = matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
+    n_rows, proj = steps * batch, stack.layers[0][1].w_t.shape[0]
+    if layout.one_buffer:
+        ys = states = buffers.alloc((layout.states + directions * layout.y_size,), dtype)
+        start = layout.states
+    else:
+        states = buffers.alloc((layout.states,), dtype)
+        ys, start = buffers.alloc((directions * layout.y_size,), dtype), 0
+    h_n = states[:layers * batch * proj].reshape(layers, batch, proj)
+    c_n = (states[h_n.size:layout.states].reshape(layers, batch, -1)
+           if layout.states > h_n.size else None)
+    try:
+        scratch = free.pop()
+    except IndexError:
+        scratch = buffers.alloc_group(layout.scratch, dtype)
+    acc, m, xg, *inner = scratch
     empty = buffers._empty((0, 0), dtype)
     layer_input = x
     for layer in range(num_layers):
-        outputs, out = [], ys if layer == num_layers - 1 else work  # where this layer's y is
-        for k in range(layer * directions, (layer + 1) * directions):
-            state = (empty if h0 is None else h0[k], empty if c0 is None else c0[k])
-            a = args[k]
-            if not (a.gemm and layout.one_call):  # torch projects
-                torch.mm(torch.from_numpy(layer_input), torch.from_numpy(a.w_ih).t(),
-                         out=torch.from_numpy(_region(work, a.at[5])))
-            if layout.one_call:
-                _forward_layer(layer_input if a.gemm else empty, *state, states, out, work, *a)
-            else:  # the plan's threads
-                h, c, y = (_region(buffer, at) for buffer, at in zip((states, states, out), a.at))
-                h[...] = state[0] if h0 is not None else 0
-                c[...] = state[1] if c0 is not None else 0
-                launch._run(_forward_thread, layout.plans[k % directions], a.gemm, a.code,
-                            a.packed, _region(work, a.at[5]), a.bias, a.b_hn, a.w_cell, h, c,
-                            a.w_t, a.wr_t, a.has_proj, y, y if a.packed else empty, empty,
-                            _region(work, a.at[3]), _region(work, a.at[4]), a.order, a.offsets,
-                            a.sizes)
-            outputs.append(_region(out, a.at[2]))
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            code, packed, bias, b_hn, w_cell, w_t, wr_t, has_proj = args[k]
+            w_ih = stack.layers[k][0]
+            if layer < num_layers - 1:
+                y = inner[k]
+            else:
+                offset = start + direction * layout.y_size
+                y = ys[offset:offset + n_rows * proj].reshape(n_rows, proj)
+            h, c = h_n[k], empty if c_n is None else c_n[k]
+            if not gemm:  # no BLAS: torch projects
+                torch.mm(torch.from_numpy(layer_input), torch.from_numpy(w_ih).t(),
+                         out=torch.from_numpy(xg))
+            _layer_start(gemm, layer_input if gemm else empty, w_ih, xg,
+                         empty if h0 is None else h0[k], empty if c0 is None else c0[k], h, c)
+            launch._run(_forward_thread, layout.plans[direction], gemm, code, packed, xg, bias,
+                        b_hn, w_cell, h, c, w_t, wr_t, has_proj, y, y if packed else empty,
+                        empty, acc, m, *layout.plans[direction][:3])
+            outputs.append(y)
         layer_input = np.concatenate(outputs, 1) if directions == 2 else outputs[0]
-    h_n, c_n = (_region(states, at).reshape(num_layers * directions, batch, -1)
-                if at[1] else None for at in layout.states)
+    if layout.keep_scratch:
+        free.append(scratch)
     return layer_input, h_n, c_n

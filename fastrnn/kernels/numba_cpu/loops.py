@@ -189,28 +189,12 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_
                         h[b, k] = y[off + b, k]
 
 
-@njit(inline="always", **_JIT)  # inlined: without NRT a call cannot return an array
-def _region(buffer, at, i):
-    """Region ``i`` of a flat ``buffer``: ``at[i]`` = (offset, rows, cols), a (rows, cols) view."""
-    return buffer[at[i, 0]:at[i, 0] + at[i, 1] * at[i, 2]].reshape((at[i, 1], at[i, 2]))
-
-
 @njit(**_JIT)
-def _forward_layer(x, h0, c0, states, ys, work, gemm, set_threads, blas_threads, group, code,
-                   packed, has_proj, w_ih, bias, b_hn, w_cell, w_t, wr_t, at, order, offsets,
-                   sizes):
-    """A whole layer and direction on one thread in one call (the lean inference path), its
-    arrays carved from flat buffers: ``at`` (6, 3) int64, the (offset, rows, cols) of h (B, P) and
-    c (B, H) or (0, 0) in ``states``, y (N, P) in ``ys``, the gate rows ``acc`` (B, ·) or (0, 0),
-    m (B, H) or (0, 0) and xg (N, G*H) in ``work`` (they may all be one buffer). h and c are set
-    from h0 and c0 ((0, 0): zeros), xg = x @ w_ih^T (x (N, I), w_ih (G*H, I)) through the BLAS
-    ``gemm`` (torch.mm's own call: bitwise the same xg), then :func:`_forward_thread` (arguments
-    as there; ``packed``: the gate rows are y's, the RNNs). With ``gemm`` 0 (no BLAS) x is (0, 0)
-    and xg holds the projection. The projection runs on MKL's global threads (as torch's), the
-    loop's gemm calls on ``blas_threads`` (0: the same), set through MKL's thread-local setting
-    at address ``set_threads``."""
-    h, c, y = _region(states, at, 0), _region(states, at, 1), _region(ys, at, 2)
-    acc, m, xg = _region(work, at, 3), _region(work, at, 4), _region(work, at, 5)
+def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
+    """What a layer's forward loop needs first, in one small compiled call (the lean inference
+    path; the loop itself stays the one :func:`_forward_thread`): h (B, P) and c (B, H) or (0, 0)
+    set from h0 and c0 ((0, 0): zeros) and, where x has rows, xg = x @ w_ih^T (x (N, I), w_ih
+    (G*H, I)) through the BLAS ``gemm``: the very call torch.mm makes, so bitwise its xg."""
     for b in range(h.shape[0]):
         for k in range(h.shape[1]):
             h[b, k] = h0[b, k] if h0.shape[0] else 0
@@ -218,13 +202,6 @@ def _forward_layer(x, h0, c0, states, ys, work, gemm, set_threads, blas_threads,
             c[b, u] = c0[b, u] if c0.shape[0] else 0
     if x.shape[0]:
         matmul._gemm_nt(gemm, xg, x, w_ih)
-    empty = work[:0].reshape((0, 0))
-    local = gemm != 0 and blas_threads != 0 and set_threads != 0
-    previous = matmul._set_threads_local(set_threads, blas_threads) if local else 0
-    _forward_thread(0, 1, group, gemm, code, packed, xg, bias, b_hn, w_cell, h, c, w_t, wr_t,
-                    has_proj, y, y if packed else empty, empty, acc, m, order, offsets, sizes)
-    if local:
-        matmul._set_threads_local(set_threads, previous)
 
 
 @njit(**_JIT)
@@ -268,7 +245,7 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
 # loop.
 _INLINED = tuple(str(cells.MODULES[name].__file__) for name in CODES) + tuple(
     str(module.__file__) for module in (activations, matmul, scalar))
-for _loop in (_forward_thread, _forward_layer, _backward_thread):
+for _loop in (_forward_thread, _layer_start, _backward_thread):
     _loop._cache = jit.KeyedCache(_loop.py_func, _INLINED)
 
 

@@ -38,13 +38,10 @@ def _find_blas():
 
     def set_threads_local(count):
         return set_threads(ctypes.byref(ctypes.c_int(count)))
-    set_threads_local.address = ctypes.cast(set_threads, ctypes.c_void_p).value
     return addresses, set_threads_local
 
 
 _GEMM, _MKL_SET_THREADS_LOCAL = _find_blas()
-# Its address, for compiled code (:func:`_set_threads_local`); 0 where there is none.
-MKL_SET_THREADS_LOCAL_ADDRESS = getattr(_MKL_SET_THREADS_LOCAL, "address", 0)
 
 
 def _find_omatcopy():
@@ -90,18 +87,6 @@ def _call_gemm(typingctx, fn, transa, transb, m, n, k, alpha, a, lda, b, ldb, be
 
 
 @intrinsic
-def _call_int_ref(typingctx, fn, ref):
-    """``fn(ref)`` for the C function at address ``fn`` taking an int pointer (``ref``, an int64
-    address) and returning an int."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(i32, [i32.as_pointer()])
-        callee = builder.inttoptr(args[0], fnty.as_pointer())
-        return builder.call(callee, [builder.inttoptr(args[1], i32.as_pointer())])
-    return types.int32(types.int64, types.int64), codegen
-
-
-@intrinsic
 def _on_stack(typingctx, value, dtype):
     """The address (int64) of a slot on the calling function's stack holding ``value`` as
     ``dtype``: a by-reference scalar argument without a heap allocation."""
@@ -129,13 +114,6 @@ def _gemm_rows(gemm, acc, ai, a, bi, nrows, w, overwrite):
                _on_stack(a.shape[1], np.int32), _on_stack(0 if overwrite else 1, w.dtype),
                np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
                _on_stack(acc.shape[1], np.int32))
-
-
-@njit(**_JIT)
-def _set_threads_local(address, count):
-    """MKL's ``mkl_set_num_threads_local(count)`` at ``address`` (0 for MKL's global setting):
-    the threads of this thread's following BLAS calls; returns the previous setting."""
-    return _call_int_ref(address, _on_stack(count, np.int32))
 
 
 @njit(**_JIT)
