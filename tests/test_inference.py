@@ -268,6 +268,20 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
+def test_kept_calls_and_scratch_are_bounded():
+    """A module called on many shapes keeps at most CALLS_KEPT of them, each with at most
+    SCRATCH_KEEP_MAX_BYTES of scratch."""
+    from fastrnn.kernels.numba_cpu import inference as lean
+    mod = fastrnn.GRU(5, 8, backend="numba")
+    for steps in range(1, lean.CALLS_KEPT + 5):
+        run(mod, torch.randn(steps, 2, 5))
+    calls = mod_stack(mod).calls.values()
+    assert 0 < len(calls) <= lean.CALLS_KEPT
+    for call in calls:
+        kept = sum(a.nbytes for group in call.free for a in group)
+        assert kept <= lean.SCRATCH_KEEP_MAX_BYTES + 64 * len(call.layout.scratch)
+
+
 def mod_stack(mod):
     """The numba lean path's prepared stack of ``mod``."""
     return inference._PREPARED[id(mod)].layers

@@ -38,8 +38,10 @@ def prepare_stack(cell, weights):
 # Up to this many bytes a call's states and output are one allocation (a kept state then keeps at
 # most this much alive); above it, two.
 GROUP_MAX_BYTES = 64 << 10
-# Scratch up to this many bytes is kept for the next call of its shape.
-SCRATCH_KEEP_MAX_BYTES = 1 << 20
+# Scratch up to this many bytes is kept for the next call of its shape, for up to CALLS_KEPT
+# shapes per module (at most 4 MiB a module).
+SCRATCH_KEEP_MAX_BYTES = 256 << 10
+CALLS_KEPT = 16
 
 
 class _Layout(NamedTuple):
@@ -113,7 +115,7 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
                  prepared.w_cell, prepared.w_t, prepared.wr_t, proj != hidden)
                 for _, prepared in stack.layers]
-        if len(stack.calls) >= 64:
+        if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
         call = stack.calls[key] = _Call(layout, args, [])
     return call
