@@ -17,6 +17,10 @@ A case is ``cell:T:B:H`` (input size = H). Each part is timed on its own, the me
 
 GFLOP/s columns count the multiply-adds of the GEMMs (2 flops each) over the whole call.
 Prints a Markdown table and writes it to ``--out`` (default bench/results/cpu-profile.md).
+
+``--matmul`` instead times one step's recurrent matmul (B x P) @ (P x G*H) through the BLAS gemm
+call and through the Numba micro-kernel for each case's B and H, and names the one the loops pick
+(``launch.MICROKERNEL_MAX_ROWS``): the crossover on this CPU.
 """
 import argparse
 import pathlib
@@ -77,7 +81,6 @@ def profile(cell, steps, batch, hidden, repeats):
     c0 = torch.zeros(batch, hidden) if cell == "lstm" else None
     sizes = torch.full((steps,), batch, dtype=torch.int64)
     plan = launch._schedule(sizes, False, batch, gates * hidden * hidden, 4)
-    gemm = matmul._gemm_address(torch.float32)
     h_a = buffers.owned(torch.randn(batch, hidden))  # aligned, as the kernel's
     w_t = buffers.transposed(w_hh)
     acc = buffers.alloc((batch, gates * hidden), np.float32)
@@ -128,8 +131,8 @@ def profile(cell, steps, batch, hidden, repeats):
         t["numba train"] = _median(lambda: training(mod), repeats)
     t["gemm inf"] = _median(lambda: gemms(False), repeats)
     t["gemm train"] = _median(lambda: gemms(True), repeats)
-    t["rec"] = _median(lambda: launch._run_one(lambda *a: _gemm_loop(gemm, steps, h_a, w_t, acc), 0,
-                                          plan, gemm, ()), repeats)
+    t["rec"] = _median(lambda: launch._run_one(lambda *a: _gemm_loop(plan.gemm, steps, h_a, w_t,
+                                                                    acc), 0, plan, ()), repeats)
     t["loops inf"] = loops(lambda: kernel_forward(False))
     t["loops train"] = loops(lambda: kernel_forward(True)) + loops(kernel_backward)
     macs = steps * batch * gates * hidden * hidden
@@ -144,16 +147,47 @@ def profile(cell, steps, batch, hidden, repeats):
     return out
 
 
+def matmul_step(cell, batch, hidden, repeats, steps=200):
+    """Seconds per step of the recurrent matmul through (BLAS gemm, micro-kernel), and the plan's
+    choice (True: micro-kernel), at the current thread count."""
+    row_work = GATES[CLASSES[cell][2]] * hidden * hidden
+    plan = launch._schedule(torch.full((steps,), batch, dtype=torch.int64), False, batch,
+                            row_work, 4)
+    h = buffers.owned(torch.randn(batch, hidden))
+    w_t = buffers.transposed(torch.randn(row_work // hidden, hidden))
+    acc = buffers.alloc((batch, row_work // hidden), np.float32)
+    gemm = matmul._gemm_address(torch.float32)
+    times = {}
+    for _ in range(3):  # interleaved
+        for address in (gemm, 0):
+            times.setdefault(address, []).append(_median(
+                lambda: _gemm_loop(address, steps, h, w_t, acc), repeats))
+    blas, micro = (statistics.median(times[a]) / steps for a in (gemm, 0))
+    return blas, micro, plan.gemm == 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    parser.add_argument("--matmul", action="store_true",
+                        help="time one step's matmul, BLAS vs micro-kernel, per case's B and H")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = machine_info("cpu")
     versions = info["versions"]
+    if args.matmul:
+        print(f"# {info['cpu_model']}, torch threads {args.threads}: one step's recurrent matmul, "
+              f"us (BLAS gemm call / micro-kernel)")
+        for spec in args.cases.split(","):
+            cell, _, batch, hidden = spec.split(":")
+            blas, micro, picked = matmul_step(cell, int(batch), int(hidden), args.repeats)
+            print(f"{cell} B={batch} H={hidden}: BLAS {blas * 1e6:.2f}  micro-kernel "
+                  f"{micro * 1e6:.2f}  BLAS/micro {blas / micro:.2f}  loops use "
+                  f"{'micro-kernel' if picked else 'BLAS'}", flush=True)
+        return
     lines = [
         "# Where the numba backend's time goes (CPU, single-layer modules, input size = H)", "",
         f"- machine: {info['cpu_model']}, {info['cpu_count']} cores, torch threads {args.threads}; "

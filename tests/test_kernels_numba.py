@@ -78,10 +78,12 @@ def threading(request, monkeypatch):
 
 @pytest.fixture(params=["blas", "microkernel"])
 def matmul(request, monkeypatch):
-    """The recurrent matmul through BLAS gemm (where torch exports it) or the Numba micro-kernel."""
+    """The recurrent matmul through BLAS gemm (where torch exports it, at every batch size) or the
+    Numba micro-kernel."""
     if request.param == "blas" and not numba_matmul.USE_BLAS:
         pytest.skip("torch exports no BLAS gemm here")
     monkeypatch.setattr(numba_matmul, "USE_BLAS", request.param == "blas")
+    monkeypatch.setattr(launch, "MICROKERNEL_MAX_ROWS", 0)
     return request.param
 
 
@@ -220,8 +222,10 @@ def test_transposed_weights(dtype, with_mkl, monkeypatch, generator):
 
 
 def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
-    """The attribute set by ``_prefer_wide_vectors`` reaches LLVM: a loop using it is vectorized
-    with zmm registers (AVX-512 CPUs newer than Cooper Lake), one without it with ymm only."""
+    """The attribute set by ``_prefer_wide_vectors`` reaches LLVM: a loop using it carries it and is
+    vectorized with zmm registers (AVX-512 CPUs newer than Cooper Lake); one without it does not
+    carry it and gets LLVM's default width for the CPU: ymm only on Intel's AVX-512 cores, zmm on
+    AMD Zen 4 (znver4), so its width is checked only where the default is 256 bits."""
     import llvmlite.binding as llvm
     from numba import njit
     if not jit.WIDE_VECTORS or not llvm.get_host_cpu_features().get("avx512f"):
@@ -239,7 +243,10 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
     for loop, expected in ((wide, True), (narrow, False)):
         fn = njit(fastmath=jit._FASTMATH, error_model="numpy")(loop)
         fn(np.ones(64, np.float32))
-        assert ("zmm" in fn.inspect_asm(fn.signatures[0])) == expected, loop.__name__
+        sig = fn.signatures[0]
+        assert ('"prefer-vector-width"="512"' in fn.inspect_llvm(sig)) == expected, loop.__name__
+        if expected or not llvm.get_host_cpu_name().startswith("znver"):
+            assert ("zmm" in fn.inspect_asm(sig)) == expected, loop.__name__
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -447,3 +454,32 @@ def test_thread_plan_follows_the_thresholds_after_a_cached_call(monkeypatch):
     monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
     assert launch._schedule(sizes, False, 8, 4 * 16 * 16, 4).nthreads == 2
+
+
+@pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_step_matmul_choice(threads, monkeypatch):
+    """The micro-kernel runs a step's matmul where a loop thread has few rows and the gemm call
+    would run on one thread; BLAS elsewhere, and where its call runs on several threads."""
+    if threads > launch._CPUS:
+        pytest.skip(f"needs {threads} CPUs")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    most = launch.MICROKERNEL_MAX_ROWS
+    gemm = numba_matmul._gemm_address(torch.float32)
+
+    def plan(batch, hidden, itemsize=4):
+        sizes = torch.full((50,), batch, dtype=torch.int64)
+        return launch._schedule(sizes, False, batch, 4 * hidden * hidden, itemsize)
+
+    assert plan(1, 64).gemm == 0 and plan(most, 64).gemm == 0
+    assert plan(most, 64, 8).gemm == 0
+    assert plan(most + 1, 64).gemm == gemm != 0
+    assert plan(64, 64).gemm == gemm
+    big = plan(1, 512)  # 4 MiB of weights: the gemm call runs on torch's threads
+    assert (big.blas_threads, big.gemm) == ((0, gemm) if threads == 2 else (0, 0))
+    monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
+    monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
+    split = plan(2 * most, 64)  # loop threads of `most` rows each (one with threads=1)
+    assert split.gemm == (0 if threads == 2 else gemm)
+    monkeypatch.setattr(numba_matmul, "USE_BLAS", False)
+    assert plan(64, 64).gemm == 0

@@ -67,7 +67,8 @@ def _settings():
     (tests move them)."""
     return (torch.get_num_threads(), matmul.USE_BLAS, launch.PARALLEL_MIN_BATCH,
             launch.PARALLEL_MIN_WORK, launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES,
-            launch.BLAS_PARALLEL_MIN_STEP_WORK, GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
+            launch.BLAS_PARALLEL_MIN_STEP_WORK, launch.MICROKERNEL_MAX_ROWS, GROUP_MAX_BYTES,
+            SCRATCH_KEEP_MAX_BYTES)
 
 
 def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
@@ -162,7 +163,7 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                          out=torch.from_numpy(xg))
             _layer_start(gemm, layer_input if gemm else empty, w_ih, xg,
                          empty if h0 is None else h0[k], empty if c0 is None else c0[k], h, c)
-            launch._run(_forward_thread, layout.plans[direction], gemm, code, packed, xg, bias,
+            launch._run(_forward_thread, layout.plans[direction], code, packed, xg, bias,
                         b_hn, w_cell, h, c, w_t, wr_t, has_proj, y, y if packed else empty,
                         empty, acc, m, *layout.plans[direction][:3])
             outputs.append(y)

@@ -33,6 +33,12 @@ PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
+# The recurrent matmul of a step runs in the Numba micro-kernel instead of one BLAS gemm call when
+# a loop thread has at most MICROKERNEL_MAX_ROWS rows and the call would run on one thread: MKL's
+# gemm call per step loses to it there (AMD EPYC Zen 4, 1 thread, LSTM T=50/200: B=1 1.04-1.42x
+# faster inference, 1.03-1.25x training; B=4 training 1.03-1.26x; B=8 0.96-1.12x; B=16 0.93-1.03x,
+# B=64 0.68-0.91x). bench/numba_profile.py --matmul measures the crossover on another CPU.
+MICROKERNEL_MAX_ROWS = 8
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 
@@ -46,7 +52,8 @@ _CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 class _Plan(NamedTuple):
     """How one call runs: the steps (``order``, ``offsets``, ``sizes``: int64 (T,)) and the threads
     (``nthreads`` loop threads splitting the rows in groups of ``group``; ``blas_threads`` threads
-    for each BLAS call, 0 for MKL's global setting, which is torch's thread count)."""
+    for each BLAS call, 0 for MKL's global setting, which is torch's thread count) and the step
+    matmul (``gemm``: address of the BLAS gemm it calls, 0 for the Numba micro-kernel)."""
 
     order: np.ndarray
     offsets: np.ndarray
@@ -55,9 +62,10 @@ class _Plan(NamedTuple):
     group: int
     blas_threads: int
     rows: int  # N = sum(sizes), rows of the packed layout
+    gemm: int
 
 
-def _run(loop, plan, gemm, *args):
+def _run(loop, plan, *args):
     """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
     on the calling thread, the others on a persistent pool of Python threads (the loops are
     compiled ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no
@@ -66,21 +74,22 @@ def _run(loop, plan, gemm, *args):
     global _POOL
     nthreads = plan.nthreads
     if nthreads == 1:
-        _run_one(loop, 0, plan, gemm, args)
+        _run_one(loop, 0, plan, args)
         return
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < nthreads - 1:
             _POOL = ThreadPoolExecutor(max_workers=nthreads - 1, thread_name_prefix="fastrnn-numba")
         pool = _POOL
-    futures = [pool.submit(_run_one, loop, tid, plan, gemm, args) for tid in range(1, nthreads)]
+    futures = [pool.submit(_run_one, loop, tid, plan, args) for tid in range(1, nthreads)]
     try:
-        _run_one(loop, 0, plan, gemm, args)
+        _run_one(loop, 0, plan, args)
     finally:
         for future in futures:
             future.result()
 
 
-def _run_one(loop, tid, plan, gemm, args):
+def _run_one(loop, tid, plan, args):
+    gemm = plan.gemm
     if gemm and plan.blas_threads and matmul._MKL_SET_THREADS_LOCAL is not None:
         previous = matmul._MKL_SET_THREADS_LOCAL(plan.blas_threads)
         try:
@@ -139,16 +148,21 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     order, offsets, sizes = _checked_steps(sizes, batch, reverse)
     threads = min(torch.get_num_threads(), _CPUS)
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
+    gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
     if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
-        group = (ROW_GROUP if batch >= ROW_GROUP * threads and not matmul.USE_BLAS
-                 else -(-batch // threads))
-        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows)
+        if -(-batch // threads) <= MICROKERNEL_MAX_ROWS:
+            gemm = 0
+        group = ROW_GROUP if batch >= ROW_GROUP * threads and not gemm else -(-batch // threads)
+        return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows,
+                     gemm)
     # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
     keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
                             or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
-    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows)
+    if batch <= MICROKERNEL_MAX_ROWS and (threads == 1 or not keep):
+        gemm = 0  # the gemm call would run on one thread: the micro-kernel is faster
+    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm)
 
 
 def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None, w_cell=None):
@@ -293,8 +307,7 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
     h[...] = 0 if h0 is None else h0
     if spec.has_c:
         c[...] = 0 if c0 is None else c0
-    gemm = matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
-    _run(_forward_thread, plan, gemm, CODES[cell], save or spec.gates_in_y,
+    _run(_forward_thread, plan, CODES[cell], save or spec.gates_in_y,
          xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.wr_t,
          has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
@@ -328,7 +341,6 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
         plan = make_plan(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)
         _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden)
     order, offsets, sizes = plan[:3]
-    gemm = matmul._gemm_address(grad_y.dtype)
     d_xg_t, d_xg = d_xg, d_xg.numpy()
     prev = np.empty(n_rows, np.int64)
     _previous_rows(order, offsets, sizes, prev)
@@ -349,7 +361,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     scratch_grad = spec.has_b_hn
     d_hn = buffers.alloc((n_rows, hidden), dtype) if scratch_grad else empty
     dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
-    _run(_backward_thread, plan, gemm, CODES[cell], gy, y_a, buffers.array(h0),
+    _run(_backward_thread, plan, CODES[cell], gy, y_a, buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
          kept.get("c", empty), w, wr, buffers.array(w_cell) if w_cell is not None else empty,
          has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
