@@ -47,11 +47,11 @@ CLASSES = {"rnn": (torch.nn.RNN, fastrnn.RNN, "rnn_tanh"), "lstm": (torch.nn.LST
 # Not disk-cached: this script is also loaded under another module name (the tests load it from its
 # file), and a cache entry written under one name fails to load under the other.
 @njit(**{**jit._JIT, "cache": False})
-def _gemm_loop(gemm, steps, h, w_t, acc):
+def _gemm_loop(gemm, steps, h, w_t, w_p, acc):
     """The forward kernel's per-step matmul ``acc = h @ w_t``, ``steps`` times, nothing else."""
     batch = h.shape[0]
     for _ in range(steps):
-        matmul._matmul_rows(acc, 0, h, 0, w_t, 0, 1, batch, batch, gemm, True)
+        matmul._matmul_rows(acc, 0, h, 0, w_t, w_p, 0, 1, batch, batch, gemm, True)
 
 
 def _median(fn, repeats):
@@ -83,6 +83,7 @@ def profile(cell, steps, batch, hidden, repeats):
     plan = launch._schedule(sizes, False, batch, gates * hidden * hidden, 4)
     h_a = buffers.owned(torch.randn(batch, hidden))  # aligned, as the kernel's
     w_t = buffers.transposed(w_hh)
+    w_p = matmul.panels(w_t, plan.gemm == 0)
     acc = buffers.alloc((batch, gates * hidden), np.float32)
 
     def kernel_forward(save):
@@ -132,7 +133,7 @@ def profile(cell, steps, batch, hidden, repeats):
     t["gemm inf"] = _median(lambda: gemms(False), repeats)
     t["gemm train"] = _median(lambda: gemms(True), repeats)
     t["rec"] = _median(lambda: launch._run_one(lambda *a: _gemm_loop(plan.gemm, steps, h_a, w_t,
-                                                                    acc), 0, plan, ()), repeats)
+                                                                    w_p, acc), 0, plan, ()), repeats)
     t["loops inf"] = loops(lambda: kernel_forward(False))
     t["loops train"] = loops(lambda: kernel_forward(True)) + loops(kernel_backward)
     macs = steps * batch * gates * hidden * hidden
@@ -155,13 +156,14 @@ def matmul_step(cell, batch, hidden, repeats, steps=200):
                             row_work, 4)
     h = buffers.owned(torch.randn(batch, hidden))
     w_t = buffers.transposed(torch.randn(row_work // hidden, hidden))
+    w_p = matmul.panels(w_t)
     acc = buffers.alloc((batch, row_work // hidden), np.float32)
     gemm = matmul._gemm_address(torch.float32)
     times = {}
     for _ in range(3):  # interleaved
         for address in (gemm, 0):
             times.setdefault(address, []).append(_median(
-                lambda: _gemm_loop(address, steps, h, w_t, acc), repeats))
+                lambda: _gemm_loop(address, steps, h, w_t, w_p, acc), repeats))
     blas, micro = (statistics.median(times[a]) / steps for a in (gemm, 0))
     return blas, micro, plan.gemm == 0
 

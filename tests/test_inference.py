@@ -214,13 +214,14 @@ def test_bad_input_raises_as_the_full_path(bad, lean_calls):
 
 ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, settings to patch)
     "one-thread": (1, {}),  # small batches: the step matmul in the micro-kernel
-    "one-thread-blas": (1, {"launch.MICROKERNEL_MAX_ROWS": 0}),
+    "one-thread-blas": (1, {"launch.MICROKERNEL_MAX_ROWS": 0, "launch.PANELS_MAX_ROWS": 0}),
     # 2 threads, small steps: the loop's gemm calls on 1
-    "blas-threads-local": (2, {"launch.MICROKERNEL_MAX_ROWS": 0}),
+    "blas-threads-local": (2, {"launch.MICROKERNEL_MAX_ROWS": 0, "launch.PANELS_MAX_ROWS": 0}),
     "outputs-apart": (1, {"inference.GROUP_MAX_BYTES": 0}),
     "scratch-not-kept": (1, {"inference.SCRATCH_KEEP_MAX_BYTES": 0}),
     "loop-threads": (2, {"launch.PARALLEL_MIN_BATCH": 1, "launch.PARALLEL_MIN_WORK": 0}),
     "no-blas": (1, {"matmul.USE_BLAS": False}),
+    "no-panels": (1, {"matmul.USE_PANELS": False}),  # the micro-kernel on unpacked weights
 }
 
 
@@ -260,7 +261,7 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         assert len(call.free) == (route != "scratch-not-kept")
         assert all(p.nthreads == (2 if route == "loop-threads" else 1) for p in plans)
         assert all(p.blas_threads == (threads == 2) for p in plans)  # never 2 x 2 threads
-        blas = matmul.USE_BLAS and settings.get("launch.MICROKERNEL_MAX_ROWS") == 0
+        blas = matmul.USE_BLAS and settings.get("launch.PANELS_MAX_ROWS") == 0
         assert all((p.gemm != 0) == blas for p in plans)
         expected = full_path(mod, *args)
     finally:

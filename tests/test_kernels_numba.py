@@ -76,14 +76,17 @@ def threading(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["blas", "microkernel"])
+@pytest.fixture(params=["blas", "microkernel", "panels"])
 def matmul(request, monkeypatch):
-    """The recurrent matmul through BLAS gemm (where torch exports it, at every batch size) or the
-    Numba micro-kernel."""
+    """The recurrent matmul through BLAS gemm (where torch exports it, at every batch size), the
+    Numba micro-kernel on unpacked weights, or its panel kernels (forced either way: which one a
+    CPU gets depends on its vectors; both run on any x86-64 CPU)."""
     if request.param == "blas" and not numba_matmul.USE_BLAS:
         pytest.skip("torch exports no BLAS gemm here")
     monkeypatch.setattr(numba_matmul, "USE_BLAS", request.param == "blas")
+    monkeypatch.setattr(numba_matmul, "USE_PANELS", request.param == "panels")
     monkeypatch.setattr(launch, "MICROKERNEL_MAX_ROWS", 0)
+    monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 0)
     return request.param
 
 
@@ -147,7 +150,7 @@ def assert_close(actual, expected, dtype, what):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_matches_reference(variant, dtype, packed, reverse, threading, matmul, generator):
     g = generator
-    cell, inputs, sizes = make_inputs(variant, dtype, steps=7, batch=9, hidden=12, packed=packed,
+    cell, inputs, sizes = make_inputs(variant, dtype, steps=7, batch=9, hidden=33, packed=packed,
                                       generator=g)
 
     # Forward kernel alone, against the reference forward.
@@ -253,7 +256,8 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
 def test_gradcheck_float64(variant, matmul, generator):
     g = generator
     for packed, reverse in ((False, False), (True, True)):
-        cell, inputs, sizes = make_inputs(variant, torch.float64, steps=4, batch=3, hidden=3,
+        # hidden=4, batch=5: an LSTM's 16 gate columns are one float64 panel, 5 rows = 4 + 1
+        cell, inputs, sizes = make_inputs(variant, torch.float64, steps=4, batch=5, hidden=4,
                                           packed=packed, generator=g, proj=2)
         present = [i for i, t in enumerate(inputs) if t is not None]
 
@@ -457,14 +461,19 @@ def test_thread_plan_follows_the_thresholds_after_a_cached_call(monkeypatch):
 
 
 @pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
+@pytest.mark.parametrize("panels", [True, False], ids=["panels", "no-panels"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_step_matmul_choice(threads, monkeypatch):
-    """The micro-kernel runs a step's matmul where a loop thread has few rows and the gemm call
-    would run on one thread; BLAS elsewhere, and where its call runs on several threads."""
+def test_step_matmul_choice(threads, panels, monkeypatch):
+    """The micro-kernels run a step's matmul where a loop thread has at most PANELS_MAX_ROWS rows
+    (panel kernels), or MICROKERNEL_MAX_ROWS without them where the gemm call would run on one
+    thread; BLAS elsewhere."""
     if threads > launch._CPUS:
         pytest.skip(f"needs {threads} CPUs")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    most = launch.MICROKERNEL_MAX_ROWS
+    monkeypatch.setattr(numba_matmul, "USE_PANELS", panels)
+    default = launch.PANELS_MAX_ROWS if panels else launch.MICROKERNEL_MAX_ROWS
+    most = 16 if panels else launch.MICROKERNEL_MAX_ROWS
+    monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 16)
     gemm = numba_matmul._gemm_address(torch.float32)
 
     def plan(batch, hidden, itemsize=4):
@@ -474,9 +483,11 @@ def test_step_matmul_choice(threads, monkeypatch):
     assert plan(1, 64).gemm == 0 and plan(most, 64).gemm == 0
     assert plan(most, 64, 8).gemm == 0
     assert plan(most + 1, 64).gemm == gemm != 0
-    assert plan(64, 64).gemm == gemm
     big = plan(1, 512)  # 4 MiB of weights: the gemm call runs on torch's threads
-    assert (big.blas_threads, big.gemm) == ((0, gemm) if threads == 2 else (0, 0))
+    assert (big.blas_threads, big.gemm) == (0, gemm if threads == 2 and not panels else 0)
+    monkeypatch.setattr(launch, "PANELS_MAX_ROWS", default)
+    assert plan(64, 64).gemm == (0 if panels else gemm)
+    monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 16)
     monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
     split = plan(2 * most, 64)  # loop threads of `most` rows each (one with threads=1)

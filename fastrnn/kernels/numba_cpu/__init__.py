@@ -17,9 +17,12 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
   is one call per thread and step of the Fortran BLAS ``sgemm_``/``dgemm_`` that torch exports
   (MKL on x86), called **from the compiled loop** through its address (no Python and no heap
   allocation per step; the address is a runtime argument, so the loops stay cacheable), with
-  MKL's thread-local thread count set per call so threads never multiply. Where torch exports no
-  BLAS, a Numba micro-kernel takes over: register-blocked (4 rows x 4 k per pass, vectorized over
-  the output columns), column-tiled so a weight tile stays in L2 across row groups.
+  MKL's thread-local thread count set per call so threads never multiply; or Numba micro-kernels
+  (``vectors.py``), where that call would run on one thread (every batch size with the panel
+  kernels, at most 8 rows a thread without: launch.py's thresholds, measured) or torch exports no
+  BLAS: on CPUs with 512-bit vectors, W packed in panels of 128 bytes of columns, a 4-row x
+  2-vector block of the product kept in registers for the whole sum; elsewhere register-blocked
+  loops LLVM vectorizes (4 rows x 4 k per pass), column-tiled so a weight tile stays in L2.
 * Gate math is fused after the matmul of each row group, as short loops that each write one
   array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there
   is no SVML) and saturate exactly where torch's do: float32 tanh Eigen's rational function,
@@ -30,11 +33,12 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
   once after the backward loop, as GEMMs over all steps (``torch.mm``), in a fixed order:
   deterministic, no atomics.
 
-Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vectorize), ``matmul.py``
-(the step matmul: BLAS from compiled code, micro-kernels), ``loops.py`` (one forward and one BPTT
-time loop, each inlining the cell's own step math from its file in ``fastrnn/cells/``),
-``buffers.py`` (aligned buffers, numpy views), ``launch.py`` (checks, thread plan: the contract's
-functions), ``inference.py`` (the lean inference path: a whole layer stack on prepared weights). Importing this package
+Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vectorize),
+``matmul.py`` (the step matmul: BLAS from compiled code, micro-kernels), ``vectors.py`` (its panel
+kernels), ``loops.py`` (one forward and one BPTT time loop, each inlining the cell's own step math
+from its file in ``fastrnn/cells/``), ``buffers.py`` (aligned buffers, numpy views),
+``launch.py`` (checks, thread plan: the contract's functions), ``inference.py`` (the lean
+inference path: a whole layer stack on prepared weights). Importing this package
 does not import Numba; :func:`load` does (the first kernel call, or ``auto`` choosing a backend).
 Compiled code is cached on disk where a directory is writable, and a cache problem is never an
 exception (``jit.py`` says where and how).

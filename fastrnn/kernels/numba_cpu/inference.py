@@ -67,7 +67,8 @@ def _settings():
     (tests move them)."""
     return (torch.get_num_threads(), matmul.USE_BLAS, launch.PARALLEL_MIN_BATCH,
             launch.PARALLEL_MIN_WORK, launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES,
-            launch.BLAS_PARALLEL_MIN_STEP_WORK, launch.MICROKERNEL_MAX_ROWS, GROUP_MAX_BYTES,
+            launch.BLAS_PARALLEL_MIN_STEP_WORK, launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, matmul.USE_PANELS,
+            GROUP_MAX_BYTES,
             SCRATCH_KEEP_MAX_BYTES)
 
 
@@ -114,7 +115,7 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         hidden = width // spec.gates
         layout = _layout(spec, proj, hidden, steps, batch, num_layers, directions, dtype.itemsize)
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
-                 prepared.w_cell, prepared.w_t, prepared.wr_t, proj != hidden)
+                 prepared.w_cell, prepared.w_t, prepared.w_p, prepared.wr_t, proj != hidden)
                 for _, prepared in stack.layers]
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
@@ -150,7 +151,7 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            code, packed, bias, b_hn, w_cell, w_t, wr_t, has_proj = args[k]
+            code, packed, bias, b_hn, w_cell, w_t, w_p, wr_t, has_proj = args[k]
             w_ih = stack.layers[k][0]
             if layer < num_layers - 1:
                 y = inner[k]
@@ -164,7 +165,7 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
             _layer_start(gemm, layer_input if gemm else empty, w_ih, xg,
                          empty if h0 is None else h0[k], empty if c0 is None else c0[k], h, c)
             launch._run(_forward_thread, layout.plans[direction], code, packed, xg, bias,
-                        b_hn, w_cell, h, c, w_t, wr_t, has_proj, y, y if packed else empty,
+                        b_hn, w_cell, h, c, w_t, w_p, wr_t, has_proj, y, y if packed else empty,
                         empty, acc, m, *layout.plans[direction][:3])
             outputs.append(y)
         layer_input = np.concatenate(outputs, 1) if directions == 2 else outputs[0]

@@ -33,12 +33,17 @@ PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
-# The recurrent matmul of a step runs in the Numba micro-kernel instead of one BLAS gemm call when
-# a loop thread has at most MICROKERNEL_MAX_ROWS rows and the call would run on one thread: MKL's
-# gemm call per step loses to it there (AMD EPYC Zen 4, 1 thread, LSTM T=50/200: B=1 1.04-1.42x
-# faster inference, 1.03-1.25x training; B=4 training 1.03-1.26x; B=8 0.96-1.12x; B=16 0.93-1.03x,
-# B=64 0.68-0.91x). bench/numba_profile.py --matmul measures the crossover on another CPU.
+# The recurrent matmul of a step runs in the Numba micro-kernels instead of one BLAS gemm call
+# where a loop thread has at most PANELS_MAX_ROWS rows (panel kernels: matmul.USE_PANELS), or
+# MICROKERNEL_MAX_ROWS without them where the gemm call would run on one thread. Measured on an
+# AMD EPYC Zen 4, LSTM T=50/200, ratio of module times MKL / micro-kernel, 1 thread: without
+# panels B=1 1.04-1.42 inference, 1.03-1.25 training; B=4 training 1.03-1.26; B=8 0.96-1.12;
+# B=16 0.93-1.03; B=64 0.68-0.91. With panels B=16 1.13-1.31 inference, 1.04-1.20 training; B=64
+# 0.85-1.20 and 1.02-1.08; and at 2 threads, the panel kernels on one thread against MKL's gemm
+# on two (B=1-8, H=256-512): 1.34-1.76 inference, 1.23-1.51 training.
+# bench/numba_profile.py --matmul times one step's matmul both ways on another CPU.
 MICROKERNEL_MAX_ROWS = 8
+PANELS_MAX_ROWS = 1 << 30
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 
@@ -149,10 +154,11 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     threads = min(torch.get_num_threads(), _CPUS)
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
+    most = PANELS_MAX_ROWS if matmul.USE_PANELS else MICROKERNEL_MAX_ROWS
     if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
-        if -(-batch // threads) <= MICROKERNEL_MAX_ROWS:
+        if -(-batch // threads) <= most:
             gemm = 0
         group = ROW_GROUP if batch >= ROW_GROUP * threads and not gemm else -(-batch // threads)
         return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows,
@@ -160,8 +166,8 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
     keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
                             or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
-    if batch <= MICROKERNEL_MAX_ROWS and (threads == 1 or not keep):
-        gemm = 0  # the gemm call would run on one thread: the micro-kernel is faster
+    if batch <= most and (threads == 1 or not keep or matmul.USE_PANELS):
+        gemm = 0
     return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm)
 
 
@@ -271,7 +277,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
                              w_cell)
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
-                                 buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell),
+                                 buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell,
+                                                 plan.gemm == 0),
                                  h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
                                  save)
     return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
@@ -308,7 +315,8 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
     if spec.has_c:
         c[...] = 0 if c0 is None else c0
     _run(_forward_thread, plan, CODES[cell], save or spec.gates_in_y,
-         xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.wr_t,
+         xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.w_p,
+         prepared.wr_t,
          has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
     return y, h, c, tuple(kept[name] for name in spec.saved) if save else ()
@@ -363,7 +371,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
     _run(_backward_thread, plan, CODES[cell], gy, y_a, buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
-         kept.get("c", empty), w, wr, buffers.array(w_cell) if w_cell is not None else empty,
+         kept.get("c", empty), w, matmul.panels(w, plan.gemm == 0), wr, buffers.array(w_cell) if w_cell is not None else empty,
          has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
          prev, order, offsets, sizes)
 

@@ -9,7 +9,8 @@ from numba.extending import intrinsic, overload, register_jitable
 
 from fastrnn import cells
 from fastrnn.cells import scalar
-from fastrnn.kernels.numba_cpu import activations, jit, matmul  # activations: tanh/sigmoid
+# activations: the tanh/sigmoid overloads; all four: compiled into the loops (_INLINED)
+from fastrnn.kernels.numba_cpu import activations, jit, matmul, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
 from fastrnn.kernels.numba_cpu.matmul import _matmul_rows
 
@@ -161,7 +162,7 @@ def _borrowed(typingctx, arrays):
 
 @njit(**_JIT)
 def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
-                    wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+                    w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
     _prefer_wide_vectors()
     xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m = _borrowed((
         xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m))
@@ -170,7 +171,7 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_
         t = order[p]
         rows, off = sizes[t], offsets[t]
         a, base = (gates, off) if packed else (acc, 0)
-        _matmul_rows(a, base, h, 0, w_t, tid, nthreads, group, rows, gemm, True)
+        _matmul_rows(a, base, h, 0, w_t, w_p, tid, nthreads, group, rows, gemm, True)
         for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
             for b in range(g, min(g + group, rows)):
                 q = off + b
@@ -182,7 +183,7 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_
                     for k in range(h.shape[1]):
                         h[b, k] = y[q, k]
         if has_proj:
-            _matmul_rows(y, off, m, 0, wr_t, tid, nthreads, group, rows, gemm, True)
+            _matmul_rows(y, off, m, 0, wr_t, w_p[:0], tid, nthreads, group, rows, gemm, True)
             for g in range(tid * group, rows, nthreads * group):
                 for b in range(g, min(g + group, rows)):
                     for k in range(h.shape[1]):
@@ -205,8 +206,8 @@ def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
 
 
 @njit(**_JIT)
-def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, wr,
-                     w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all,
+def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, w_p,
+                     wr, w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all,
                      m_all, tc, prev, order, offsets, sizes):
     """``tc`` (B, H), or (0, 0) with a projection: the row step's scratch (LSTM: tanh(c)), per
     packed row in ``m_all`` with a projection (where it becomes m = o tanh(c))."""
@@ -223,7 +224,7 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
                 for b in range(g, min(g + group, rows)):
                     for k in range(dh.shape[1]):
                         dy_all[off + b, k] = dh[b, k] + grad_y[off + b, k]
-            _matmul_rows(dm, 0, dy_all, off, wr, tid, nthreads, group, rows, gemm, True)
+            _matmul_rows(dm, 0, dy_all, off, wr, w_p[:0], tid, nthreads, group, rows, gemm, True)
         for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
             for b in range(g, min(g + group, rows)):
                 q = off + b
@@ -237,14 +238,15 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
                               dc, b, tanh_c, q if has_proj else b, has_proj, w_cell, d_xg,
                               d_hn, dg)
         operand, base = (dg, 0) if scratch_grad else (d_xg, off)
-        _matmul_rows(dh, 0, operand, base, w, tid, nthreads, group, rows, gemm, not direct_h)
+        _matmul_rows(dh, 0, operand, base, w, w_p, tid, nthreads, group, rows, gemm,
+                     not direct_h)
 
 
 # A loop's cache entries are keyed also by what it compiles in from other files (the cells' step
 # math, the activations, the matmul, the compile settings): an edit there must not load a stale
 # loop.
 _INLINED = tuple(str(cells.MODULES[name].__file__) for name in CODES) + tuple(
-    str(module.__file__) for module in (activations, matmul, scalar))
+    str(module.__file__) for module in (activations, matmul, scalar, vectors))
 for _loop in (_forward_thread, _layer_start, _backward_thread):
     _loop._cache = jit.KeyedCache(_loop.py_func, _INLINED)
 

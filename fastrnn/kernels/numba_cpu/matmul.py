@@ -1,5 +1,7 @@
 """The recurrent matmul of one step from compiled code: the BLAS gemm torch exports (MKL on x86),
-called through its address, or, where there is none, Numba register-blocked micro-kernels."""
+called through its address, or Numba micro-kernels: on weights packed in column panels
+(:func:`panels`), explicit 64-byte vectors held in registers across the whole sum; else
+(columns past the last full panel, CPUs without 512-bit vectors) loops LLVM vectorizes."""
 from __future__ import annotations
 
 import ctypes
@@ -12,11 +14,19 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
+from fastrnn.kernels.numba_cpu.jit import _JIT, WIDE_VECTORS, _prefer_wide_vectors
+from fastrnn.kernels.numba_cpu.vectors import _panel_row, _panel_rows4
 
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
 # stream through it.
 WEIGHT_TILE_BYTES = 1 << 20
+# A panel: 128 bytes of weight columns (32 float32 / 16 float64), two 64-byte vectors, stored
+# (K, panel) contiguously: the panel kernels keep a 4-row x 2-vector block of the product in 8
+# registers for the whole K-long sum. Used where the CPU has 512-bit vectors that LLVM may use
+# (jit.WIDE_VECTORS): measured on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @ (H x 4H):
+# B=1 H=128 1.18 µs (the unpacked kernel 2.47, MKL's gemm call 4.3), B=8 H=512 155 µs (262, 311),
+# B=8 H=128 9.8 (11.7, 16.3); B=64 H=512 1511 (2117, MKL 1015: large batches stay on BLAS).
+PANEL_BYTES = 128
 
 
 _TORCH_CPU_LIBRARY = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
@@ -68,6 +78,19 @@ _OMATCOPY = _find_omatcopy()
 # Use BLAS gemm (called from the compiled loop: no Python per step) for the recurrent matmul where
 # torch exports it; the Numba micro-kernel below is the fallback.
 USE_BLAS = _GEMM is not None
+
+
+def _has_wide_vectors():
+    """Whether the code Numba makes here has 512-bit vectors LLVM may use: not where a target CPU
+    is set for it (NUMBA_CPU_NAME, e.g. a portable cache)."""
+    import llvmlite.binding as llvm
+    from numba.core import config
+    return (WIDE_VECTORS and not config.CPU_NAME
+            and bool(llvm.get_host_cpu_features().get("avx512f", False)))
+
+
+# The panel kernels where the CPU has 512-bit vectors (tests force both ways).
+USE_PANELS = _has_wide_vectors()
 
 
 @intrinsic
@@ -188,14 +211,15 @@ def _rows1(acc, ai, a, bi, w, j0, j1):
 
 
 @njit(**_JIT)
-def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, overwrite):
+def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, gemm, overwrite):
     """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
     ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N), or ``=``
     when ``overwrite`` (acc's old values are not read).
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group), or 0 for the
-    Numba micro-kernel, column-tiled so one (K, tile) slice of w stays in cache across all the
-    thread's row groups."""
+    Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
+    the loops below for the columns past its last panel, column-tiled so one (K, tile) slice of w
+    stays in cache across all the thread's row groups."""
     if gemm != 0:
         g0 = tid * group
         while g0 < rows:
@@ -204,15 +228,31 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, 
             g0 += nthreads * group
         return
     k_total, n_total = w.shape
+    for p in range(w_p.shape[0]):
+        g0 = tid * group
+        while g0 < rows:
+            g1 = min(g0 + group, rows)
+            b = g0
+            while b + 4 <= g1:
+                _panel_rows4(acc, acc_base + b, a, a_base + b, w_p[p], p * w_p.shape[2],
+                             overwrite)
+                b += 4
+            while b < g1:
+                _panel_row(acc, acc_base + b, a, a_base + b, w_p[p], p * w_p.shape[2], overwrite)
+                b += 1
+            g0 += nthreads * group
+    start = w_p.shape[0] * w_p.shape[2]  # the columns past the panels
+    if start == n_total:
+        return
     if overwrite:
         g0 = tid * group
         while g0 < rows:
             for b in range(g0, min(g0 + group, rows)):
-                acc[acc_base + b, :n_total] = 0
+                acc[acc_base + b, start:n_total] = 0
             g0 += nthreads * group
     tile = WEIGHT_TILE_BYTES // max(1, k_total * w.itemsize)
     tile = max(64, tile - tile % 16)
-    for j0 in range(0, n_total, tile):
+    for j0 in range(start, n_total, tile):
         j1 = min(n_total, j0 + tile)
         g0 = tid * group
         while g0 < rows:
@@ -226,6 +266,21 @@ def _matmul_rows(acc, acc_base, a, a_base, w, tid, nthreads, group, rows, gemm, 
                 b += 1
             g0 += nthreads * group
 
+
+
+def panels(w, use=True):
+    """``w`` (K, N) numpy, packed for the panel kernels: (N // P, K, P), P columns of
+    :data:`PANEL_BYTES` each, 64-byte aligned; (0, K, P) unless ``use`` and the CPU has 512-bit
+    vectors for them (:data:`USE_PANELS`), or where N < P. The kernels read the columns past the
+    last panel from w."""
+    from fastrnn.kernels.numba_cpu import buffers
+    k_total, n_total = w.shape
+    width = PANEL_BYTES // w.itemsize
+    count = n_total // width if use and USE_PANELS else 0
+    out = buffers.alloc((count, k_total, width), w.dtype)
+    if count:
+        out[...] = w[:, :count * width].reshape(k_total, count, width).transpose(1, 0, 2)
+    return out
 
 
 def _gemm_address(dtype):

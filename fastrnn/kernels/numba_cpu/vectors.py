@@ -1,0 +1,151 @@
+"""The panel kernels of the step matmul (:func:`.matmul._matmul_rows`): a block of the product
+held in registers as explicit 64-byte vectors (float32 x 16, float64 x 8) for the whole K-long
+sum, over weights packed in column panels (:func:`.matmul.panels`). Numba has no vector type:
+the intrinsics below give the kernels one (load, store, broadcast, add, fused multiply-add);
+LLVM lowers each to one zmm instruction with AVX-512, to two ymm ones with AVX2."""
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
+
+
+class _Vector(types.Type):
+    """A 64-byte vector of ``dtype`` (float32 or float64), an LLVM vector value."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        super().__init__(name=f"vector64({dtype})")
+
+
+@register_model(_Vector)
+class _VectorModel(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        width = 64 // (fe_type.dtype.bitwidth // 8)
+        super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(),
+                                                     width))
+
+
+def _vector_pointer(context, builder, arrty, array, i, j):
+    data = context.make_array(arrty)(context, builder, array)
+    item = cgutils.get_item_pointer(context, builder, arrty, data, [i, j])
+    vector = context.get_value_type(_Vector(arrty.dtype))
+    return builder.bitcast(item, vector.as_pointer())
+
+
+@intrinsic
+def _vload(typingctx, array, i, j):
+    """The vector at ``array[i, j:j+width]`` (2-D, C-contiguous)."""
+    def codegen(context, builder, signature, args):
+        return builder.load(_vector_pointer(context, builder, signature.args[0], args[0],
+                                            args[1], args[2]), align=array.dtype.bitwidth // 8)
+    return _Vector(array.dtype)(array, types.intp, types.intp), codegen
+
+
+@intrinsic
+def _vstore(typingctx, array, i, j, value):
+    """``array[i, j:j+width] = value``."""
+    def codegen(context, builder, signature, args):
+        builder.store(args[3], _vector_pointer(context, builder, signature.args[0], args[0],
+                                               args[1], args[2]), align=array.dtype.bitwidth // 8)
+        return context.get_dummy_value()
+    return types.void(array, types.intp, types.intp, value), codegen
+
+
+@intrinsic
+def _vsplat(typingctx, scalar):
+    """A vector with every lane ``scalar``."""
+    def codegen(context, builder, signature, args):
+        vector = context.get_value_type(signature.return_type)
+        lanes = builder.insert_element(ir.Constant(vector, ir.Undefined), args[0],
+                                       ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(lanes, ir.Constant(vector, ir.Undefined),
+                                      ir.Constant(ir.VectorType(ir.IntType(32), vector.count), 0))
+    return _Vector(scalar)(scalar), codegen
+
+
+@intrinsic
+def _vfma(typingctx, x, y, z):
+    """x * y + z, fused, lane by lane."""
+    def codegen(context, builder, signature, args):
+        vector = context.get_value_type(signature.return_type)
+        name = f"llvm.fma.v{vector.count}{'f32' if vector.element == ir.FloatType() else 'f64'}"
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                            name)
+        return builder.call(fn, args)
+    return z(x, y, z), codegen
+
+
+@intrinsic
+def _vadd(typingctx, x, y):
+    """x + y lane by lane."""
+    def codegen(context, builder, signature, args):
+        return builder.fadd(args[0], args[1])
+    return x(x, y), codegen
+
+
+@intrinsic
+def _vzero(typingctx, array):
+    """A vector of zeros of ``array``'s dtype."""
+    def codegen(context, builder, signature, args):
+        return ir.Constant(context.get_value_type(signature.return_type), None)
+    return _Vector(array.dtype)(array), codegen
+
+
+@njit(**_JIT)
+def _panel_rows4(acc, ai, a, bi, panel, j, overwrite):
+    """acc[ai+r, j:j+P] (+)= a[bi+r, :K] @ panel for r = 0..3 (panel: (K, P), P two vectors)."""
+    _prefer_wide_vectors()
+    v = panel.shape[1] // 2
+    zero = _vzero(a)
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = zero
+    if not overwrite:
+        c00, c01 = _vload(acc, ai, j), _vload(acc, ai, j + v)
+        c10, c11 = _vload(acc, ai + 1, j), _vload(acc, ai + 1, j + v)
+        c20, c21 = _vload(acc, ai + 2, j), _vload(acc, ai + 2, j + v)
+        c30, c31 = _vload(acc, ai + 3, j), _vload(acc, ai + 3, j + v)
+    for k in range(panel.shape[0]):
+        w0, w1 = _vload(panel, k, 0), _vload(panel, k, v)
+        x = _vsplat(a[bi, k])
+        c00, c01 = _vfma(x, w0, c00), _vfma(x, w1, c01)
+        x = _vsplat(a[bi + 1, k])
+        c10, c11 = _vfma(x, w0, c10), _vfma(x, w1, c11)
+        x = _vsplat(a[bi + 2, k])
+        c20, c21 = _vfma(x, w0, c20), _vfma(x, w1, c21)
+        x = _vsplat(a[bi + 3, k])
+        c30, c31 = _vfma(x, w0, c30), _vfma(x, w1, c31)
+    _vstore(acc, ai, j, c00)
+    _vstore(acc, ai, j + v, c01)
+    _vstore(acc, ai + 1, j, c10)
+    _vstore(acc, ai + 1, j + v, c11)
+    _vstore(acc, ai + 2, j, c20)
+    _vstore(acc, ai + 2, j + v, c21)
+    _vstore(acc, ai + 3, j, c30)
+    _vstore(acc, ai + 3, j + v, c31)
+
+
+@njit(**_JIT)
+def _panel_row(acc, ai, a, bi, panel, j, overwrite):
+    """acc[ai, j:j+P] (+)= a[bi, :K] @ panel: the even and odd k in two sums (one sum's chain of
+    dependent multiply-adds would bound it by their latency), added at the end."""
+    _prefer_wide_vectors()
+    v = panel.shape[1] // 2
+    zero = _vzero(a)
+    c0 = c1 = e0 = e1 = zero
+    k_total = panel.shape[0]
+    for k in range(0, k_total - 1, 2):
+        x, y = _vsplat(a[bi, k]), _vsplat(a[bi, k + 1])
+        c0, c1 = _vfma(x, _vload(panel, k, 0), c0), _vfma(x, _vload(panel, k, v), c1)
+        e0, e1 = _vfma(y, _vload(panel, k + 1, 0), e0), _vfma(y, _vload(panel, k + 1, v), e1)
+    if k_total % 2:
+        x = _vsplat(a[bi, k_total - 1])
+        c0 = _vfma(x, _vload(panel, k_total - 1, 0), c0)
+        c1 = _vfma(x, _vload(panel, k_total - 1, v), c1)
+    c0, c1 = _vadd(c0, e0), _vadd(c1, e1)
+    if not overwrite:
+        c0, c1 = _vadd(_vload(acc, ai, j), c0), _vadd(_vload(acc, ai, j + v), c1)
+    _vstore(acc, ai, j, c0)
+    _vstore(acc, ai, j + v, c1)
