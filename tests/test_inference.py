@@ -222,6 +222,7 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
     "loop-threads": (2, {"launch.PARALLEL_MIN_BATCH": 1, "launch.PARALLEL_MIN_WORK": 0}),
     "no-blas": (1, {"matmul.USE_BLAS": False}),
     "no-panels": (1, {"matmul.USE_PANELS": False}),  # the micro-kernel on unpacked weights
+    "panels": (1, {"launch.PANELS_MIN_STEPS": 1}),  # panel kernels (where the CPU uses them)
 }
 
 
@@ -246,7 +247,8 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
     variant, layers, bidirectional, batch_first, shape, with_hx = case
     generator = torch.Generator().manual_seed(seed_of(case, route))
     torch.manual_seed(seed_of(case, route))
-    ref, mod = pair(variant, "numba", torch.float32, input_size=5, hidden_size=4,
+    # hidden 12: the LSTM's 48 and the GRU's 36 gate columns make a float32 panel and a rest
+    ref, mod = pair(variant, "numba", torch.float32, input_size=5, hidden_size=12,
                     num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
     x = torch.randn(shape, generator=generator)
     args = (x, make_hx(variant, mod, x, batch_first, torch.float32, generator)) if with_hx \
@@ -263,6 +265,7 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         assert all(p.blas_threads == (threads == 2) for p in plans)  # never 2 x 2 threads
         blas = matmul.USE_BLAS and settings.get("launch.PANELS_MAX_ROWS") == 0
         assert all((p.gemm != 0) == blas for p in plans)
+        assert all(p.panels == (route == "panels" and matmul.USE_PANELS) for p in plans)
         expected = full_path(mod, *args)
     finally:
         torch.set_num_threads(previous)

@@ -85,6 +85,7 @@ def matmul(request, monkeypatch):
         pytest.skip("torch exports no BLAS gemm here")
     monkeypatch.setattr(numba_matmul, "USE_BLAS", request.param == "blas")
     monkeypatch.setattr(numba_matmul, "USE_PANELS", request.param == "panels")
+    monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)  # the tests' short sequences too
     monkeypatch.setattr(launch, "MICROKERNEL_MAX_ROWS", 0)
     monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 0)
     return request.param
@@ -476,8 +477,8 @@ def test_step_matmul_choice(threads, panels, monkeypatch):
     monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 16)
     gemm = numba_matmul._gemm_address(torch.float32)
 
-    def plan(batch, hidden, itemsize=4):
-        sizes = torch.full((50,), batch, dtype=torch.int64)
+    def plan(batch, hidden, itemsize=4, steps=50):
+        sizes = torch.full((steps,), batch, dtype=torch.int64)
         return launch._schedule(sizes, False, batch, 4 * hidden * hidden, itemsize)
 
     assert plan(1, 64).gemm == 0 and plan(most, 64).gemm == 0
@@ -487,6 +488,9 @@ def test_step_matmul_choice(threads, panels, monkeypatch):
     assert (big.blas_threads, big.gemm) == (0, gemm if threads == 2 and not panels else 0)
     monkeypatch.setattr(launch, "PANELS_MAX_ROWS", default)
     assert plan(64, 64).gemm == (0 if panels else gemm)
+    assert plan(64, 64).panels == panels
+    short = plan(64, 64, steps=launch.PANELS_MIN_STEPS - 1)  # too few steps to pack for
+    assert not short.panels and short.gemm == gemm
     monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 16)
     monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)

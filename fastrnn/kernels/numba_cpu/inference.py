@@ -65,11 +65,11 @@ _LAYOUTS = {}
 def _settings():
     """What a call's layout depends on besides its shape: the thread count and the thresholds
     (tests move them)."""
-    return (torch.get_num_threads(), matmul.USE_BLAS, launch.PARALLEL_MIN_BATCH,
-            launch.PARALLEL_MIN_WORK, launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES,
-            launch.BLAS_PARALLEL_MIN_STEP_WORK, launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, matmul.USE_PANELS,
-            GROUP_MAX_BYTES,
-            SCRATCH_KEEP_MAX_BYTES)
+    return (torch.get_num_threads(), matmul.USE_BLAS, matmul.USE_PANELS,
+            launch.PARALLEL_MIN_BATCH, launch.PARALLEL_MIN_WORK,
+            launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK,
+            launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
+            GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
 
 
 def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
@@ -114,8 +114,10 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         proj, width = stack.layers[0][1].w_t.shape
         hidden = width // spec.gates
         layout = _layout(spec, proj, hidden, steps, batch, num_layers, directions, dtype.itemsize)
+        panels = layout.plans[0].panels  # else the kernels the full path runs (bitwise its results)
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
-                 prepared.w_cell, prepared.w_t, prepared.w_p, prepared.wr_t, proj != hidden)
+                 prepared.w_cell, prepared.w_t, prepared.w_p if panels else prepared.w_p[:0],
+                 prepared.wr_t, proj != hidden)
                 for _, prepared in stack.layers]
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()

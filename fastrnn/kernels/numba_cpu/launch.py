@@ -44,6 +44,11 @@ BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
 # bench/numba_profile.py --matmul times one step's matmul both ways on another CPU.
 MICROKERNEL_MAX_ROWS = 8
 PANELS_MAX_ROWS = 1 << 30
+# Packing the weights in panels costs a copy of them per call (forward and backward): calls of
+# fewer steps use the other kernels (streamed LSTM training, T=1 B=1, lost 9-18% a call to the
+# copies), and so does the lean inference path, which packs once per weight version, so that its
+# results stay bitwise the full path's.
+PANELS_MIN_STEPS = 16
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 
@@ -58,7 +63,8 @@ class _Plan(NamedTuple):
     """How one call runs: the steps (``order``, ``offsets``, ``sizes``: int64 (T,)) and the threads
     (``nthreads`` loop threads splitting the rows in groups of ``group``; ``blas_threads`` threads
     for each BLAS call, 0 for MKL's global setting, which is torch's thread count) and the step
-    matmul (``gemm``: address of the BLAS gemm it calls, 0 for the Numba micro-kernel)."""
+    matmul (``gemm``: address of the BLAS gemm it calls, 0 for the Numba micro-kernels;
+    ``panels``: the micro-kernels read the weights packed in panels, :func:`.matmul.panels`)."""
 
     order: np.ndarray
     offsets: np.ndarray
@@ -68,6 +74,7 @@ class _Plan(NamedTuple):
     blas_threads: int
     rows: int  # N = sum(sizes), rows of the packed layout
     gemm: int
+    panels: bool
 
 
 def _run(loop, plan, *args):
@@ -154,7 +161,8 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
     threads = min(torch.get_num_threads(), _CPUS)
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
-    most = PANELS_MAX_ROWS if matmul.USE_PANELS else MICROKERNEL_MAX_ROWS
+    panels = matmul.USE_PANELS and len(sizes) >= PANELS_MIN_STEPS
+    most = PANELS_MAX_ROWS if panels else MICROKERNEL_MAX_ROWS
     if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
@@ -162,13 +170,14 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
             gemm = 0
         group = ROW_GROUP if batch >= ROW_GROUP * threads and not gemm else -(-batch // threads)
         return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows,
-                     gemm)
+                     gemm, panels and not gemm)
     # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
     keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
                             or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
-    if batch <= most and (threads == 1 or not keep or matmul.USE_PANELS):
+    if batch <= most and (threads == 1 or not keep or panels):
         gemm = 0
-    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm)
+    return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm,
+                 panels and not gemm)
 
 
 def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None, w_cell=None):
@@ -278,7 +287,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
                              w_cell)
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
                                  buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell,
-                                                 plan.gemm == 0),
+                                                 plan.panels),
                                  h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
                                  save)
     return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
@@ -371,7 +380,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
     _run(_backward_thread, plan, CODES[cell], gy, y_a, buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
-         kept.get("c", empty), w, matmul.panels(w, plan.gemm == 0), wr, buffers.array(w_cell) if w_cell is not None else empty,
+         kept.get("c", empty), w, matmul.panels(w, plan.panels), wr, buffers.array(w_cell) if w_cell is not None else empty,
          has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
          prev, order, offsets, sizes)
 
