@@ -186,9 +186,10 @@ def main(argv=None):
         for spec in args.cases.split(","):
             cell, _, batch, hidden = spec.split(":")
             blas, micro, picked = matmul_step(cell, int(batch), int(hidden), args.repeats)
-            print(f"{cell} B={batch} H={hidden}: BLAS {blas * 1e6:.2f}  micro-kernel "
+            kind = "panel kernels" if matmul.USE_PANELS else "micro-kernel"
+            print(f"{cell} B={batch} H={hidden}: BLAS {blas * 1e6:.2f}  {kind} "
                   f"{micro * 1e6:.2f}  BLAS/micro {blas / micro:.2f}  loops use "
-                  f"{'micro-kernel' if picked else 'BLAS'}", flush=True)
+                  f"{kind if picked else 'BLAS'}", flush=True)
         return
     lines = [
         "# Where the numba backend's time goes (CPU, single-layer modules, input size = H)", "",
