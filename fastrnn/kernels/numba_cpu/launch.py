@@ -325,8 +325,7 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
         c[...] = 0 if c0 is None else c0
     _run(_forward_thread, plan, CODES[cell], save or spec.gates_in_y,
          xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.w_p,
-         prepared.wr_t,
-         has_proj, y, gates, c_all, acc, m, *plan[:3])
+         prepared.wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
     return y, h, c, tuple(kept[name] for name in spec.saved) if save else ()
 
@@ -380,8 +379,8 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
     _run(_backward_thread, plan, CODES[cell], gy, y_a, buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
-         kept.get("c", empty), w, matmul.panels(w, plan.panels), wr, buffers.array(w_cell) if w_cell is not None else empty,
-         has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
+         kept.get("c", empty), w, matmul.panels(w, plan.panels), wr,
+         buffers.array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
          prev, order, offsets, sizes)
 
     def weight_grad(d_pre):

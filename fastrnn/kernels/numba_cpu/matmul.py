@@ -23,9 +23,10 @@ WEIGHT_TILE_BYTES = 1 << 20
 # A panel: 128 bytes of weight columns (32 float32 / 16 float64), two 64-byte vectors, stored
 # (K, panel) contiguously: the panel kernels keep a 4-row x 2-vector block of the product in 8
 # registers for the whole K-long sum. Used where the CPU has 512-bit vectors that LLVM may use
-# (jit.WIDE_VECTORS): measured on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @ (H x 4H):
-# B=1 H=128 1.18 µs (the unpacked kernel 2.47, MKL's gemm call 4.3), B=8 H=512 155 µs (262, 311),
-# B=8 H=128 9.8 (11.7, 16.3); B=64 H=512 1511 (2117, MKL 1015: large batches stay on BLAS).
+# (jit.WIDE_VECTORS; compiled for AVX2 they spill: 5x slower than the unpacked kernel). Measured
+# on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @ (H x 4H) against MKL's gemm call
+# (bench/numba_profile.py --matmul): B=1 H=128 3.1 µs (MKL 6.4), B=8 H=128 11.7 (20.3), B=8
+# H=512 178 (418), B=64 H=512 1382 (2036); bench/results/panel-kernels-zen4.md.
 PANEL_BYTES = 128
 
 
