@@ -265,7 +265,9 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         assert all(p.blas_threads == (threads == 2) for p in plans)  # never 2 x 2 threads
         blas = matmul.USE_BLAS and settings.get("launch.PANELS_MAX_ROWS") == 0
         assert all((p.gemm != 0) == blas for p in plans)
-        assert all(p.panels == (route == "panels" and matmul.USE_PANELS) for p in plans)
+        panels = route == "panels" and matmul.USE_PANELS
+        assert all(p.panels == panels for p in plans)
+        assert (mod_stack(mod).panels is not None) == panels  # packed only once a call needs it
         expected = full_path(mod, *args)
     finally:
         torch.set_num_threads(previous)

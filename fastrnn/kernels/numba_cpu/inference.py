@@ -17,21 +17,22 @@ from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
 
 class _Stack:
-    """A module's layers prepared for the lean path (:func:`prepare_stack`), and the arguments of
-    its calls per shape and thread setting."""
+    """A module's layers prepared for the lean path (:func:`prepare_stack`), the arguments of its
+    calls per shape and thread setting, and its recurrent weights packed in panels (``panels``,
+    per layer and direction: made by the first call that runs the panel kernels)."""
 
-    __slots__ = ("cell", "layers", "calls")
+    __slots__ = ("cell", "layers", "calls", "panels")
 
     def __init__(self, cell, layers):
-        self.cell, self.layers, self.calls = cell, layers, {}
+        self.cell, self.layers, self.calls, self.panels = cell, layers, {}, None
 
 
 def prepare_stack(cell, weights):
     """The :class:`_Stack` of ``weights``: per layer and direction ``(w_ih, w_hh, b_hn, w_hr,
     bias, w_cell)`` tensors as given to :func:`.launch.recurrence_forward` (w_ih (G*H, I)), each
-    prepared as ``(w_ih numpy, buffers.Prepared)``."""
+    prepared as ``(w_ih numpy, buffers.Prepared)``, without panels."""
     return _Stack(cell, [(buffers.array(w_ih),
-                          buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell))
+                          buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell, False))
                          for w_ih, w_hh, b_hn, w_hr, bias, w_cell in weights])
 
 
@@ -114,11 +115,15 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         proj, width = stack.layers[0][1].w_t.shape
         hidden = width // spec.gates
         layout = _layout(spec, proj, hidden, steps, batch, num_layers, directions, dtype.itemsize)
-        panels = layout.plans[0].panels  # else the kernels the full path runs (bitwise its results)
+        # Panels where the plan says so, as the full path (bitwise its results)
+        w_ps = [prepared.w_p for _, prepared in stack.layers]  # none
+        if layout.plans[0].panels:
+            if stack.panels is None:
+                stack.panels = [matmul.panels(prepared.w_t) for _, prepared in stack.layers]
+            w_ps = stack.panels
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
-                 prepared.w_cell, prepared.w_t, prepared.w_p if panels else prepared.w_p[:0],
-                 prepared.wr_t, proj != hidden)
-                for _, prepared in stack.layers]
+                 prepared.w_cell, prepared.w_t, w_p, prepared.wr_t, proj != hidden)
+                for (_, prepared), w_p in zip(stack.layers, w_ps)]
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
         call = stack.calls[key] = _Call(layout, args, [])
