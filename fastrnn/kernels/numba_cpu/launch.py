@@ -33,21 +33,15 @@ PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
-# The recurrent matmul of a step runs in the Numba micro-kernels instead of one BLAS gemm call
-# where a loop thread has at most PANELS_MAX_ROWS rows (panel kernels: matmul.USE_PANELS), or
-# MICROKERNEL_MAX_ROWS without them where the gemm call would run on one thread. Measured on an
-# AMD EPYC Zen 4, LSTM T=50/200, ratio of module times MKL / micro-kernel, 1 thread: without
-# panels B=1 1.04-1.42 inference, 1.03-1.25 training; B=4 training 1.03-1.26; B=8 0.96-1.12;
-# B=16 0.93-1.03; B=64 0.68-0.91. With panels B=16 1.13-1.31 inference, 1.04-1.20 training; B=64
-# 0.85-1.20 and 1.02-1.08; and at 2 threads, the panel kernels on one thread against MKL's gemm
-# on two (B=1-8, H=256-512): 1.34-1.76 inference, 1.23-1.51 training.
-# bench/numba_profile.py --matmul times one step's matmul both ways on another CPU.
+# A step's recurrent matmul runs in the Numba micro-kernels, not a BLAS gemm call, where a loop
+# thread has at most PANELS_MAX_ROWS rows (panel kernels, matmul.USE_PANELS; calls of at least
+# PANELS_MIN_STEPS steps: packing copies the weights per call, and streamed training lost 9-18% a
+# call to it), or MICROKERNEL_MAX_ROWS without panels where the gemm call would run on one thread.
+# AMD EPYC Zen 4, module times MKL / ours: unpacked B=1 1.04-1.42, B=8 0.96-1.12, B=64 0.68-0.91;
+# panels B=16 1.04-1.31, B=64 0.85-1.20, and on one thread against MKL on two 1.23-1.76
+# (bench/results/panel-kernels-zen4.md; bench/numba_profile.py --matmul measures another CPU).
 MICROKERNEL_MAX_ROWS = 8
 PANELS_MAX_ROWS = 1 << 30
-# Packing the weights in panels costs a copy of them per call (forward and backward): calls of
-# fewer steps use the other kernels (streamed LSTM training, T=1 B=1, lost 9-18% a call to the
-# copies), and so does the lean inference path, which packs once per weight version, so that its
-# results stay bitwise the full path's.
 PANELS_MIN_STEPS = 16
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
