@@ -22,13 +22,10 @@ from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_t
 #   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
 #   multiply-adds (T*B*G*H*P) in all: LSTM T=200 B=64 H=128 training 1.1x one thread (torch's
 #   spinning workers take most of the second core: without them, 1.6x);
-# * else run one loop thread and let its per-step BLAS call use torch's threads (MKL runs them on
-#   torch's own OpenMP team) when the recurrent weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES
-#   (more than one core's L2 holds well: each core then streams half) or one step has at least
-#   BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM B=1 H=512 2.0x, B=1 H=256 1.2x,
-#   B=8 H=512 1.5x faster than one thread; compute-bound steps of up to 1M multiply-adds with
-#   cache-resident weights lost (RNN B=64 H=128 0.5x, LSTM B=64 H=32 0.7x);
-# * else one thread.
+# * else one loop thread; its per-step BLAS call (where it makes one) uses torch's threads (MKL's
+#   OpenMP team) when the weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES (more than one
+#   core's L2) or a step has at least BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM
+#   B=1 H=512 2.0x, B=8 H=512 1.5x one thread; smaller steps lost (RNN B=64 H=128 0.5x).
 PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
