@@ -4,14 +4,17 @@
 # results. Needs torch with CUDA and Triton; runs from the repository root without installing
 # fastrnn (PYTHONPATH), so it works on a machine with no package registry.
 #
-#   OUT=DIR bash bench/gpu_check.sh [TEST_SECONDS=210] [BENCH_SECONDS=150]
+#   OUT=DIR bash bench/gpu_check.sh [TEST_SECONDS=210] [BENCH_SECONDS=150] [GRID=quick] [DTYPES=float32,bfloat16]
 #
 # Writes to DIR (default bench/results/gpu-check): env.txt (date, GPU, versions), tests.log,
-# junit.xml, bench.log and bench.tgz (fastrnn-bench's results.json/results.md/plots).
+# junit.xml, bench.log and bench.tgz (fastrnn-bench's results.json/results.md/plots on GRID:
+# quick, or gpu10 with the cell-loop baseline), profile.log/.json (bench/gpu_profile.py).
 set -u
 OUT=${OUT:-bench/results/gpu-check}
 TEST_S=${1:-210}
 BENCH_S=${2:-150}
+GRID=${3:-quick}
+DTYPES=${4:-float32,bfloat16}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/bench${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,9 +55,11 @@ timeout -s INT -k 30 "$TEST_S" $PY -m pytest -q -rfE -p no:cacheprovider -p no:w
 echo "pytest exit: ${PIPESTATUS[0]}" | tee -a "$OUT/tests.log"
 
 stage "GPU benchmark (cases started within ${BENCH_S} s)"
-timeout -s INT -k 30 $(( BENCH_S + 60 )) $PY bench/gpu_bench.py --grid quick \
-  --cells lstm,gru,rnn --backends triton --baselines torch --budget 0.05 \
+timeout -s INT -k 30 $(( BENCH_S + 60 )) $PY bench/gpu_bench.py --grid "$GRID" \
+  --cells lstm,gru,rnn --backends triton --baselines "torch$([ "$GRID" = quick ] || echo ,cell-loop)" --budget 0.05 --dtypes "$DTYPES" \
   --max-minutes "$(awk "BEGIN{print $BENCH_S/60}")" --no-progress --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+stage "where the time goes (bench/gpu_profile.py)"
+timeout -s INT -k 30 180 $PY bench/gpu_profile.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
 stage done

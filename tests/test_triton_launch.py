@@ -123,8 +123,7 @@ def _layer_inputs(cell, hidden, sizes, dtype, seed=0):
     return tensors
 
 
-def _forward_backward(cell, hidden, sizes, dtype):
-    inputs = _layer_inputs(cell, hidden, sizes, dtype)
+def _forward_backward(cell, inputs, sizes):
     outputs = Recurrence.apply("triton", cell, torch.tensor(sizes), False, *inputs)
     sum(out.float().sum() for out in outputs).backward()
     return [t.grad for t in inputs if t is not None]
@@ -140,9 +139,11 @@ def test_no_host_sync(cell, dtype):
     largest = max(configs.fused_max_hidden(d, cell, dtype, limits) for d in ("forward", "backward"))
     for hidden in sorted({max(largest, 16), 2 * configs.FUSED_BUCKETS[-1] + 8}):
         sizes = [40] * 6 + [17] * 3 + [3]
+        inputs = _layer_inputs(cell, hidden, sizes, dtype)  # copied from the host: a sync
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            grads = _forward_backward(cell, hidden, sizes, dtype)
+            grads = _forward_backward(cell, inputs, sizes)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert all(torch.isfinite(g).all() for g in grads)

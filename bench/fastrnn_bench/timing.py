@@ -187,30 +187,32 @@ def measure(impls, device, settings):
     return results
 
 
-def _float32_oracle(case, oracle):
-    """torch.nn's output in float32 from the same (rounded) low-precision weights and input."""
+def _upcast_oracle(case, oracle, dtype):
+    """torch.nn's output computed in ``dtype`` from the same (rounded) weights and input."""
     import copy
-    module = copy.deepcopy(oracle.module).float()
-    x = oracle.x.float()
+    module = copy.deepcopy(oracle.module).to(dtype)
+    x = oracle.x.to(dtype)
     with torch.no_grad():
         if oracle.lengths is None:
-            return module(x)[0].cpu()
+            return module(x)[0].float().cpu()
         packed = nn.utils.rnn.pack_padded_sequence(x, oracle.lengths, enforce_sorted=True)
         y = module(packed)[0]
-        return nn.utils.rnn.pad_packed_sequence(y, total_length=case.seq_len)[0].cpu()
+        return nn.utils.rnn.pad_packed_sequence(y, total_length=case.seq_len)[0].float().cpu()
 
 
 def check_outputs(case, impls, results):
     """Compare every implementation's forward output with torch.nn's before trusting its time.
 
-    float32/float64: max |out − torch.nn out| ≤ CHECK_TOLERANCE. float16/bfloat16: relative error
-    ‖out − ref‖ / ‖ref‖ ≤ CHECK_TOLERANCE against torch.nn run in float32 on the same weights and
-    input (recorded as ``rel_err``)."""
+    float32/float64: max |out − torch.nn out| ≤ CHECK_TOLERANCE (float32 on CUDA: torch.nn run
+    in float64, since cuDNN's float32 default is TF32, ~5e-4 off on H=128, while the triton
+    kernels' float32 products are tf32x3; torch.nn's own error is recorded, not judged).
+    float16/bfloat16: relative error ‖out − ref‖ / ‖ref‖ ≤ CHECK_TOLERANCE against torch.nn run
+    in float32 on the same weights and input (recorded as ``rel_err``)."""
     oracle = impls["torch"]
     oracle = getattr(oracle, "oracle", oracle)
     tolerance = CHECK_TOLERANCE[case.dtype]
     if case.dtype in ("float16", "bfloat16"):
-        expected = _float32_oracle(case, oracle)
+        expected = _upcast_oracle(case, oracle, torch.float32)
         for name, impl in impls.items():
             if isinstance(impl, Skip) or results[name]["status"] != "ok":
                 continue
@@ -223,9 +225,11 @@ def check_outputs(case, impls, results):
                 results[name]["status"] = "wrong"
                 results[name]["reason"] = f"‖out − float32 torch.nn‖/‖ref‖ = {error:.3g} > {tolerance}"
         return
-    expected = oracle.output().float().cpu()
+    upcast = case.dtype == "float32" and oracle.x.is_cuda
+    expected = (_upcast_oracle(case, oracle, torch.float64) if upcast
+                else oracle.output().float().cpu())
     for name, impl in impls.items():
-        if isinstance(impl, Skip) or name == "torch" or results[name]["status"] != "ok":
+        if isinstance(impl, Skip) or (name == "torch" and not upcast) or results[name]["status"] != "ok":
             continue
         error = getattr(impl, "check_error", None)
         if error is None:
@@ -234,7 +238,7 @@ def check_outputs(case, impls, results):
             if not math.isfinite(error):
                 error = math.inf
         results[name]["max_abs_err"] = error
-        if error > tolerance:
+        if error > tolerance and name != "torch":
             results[name]["status"] = "wrong"
             results[name]["reason"] = f"max |out - torch.nn| = {error:.3g} > {tolerance}"
 
