@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check in one run (under 8 minutes on one H100/H200): the CUDA tests, then the GPU
+# The GPU check in one run (under 10 minutes on one H100/H200): the CUDA tests, then the GPU
 # benchmark, each stage under its own time limit so that one failing stage leaves the others'
 # results. Needs torch with CUDA and Triton; runs from the repository root without installing
 # fastrnn (PYTHONPATH), so it works on a machine with no package registry.
@@ -8,7 +8,8 @@
 #
 # Writes to DIR (default bench/results/gpu-check): env.txt (date, GPU, versions), tests.log,
 # junit.xml, bench.log and bench.tgz (fastrnn-bench's results.json/results.md/plots on GRID:
-# quick, or gpu10 with the cell-loop baseline), profile.log/.json (bench/gpu_profile.py).
+# quick, or gpu10 with the cell-loop baseline), profile.log/.json (bench/gpu_profile.py) and
+# tiles.log (bench/gpu_tiles.py): 8 files, what a lent machine sends back.
 set -u
 OUT=${OUT:-bench/results/gpu-check}
 TEST_S=${1:-210}
@@ -62,4 +63,6 @@ echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 stage "where the time goes (bench/gpu_profile.py)"
 timeout -s INT -k 30 180 $PY bench/gpu_profile.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
+stage "step tiles (bench/gpu_tiles.py)"
+timeout -s INT -k 30 150 $PY bench/gpu_tiles.py 2>&1 | tee "$OUT/tiles.log"
 stage done

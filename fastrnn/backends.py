@@ -36,6 +36,13 @@ AUTO_ORDER = {"cpu": ("numba", "native", "reference"), "cuda": ("triton", "nativ
 # RNNCell/LSTMCell/GRUCell at B <= 64, H <= 256). So auto prefers native there.
 AUTO_ORDER_STEP = {"cpu": ("native", "numba", "reference"),
                    "cuda": ("native", "triton", "reference")}
+# On CUDA, auto runs triton only where it was measured faster than torch.nn (cuDNN), on an H200
+# (2026-12-04, bench/results/cuda-h200/): bfloat16 with H within the device's fused forward limit,
+# where torch.nn's bfloat16 path runs per-step kernels and re-packs its weights every call (LSTM
+# 2.2-6.1x inference, 0.93-1.4x training; GRU 2.1-5.5x / 1.7-4.6x; RNN 2.6-5.7x / 1.9-5.1x).
+# cuDNN was faster everywhere else (float32 0.02-0.74x, float16 0.11-0.72x, bfloat16 above the
+# fused limit 0.35-0.68x), so auto runs native there (and triton where cuDNN has no such cell).
+AUTO_ORDER_CUDA_SLOWER = ("native", "triton", "reference")
 #: The compiled backends: each package declares what it runs (``CAPABILITIES``) and implements
 #: the kernel contract of :mod:`fastrnn.kernels.reference`.
 KERNELS = {"numba": numba_cpu, "triton": triton_gpu}
@@ -136,8 +143,8 @@ def forget():
 
 
 @functools.lru_cache(maxsize=None)
-def _choose(backend, cell, device, dtype, proj_size, step):
-    return choose(backend, cell, device, dtype, proj_size, step)
+def _choose(backend, cell, device, dtype, proj_size, step, hidden):
+    return choose(backend, cell, device, dtype, proj_size, step, hidden)
 
 
 def _assume_constant_result(fn):
@@ -150,9 +157,22 @@ def _assume_constant_result(fn):
 
 
 @_assume_constant_result
-def resolve(backend, cell, device, dtype, proj_size=0, step=False):
+def resolve(backend, cell, device, dtype, proj_size=0, step=False, hidden=None):
     """The name :func:`choose` picks, cached per case; a constant to torch.compile."""
-    return _choose(backend, cell, torch.device(device), dtype, proj_size, step).name
+    return _choose(backend, cell, torch.device(device), dtype, proj_size, step, hidden).name
+
+
+def _auto_order(cell, device, dtype, step, hidden):
+    """The backends ``auto`` tries, in order (AUTO_ORDER, AUTO_ORDER_STEP; on CUDA the measured
+    rule above: triton first only for bfloat16 at H within the device's fused forward limit)."""
+    if step:
+        return AUTO_ORDER_STEP.get(device.type, ("native", "reference"))
+    if device.type == "cuda" and not (
+            dtype == torch.bfloat16 and hidden is not None
+            and hidden <= triton_gpu.fused_max_hidden("forward", cell, dtype,
+                                                      triton_gpu.device_limits(device))):
+        return AUTO_ORDER_CUDA_SLOWER
+    return AUTO_ORDER.get(device.type, ("native", "reference"))
 
 
 def _with_strategy(name, cell, device, dtype, reason):
@@ -164,9 +184,10 @@ def _with_strategy(name, cell, device, dtype, reason):
     return f"{reason}; {note}"
 
 
-def choose(backend, cell, device, dtype, proj_size=0, step=False):
+def choose(backend, cell, device, dtype, proj_size=0, step=False, hidden=None):
     """Resolve ``backend`` (a name or "auto") for a recurrence on ``device``/``dtype``
-    (``step=True``: a single cell step, see ``AUTO_ORDER_STEP``).
+    (``step=True``: a single cell step, see ``AUTO_ORDER_STEP``; ``hidden``: H, which decides
+    on CUDA, see ``AUTO_ORDER_CUDA_SLOWER``; None there: as for an H beyond the fused limit).
 
     Returns a :class:`Choice`. Raises ValueError for an unknown name and
     :class:`BackendUnavailable` when a named backend cannot run the case.
@@ -182,7 +203,7 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False):
                                          (backend, cell, dtype, proj_size))
         return Choice(backend,
                       _with_strategy(backend, cell, device, dtype, "requested explicitly"))
-    order = (AUTO_ORDER_STEP if step else AUTO_ORDER).get(device.type, ("native", "reference"))
+    order = _auto_order(cell, device, dtype, step, hidden)
     skipped = []
     for name in order:
         reason = why_not(name, cell, device, dtype, proj_size)
@@ -194,6 +215,7 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False):
         if reason is None:
             what = f"a {cell} cell step" if step else cell
             why = f"auto: first of {list(order)} that runs {what} on {device.type} {dtype}"
+            why += f" H={hidden}" if device.type == "cuda" and not step else ""
             why += f" (skipped: {'; '.join(skipped)})" if skipped else ""
             return Choice(name, _with_strategy(name, cell, device, dtype, why))
         skipped.append(f"{name}: {reason}")

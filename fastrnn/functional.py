@@ -179,7 +179,8 @@ def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, 
     w_hh = params[1]  # (G*H, P); P < H with proj_size (torch.nn: proj_size < hidden_size)
     proj_size = w_hh.shape[1] if w_hh.shape[1] * cells.spec(cell).gates < w_hh.shape[0] else 0
     amp = backends.autocast_dtype(params[0])
-    backend = backends.resolve(backend, cell, params[0].device, amp or params[0].dtype, proj_size)
+    backend = backends.resolve(backend, cell, params[0].device, amp or params[0].dtype, proj_size,
+                               hidden=w_hh.shape[0] // cells.spec(cell).gates)
     if amp is not None and backend != "native":
         return _autocast(_recurrent, amp, cell, input, hx, params, has_biases, num_layers, dropout,
                          train, bidirectional, batch_first, batch_sizes, backend)

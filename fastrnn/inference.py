@@ -55,7 +55,8 @@ def _prepared(module, weights):
             and entry.stamp == _stamp(weights)):
         return entry
     weight, cell = weights[0], module.cell
-    name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size)
+    name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
+                            hidden=module.hidden_size)
     lean = getattr(backends.KERNELS.get(name), "lean_path", None)
     kernels = lean() if lean is not None else None
     layers = None

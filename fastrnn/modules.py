@@ -115,8 +115,8 @@ class _Recurrent(_Backend, nn.RNNBase):
         by the module's device and dtype (inputs must match them), under ``torch.autocast`` by
         autocast's dtype (:func:`fastrnn.backends.compute_dtype`)."""
         weight = getattr(self, self._flat_weights_names[0])
-        return backends.choose(self.backend, self.cell, weight.device,
-                               backends.compute_dtype(weight), self.proj_size)
+        return backends.choose(self.backend, self.cell, weight.device, backends.compute_dtype(
+            weight), self.proj_size, hidden=self.hidden_size)
 
     def _cell_params(self):
         """The flat parameter list :func:`fastrnn.functional.stack` takes (torch.nn's order)."""
@@ -159,8 +159,8 @@ class _Recurrent(_Backend, nn.RNNBase):
         self._update_flat_weights()  # current weights (functional_call, parametrizations)
         if not unrolled:
             weight = self._flat_weights[0]
-            backend = backends.resolve(self.backend, self.cell, weight.device,
-                                       backends.compute_dtype(weight), self.proj_size)
+            backend = backends.resolve(self.backend, self.cell, weight.device, backends.compute_dtype(
+                weight), self.proj_size, hidden=self.hidden_size)
             if backend == "native":
                 return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"

@@ -2,6 +2,7 @@
 ONNX Runtime baseline's weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
 import importlib.util
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -46,6 +47,21 @@ def _gpu_bench():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_gpu_scripts_import_and_their_step_tiles_are_valid(monkeypatch):
+    """The device check's profile and tile scripts import without a GPU (they run only on one)
+    and every tile they sweep is one forced_strategy accepts; the check script parses."""
+    from fastrnn.kernels.triton_gpu import configs
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import gpu_profile
+    import gpu_tiles
+    assert {c[0] for c in gpu_profile.CASES} <= set(gpu_profile.CLASSES)
+    assert (configs.STEP_BLOCK_H, configs.STEP_BLOCK_K) in gpu_tiles.TILES
+    for block_h, block_k in gpu_tiles.TILES:
+        with configs.forced_strategy("step", block_h, block_k):
+            pass
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
 
 
 def test_gpu_bench_imports_and_its_grid_is_sized():
@@ -182,3 +198,18 @@ def test_cli_tiny_grid_writes_reports_and_compares(tmp_path, capsys):
     assert all(r["case"].startswith("gru-") and r["previous_s"] > 0 for r in rows)
     assert "Change against the previous run" in (out / "results.md").read_text()
     assert "change against the previous run" in capsys.readouterr().err
+
+
+def test_plots_leave_out_a_group_with_nothing_timed(tmp_path):
+    """A cell/mode/dtype whose cases were all left by --max-minutes gets no figure (matplotlib
+    refuses a legend with no entries: the H200 run of 2026-12-04 stopped there)."""
+    from fastrnn_bench.plots import plots
+    report = json.loads((ROOT / "bench/results/cpu-quick-1thread-epyc-zen4/results.json").read_text())
+    for c in report["cases"]:
+        if c["case"]["cell"] == "rnn":
+            for r in c["results"].values():
+                r["status"] = "skipped"
+            c["ratios"] = {}
+    written = plots(report, tmp_path)
+    assert "time_lstm_inference_float32.png" in written
+    assert not [w for w in written if w.startswith("time_rnn")]

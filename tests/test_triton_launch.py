@@ -6,6 +6,7 @@ The CPU tests run the launcher under ``TRITON_INTERPRET=1`` (set by conftest.py 
 the CUDA tests are skipped without a CUDA device.
 """
 import contextlib
+import functools
 import os
 
 import pytest
@@ -200,3 +201,38 @@ def test_backend_for_names_the_strategy():
     limit = configs.fused_max_hidden("forward", "lstm", torch.float16,
                                      configs.device_limits(DEVICE))
     assert "fused" in reason and f"H={limit}" in reason
+
+
+@pytest.mark.parametrize("device_class", ["sm_90", "sm_86"])
+def test_auto_on_cuda_runs_triton_only_where_it_was_measured_faster(monkeypatch, device_class):
+    """auto on a CUDA device (faked: its limits): triton first for bfloat16 at H within the
+    device's fused forward limit, torch.nn (cuDNN) first elsewhere (float32, float16, larger H,
+    H unknown); cells take torch's fused cell op as before."""
+    fake = None if device_class == "sm_90" else configs.DeviceLimits(86, 101376, 65536, 84)
+    monkeypatch.setattr(backends.triton_gpu, "device_limits", lambda device: fake)
+    cuda = torch.device("cuda", 0)
+    for cell in ("rnn_tanh", "lstm", "gru"):
+        limit = configs.fused_max_hidden("forward", cell, torch.bfloat16, fake)
+        assert limit in (64, 128)
+        order = functools.partial(backends._auto_order, cell, cuda, step=False)
+        assert order(torch.bfloat16, hidden=limit) == backends.AUTO_ORDER["cuda"]
+        assert order(torch.bfloat16, hidden=16) == backends.AUTO_ORDER["cuda"]
+        assert order(torch.bfloat16, hidden=limit + 1)[0] == "native"
+        assert order(torch.bfloat16, hidden=None)[0] == "native"
+        for dtype in (torch.float32, torch.float16):
+            assert order(dtype, hidden=16)[0] == "native"
+        assert backends._auto_order(cell, cuda, torch.bfloat16, True, 16)[0] == "native"
+        assert backends._auto_order(cell, torch.device("cpu"), torch.float32, False, 16)[0] == "numba"
+
+
+@needs_cuda
+def test_auto_module_choice_on_this_gpu():
+    """On the GPU itself: a bfloat16 LSTM within the fused limit runs triton, a float32 one and
+    a peephole LSTM in float32 (no such cell in cuDNN) run native and triton."""
+    limit = configs.fused_max_hidden("forward", "lstm", torch.bfloat16,
+                                     configs.device_limits(DEVICE))
+    small = fastrnn.LSTM(8, limit).to(DEVICE, torch.bfloat16)
+    assert small.backend_for().name == "triton"
+    assert fastrnn.LSTM(8, 16).to(DEVICE).backend_for().name == "native"
+    peephole = fastrnn.PeepholeLSTM(8, 16).to(DEVICE)
+    assert peephole.backend_for().name == "triton"

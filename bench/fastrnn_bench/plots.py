@@ -25,6 +25,8 @@ def plots(report, out):
     for cell, mode, dtype in keys:
         group = [c for c in cases if (c["case"]["cell"], c["case"]["mode"], c["case"]["dtype"])
                  == (cell, mode, dtype)]
+        if not any(r.get("status") == "ok" for c in group for r in c["results"].values()):
+            continue  # nothing timed (e.g. every case left by --max-minutes): no empty figure
         hiddens = sorted({c["case"]["hidden"] for c in group})
         batches = sorted({c["case"]["batch"] for c in group})
         seq_lens = sorted({c["case"]["seq_len"] for c in group})
