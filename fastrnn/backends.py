@@ -215,7 +215,9 @@ def choose(backend, cell, device, dtype, proj_size=0, step=False, hidden=None):
         if reason is None:
             what = f"a {cell} cell step" if step else cell
             why = f"auto: first of {list(order)} that runs {what} on {device.type} {dtype}"
-            why += f" H={hidden}" if device.type == "cuda" and not step else ""
+            if order is AUTO_ORDER_CUDA_SLOWER:
+                why += (f" H={hidden}: triton measured slower than cuDNN there on an H200, "
+                        "bench/results/cuda-h200/")
             why += f" (skipped: {'; '.join(skipped)})" if skipped else ""
             return Choice(name, _with_strategy(name, cell, device, dtype, why))
         skipped.append(f"{name}: {reason}")

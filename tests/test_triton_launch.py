@@ -223,6 +223,8 @@ def test_auto_on_cuda_runs_triton_only_where_it_was_measured_faster(monkeypatch,
             assert order(dtype, hidden=16)[0] == "native"
         assert backends._auto_order(cell, cuda, torch.bfloat16, True, 16)[0] == "native"
         assert backends._auto_order(cell, torch.device("cpu"), torch.float32, False, 16)[0] == "numba"
+    choice = backends.choose("auto", "lstm", cuda, torch.float32, hidden=16)
+    assert choice.name == "native" and "triton measured slower than cuDNN" in choice.reason
 
 
 @needs_cuda
@@ -233,6 +235,7 @@ def test_auto_module_choice_on_this_gpu():
                                      configs.device_limits(DEVICE))
     small = fastrnn.LSTM(8, limit).to(DEVICE, torch.bfloat16)
     assert small.backend_for().name == "triton"
-    assert fastrnn.LSTM(8, 16).to(DEVICE).backend_for().name == "native"
+    choice = fastrnn.LSTM(8, 16).to(DEVICE).backend_for()
+    assert choice.name == "native" and "measured slower" in choice.reason
     peephole = fastrnn.PeepholeLSTM(8, 16).to(DEVICE)
     assert peephole.backend_for().name == "triton"
