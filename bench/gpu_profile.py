@@ -63,22 +63,32 @@ def _kernels(fn, calls=5):
     return (sum(e.time_range.elapsed_us() for e in events) / 1e3 / calls, len(events) / calls)
 
 
-def profile(cell, T, B, H, dtype, mode):
+def models(cell, T, B, H, dtype):
+    """(torch.nn module, fastrnn triton module with its weights, call(model, mode)) on the GPU: one
+    layer, input (T, B, H); call runs a forward (inference) or forward + backward (training)."""
     torch.manual_seed(0)
     ref_cls, fast_cls = CLASSES[cell]
     ref = ref_cls(H, H).cuda().to(dtype)
     fast = fast_cls(H, H, backend="triton").cuda().to(dtype)
     fast.load_state_dict(ref.state_dict())
     x = torch.randn(T, B, H, device="cuda", dtype=dtype)
+
+    def call(model, mode):
+        if mode == "inference":
+            with torch.no_grad():
+                return model(x)[0]
+        y = model(x)[0]
+        y.float().sum().backward()
+        return y
+    return ref, fast, call
+
+
+def profile(cell, T, B, H, dtype, mode):
+    ref, fast, run = models(cell, T, B, H, dtype)
     rows = {}
     for name, model in (("triton", fast), ("cudnn", ref)):
-        if mode == "inference":
-            def call(model=model):
-                with torch.no_grad():
-                    model(x)
-        else:
-            def call(model=model):
-                model(x)[0].float().sum().backward()
+        def call(model=model):
+            run(model, mode)
         row = {"eager_ms": _median_ms(call)}
         try:
             row["graph_ms"] = _median_ms(_graphed(call))

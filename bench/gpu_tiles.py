@@ -9,9 +9,8 @@ import json
 
 import torch
 
-import fastrnn
 from fastrnn.kernels.triton_gpu import configs
-from gpu_profile import CLASSES, _graphed, _median_ms
+from gpu_profile import _graphed, _median_ms, models
 
 CASES = [("lstm", 256, 32, 512, torch.bfloat16), ("lstm", 256, 128, 512, torch.bfloat16),
          ("lstm", 256, 32, 128, torch.float32), ("gru", 256, 32, 768, torch.bfloat16)]
@@ -19,26 +18,12 @@ TILES = [(16, 32), (16, 64), (32, 32), (32, 64), (32, 128), (64, 32), (64, 64)]
 
 
 def time_case(cell, T, B, H, dtype, mode, tiles):
-    torch.manual_seed(0)
-    ref_cls, fast_cls = CLASSES[cell]
-    ref = ref_cls(H, H).cuda().to(dtype)
-    fast = fast_cls(H, H, backend="triton").cuda().to(dtype)
-    fast.load_state_dict(ref.state_dict())
-    x = torch.randn(T, B, H, device="cuda", dtype=dtype)
-
-    def call(model):
-        if mode == "inference":
-            with torch.no_grad():
-                return model(x)[0]
-        y = model(x)[0]
-        y.float().sum().backward()
-        return y
-
-    row = {"cudnn": _median_ms(_graphed(lambda: call(ref)))}
+    ref, fast, run = models(cell, T, B, H, dtype)
+    row = {"cudnn": _median_ms(_graphed(lambda: run(ref, mode)))}
     for bh, bk in tiles:
         try:
             with configs.forced_strategy("step", bh, bk):
-                row[f"{bh}x{bk}"] = _median_ms(_graphed(lambda: call(fast)))
+                row[f"{bh}x{bk}"] = _median_ms(_graphed(lambda: run(fast, mode)))
         except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit: recorded
             row[f"{bh}x{bk}"] = f"{type(e).__name__}: {str(e)[:80]}"
     return row
