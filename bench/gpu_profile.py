@@ -1,7 +1,8 @@
 """Where a GPU call's time goes: fastrnn's triton backend and torch.nn (cuDNN), one layer, per case
 and mode: the eager call (CUDA events around it: launch gaps included), the same call replayed
 from a CUDA graph (no launch cost), and the sum of its kernels' device time (torch.profiler),
-with the number of kernels launched per call.
+with the number of kernels launched per call; then the Python functions an eager call's host
+time goes to (cProfile).
 
     python bench/gpu_profile.py [--out FILE.json]
 
@@ -9,7 +10,9 @@ Eager / graph > 1 means the call is bound by launches (Python and driver cost pe
 time / graph time near 1 means the GPU is busy for the whole replay.
 """
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 
 import torch
@@ -125,6 +128,23 @@ def main(argv=None):
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
+    host_profile(*CASES[0], "inference")
+
+
+def host_profile(cell, T, B, H, dtype, mode, calls=200):
+    """The Python functions an eager triton call spends its host time in (cProfile, the top 20
+    by own time): what makes eager calls slower than their CUDA-graph replay."""
+    _, fast, run = models(cell, T, B, H, dtype)
+    run(fast, mode)
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        run(fast, mode)
+    torch.cuda.synchronize()
+    profiler.disable()
+    print(f"\nhost time of {calls} eager triton calls, {cell} T={T} B={B} H={H} {dtype} {mode}:")
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(20)
 
 
 if __name__ == "__main__":
