@@ -253,6 +253,47 @@ def test_loops_ask_for_512_bit_vectors_where_the_cpu_has_them():
             assert ("zmm" in fn.inspect_asm(sig)) == expected, loop.__name__
 
 
+def test_panel_vector_width_follows_the_target_cpu():
+    """64-byte vectors where 512-bit code is wanted, 32 with AVX2 + FMA (also on the first
+    AVX-512 cores, and where a target CPU is set), none without; the kernels here are compiled
+    with what this CPU gets."""
+    avx512 = "+avx,+avx2,+fma,+avx512f"
+    assert jit.panel_vector_bytes(avx512, None, wide=True) == 64
+    assert jit.panel_vector_bytes(avx512, None, wide=False) == 32
+    assert jit.panel_vector_bytes(avx512, "haswell", wide=True) == 32
+    assert jit.panel_vector_bytes("+avx,+avx2,+fma,-avx512f", None, wide=True) == 32
+    assert jit.panel_vector_bytes("+avx,+avx2,-fma", None, wide=True) == 0
+    assert jit.panel_vector_bytes("+sse2,-avx2", None, wide=True) == 0
+    assert numba_matmul.USE_PANELS == (jit.PANEL_VECTOR_BYTES > 0)
+    assert numba_matmul.PANEL_BYTES == 2 * (jit.PANEL_VECTOR_BYTES or 32)
+
+
+def test_avx2_panel_kernel_keeps_its_block_in_registers(tmp_path):
+    """Compiled for an AVX2 CPU (forced: NUMBA_CPU_NAME=haswell and its features, a fresh cache),
+    the 4-row panel kernel runs on 32-byte vectors, ymm only, with no vector register spilled
+    to the stack (its 64-byte form spilled there: 5x slower), and computes the product."""
+    script = """if True:
+        import re
+        import numpy as np
+        from fastrnn.kernels.numba_cpu import buffers, jit, matmul, vectors
+        assert jit.PANEL_VECTOR_BYTES == 32 and matmul.USE_PANELS
+        rng = np.random.default_rng(0)
+        a, w = rng.standard_normal((4, 48), np.float32), rng.standard_normal((48, 32), np.float32)
+        panel, acc = matmul.panels(w)[0], np.zeros((4, 16), np.float32)
+        vectors._panel_rows4(acc, 0, a, 0, panel, 0, True)
+        np.testing.assert_allclose(acc, a @ w[:, :16], rtol=1e-5, atol=1e-5)
+        asm = vectors._panel_rows4.inspect_asm(vectors._panel_rows4.signatures[0])
+        asm = asm.split(".Lfunc_end0")[0]  # the kernel itself, not Python's wrapper after it
+        spills = [l for l in asm.splitlines() if re.search(r"%ymm.*\(%rsp\)|\(%rsp\).*%ymm", l)]
+        print("ymm" in asm, "zmm" in asm, len(spills))
+    """
+    env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["True", "False", "0"], run.stdout
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gradcheck_float64(variant, matmul, generator):
     g = generator

@@ -69,6 +69,27 @@ def _host_cpu():
 WIDE_VECTORS = _host_cpu() not in ("skylake-avx512", "cascadelake", "cooperlake")
 
 
+def panel_vector_bytes(features=None, cpu_name=None, wide=WIDE_VECTORS):
+    """Bytes of one explicit vector of the panel kernels (vectors.py) for the CPU Numba compiles
+    for, given its LLVM ``features`` ("+avx2,+fma,...": NUMBA_CPU_FEATURES, else the host's) and
+    ``cpu_name`` (NUMBA_CPU_NAME): 64 where 512-bit code is wanted (AVX-512, ``wide``, no
+    target CPU set), 32 with AVX2 and FMA (a 4-row x 2-vector block is then 8 of the 16 ymm
+    registers), else 0: no panel kernels."""
+    has = set(features.split(","))
+    if wide and not cpu_name and "+avx512f" in has:
+        return 64
+    return 32 if {"+avx2", "+fma"} <= has else 0
+
+
+def _target_features():
+    import llvmlite.binding as llvm
+    return config.CPU_FEATURES if config.CPU_FEATURES is not None else \
+        llvm.get_host_cpu_features().flatten()
+
+
+PANEL_VECTOR_BYTES = panel_vector_bytes(_target_features(), config.CPU_NAME)
+
+
 @intrinsic
 def _prefer_wide_vectors(typingctx):
     """Let LLVM vectorize the calling function with 512-bit vectors where the CPU has them (no

@@ -1,7 +1,8 @@
 """The recurrent matmul of one step from compiled code: the BLAS gemm torch exports (MKL on x86),
 called through its address, or Numba micro-kernels: on weights packed in column panels
-(:func:`panels`), explicit 64-byte vectors held in registers across the whole sum; else
-(columns past the last full panel, CPUs without 512-bit vectors) loops LLVM vectorizes."""
+(:func:`panels`), explicit vectors (64 bytes with AVX-512, 32 with AVX2) held in registers
+across the whole sum; else (columns past the last full panel, CPUs without AVX2 + FMA) loops
+LLVM vectorizes."""
 from __future__ import annotations
 
 import ctypes
@@ -14,20 +15,20 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fastrnn.kernels.numba_cpu.jit import _JIT, WIDE_VECTORS, _prefer_wide_vectors
-from fastrnn.kernels.numba_cpu.vectors import _panel_row, _panel_rows4
+from fastrnn.kernels.numba_cpu.jit import _JIT, PANEL_VECTOR_BYTES, _prefer_wide_vectors
+from fastrnn.kernels.numba_cpu.vectors import VECTOR_BYTES, _panel_row, _panel_rows4
 
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
 # stream through it.
 WEIGHT_TILE_BYTES = 1 << 20
-# A panel: 128 bytes of weight columns (32 float32 / 16 float64), two 64-byte vectors, stored
-# (K, panel) contiguously: the panel kernels keep a 4-row x 2-vector block of the product in 8
-# registers for the whole K-long sum. Used where the CPU has 512-bit vectors that LLVM may use
-# (jit.WIDE_VECTORS; compiled for AVX2 they spill: 5x slower than the unpacked kernel). Measured
-# on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @ (H x 4H) against MKL's gemm call
-# (bench/numba_profile.py --matmul): B=1 H=128 3.1 µs (MKL 6.4), B=8 H=128 11.7 (20.3), B=8
-# H=512 178 (418), B=64 H=512 1382 (2036); bench/results/panel-kernels-zen4.md.
-PANEL_BYTES = 128
+# A panel: two vectors of weight columns (128 bytes with AVX-512: 32 float32 / 16 float64; 64
+# with AVX2), stored (K, panel) contiguously: the panel kernels keep a 4-row x 2-vector block of
+# the product in 8 registers for the whole K-long sum. Used where the CPU has AVX-512 or AVX2 +
+# FMA (jit.PANEL_VECTOR_BYTES). Measured on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @
+# (H x 4H) against MKL's gemm call (bench/numba_profile.py --matmul): B=1 H=128 3.1 µs (MKL
+# 6.4), B=8 H=128 11.7 (20.3), B=8 H=512 178 (418), B=64 H=512 1382 (2036);
+# bench/results/panel-kernels-zen4.md.
+PANEL_BYTES = 2 * VECTOR_BYTES
 
 
 _TORCH_CPU_LIBRARY = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
@@ -81,17 +82,8 @@ _OMATCOPY = _find_omatcopy()
 USE_BLAS = _GEMM is not None
 
 
-def _has_wide_vectors():
-    """Whether the code Numba makes here has 512-bit vectors LLVM may use: not where a target CPU
-    is set for it (NUMBA_CPU_NAME, e.g. a portable cache)."""
-    import llvmlite.binding as llvm
-    from numba.core import config
-    return (WIDE_VECTORS and not config.CPU_NAME
-            and bool(llvm.get_host_cpu_features().get("avx512f", False)))
-
-
-# The panel kernels where the CPU has 512-bit vectors (tests force both ways).
-USE_PANELS = _has_wide_vectors()
+# The panel kernels where the CPU has the vectors for them (tests force both ways).
+USE_PANELS = PANEL_VECTOR_BYTES > 0
 
 
 @intrinsic
@@ -271,7 +263,7 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
 
 def panels(w, use=True):
     """``w`` (K, N) numpy, packed for the panel kernels: (N // P, K, P), P columns of
-    :data:`PANEL_BYTES` each, 64-byte aligned; (0, K, P) unless ``use`` and the CPU has 512-bit
+    :data:`PANEL_BYTES` each, 64-byte aligned; (0, K, P) unless ``use`` and the CPU has the
     vectors for them (:data:`USE_PANELS`), or where N < P. The kernels read the columns past the
     last panel from w."""
     from fastrnn.kernels.numba_cpu import buffers

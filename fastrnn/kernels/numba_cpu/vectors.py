@@ -1,8 +1,8 @@
 """The panel kernels of the step matmul (:func:`.matmul._matmul_rows`): a block of the product
-held in registers as explicit 64-byte vectors (float32 x 16, float64 x 8) for the whole K-long
-sum, over weights packed in column panels (:func:`.matmul.panels`). Numba has no vector type:
-the intrinsics below give the kernels one (load, store, broadcast, add, fused multiply-add);
-LLVM lowers each to one zmm instruction with AVX-512, to two ymm ones with AVX2."""
+held in registers as explicit vectors of :data:`VECTOR_BYTES` (64 with AVX-512: float32 x 16,
+float64 x 8, one zmm register each; 32 with AVX2: one ymm) for the whole K-long sum, over weights
+packed in column panels of two vectors (:func:`.matmul.panels`). Numba has no vector type: the
+intrinsics below give the kernels one (load, store, broadcast, add, fused multiply-add)."""
 from __future__ import annotations
 
 from llvmlite import ir
@@ -10,21 +10,25 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
+from fastrnn.kernels.numba_cpu.jit import _JIT, PANEL_VECTOR_BYTES, _prefer_wide_vectors
+
+# The width the kernels are compiled with: jit.PANEL_VECTOR_BYTES, or 32 where the loops do not
+# choose them (the tests still run them there).
+VECTOR_BYTES = PANEL_VECTOR_BYTES or 32
 
 
 class _Vector(types.Type):
-    """A 64-byte vector of ``dtype`` (float32 or float64), an LLVM vector value."""
+    """A vector of VECTOR_BYTES of ``dtype`` (float32 or float64), an LLVM vector value."""
 
     def __init__(self, dtype):
         self.dtype = dtype
-        super().__init__(name=f"vector64({dtype})")
+        super().__init__(name=f"vector{VECTOR_BYTES}({dtype})")
 
 
 @register_model(_Vector)
 class _VectorModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        width = 64 // (fe_type.dtype.bitwidth // 8)
+        width = VECTOR_BYTES // (fe_type.dtype.bitwidth // 8)
         super().__init__(dmm, fe_type, ir.VectorType(dmm.lookup(fe_type.dtype).get_value_type(),
                                                      width))
 
