@@ -41,7 +41,7 @@ AUTO_ORDER_STEP = {"cpu": ("native", "numba", "reference"),
 # where torch.nn's bfloat16 path runs per-step kernels and re-packs its weights every call (LSTM
 # 2.2-6.1x inference, 0.93-1.4x training; GRU 2.1-5.5x / 1.7-4.6x; RNN 2.6-5.7x / 1.9-5.1x).
 # cuDNN was faster everywhere else (float32 0.02-0.74x, float16 0.11-0.72x, bfloat16 above the
-# fused limit 0.35-0.68x), so auto runs native there (and triton where cuDNN has no such cell).
+# fused limit 0.35-0.69x), so auto runs native there (and triton where cuDNN has no such cell).
 AUTO_ORDER_CUDA_SLOWER = ("native", "triton", "reference")
 #: The compiled backends: each package declares what it runs (``CAPABILITIES``) and implements
 #: the kernel contract of :mod:`fastrnn.kernels.reference`.

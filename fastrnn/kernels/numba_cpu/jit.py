@@ -69,7 +69,7 @@ def _host_cpu():
 WIDE_VECTORS = _host_cpu() not in ("skylake-avx512", "cascadelake", "cooperlake")
 
 
-def panel_vector_bytes(features=None, cpu_name=None, wide=WIDE_VECTORS):
+def panel_vector_bytes(features, cpu_name=None, wide=WIDE_VECTORS):
     """Bytes of one explicit vector of the panel kernels (vectors.py) for the CPU Numba compiles
     for, given its LLVM ``features`` ("+avx2,+fma,...": NUMBA_CPU_FEATURES, else the host's) and
     ``cpu_name`` (NUMBA_CPU_NAME): 64 where 512-bit code is wanted (AVX-512, ``wide``, no
