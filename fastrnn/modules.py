@@ -45,11 +45,8 @@ def onnx_exporting():
 
 def exporting():
     """Whether this call is being traced for a graph that leaves Python: ``torch.jit.trace`` or
-    ``torch.onnx.export`` (either exporter). Plain ``torch.export`` and ``torch.compile`` are not
-    meant here: they trace fastrnn's custom op (see :mod:`fastrnn.custom_ops`).
-
-    dynamo=False traces with the JIT; dynamo=True runs ``torch.export``, so an eager call pays
-    two flag reads and never asks torch.onnx (whose check costs microseconds)."""
+    ``torch.onnx.export`` (either exporter; not plain ``torch.export`` and ``torch.compile``,
+    which trace fastrnn's custom op). An eager call pays two flag reads, never torch.onnx's."""
     return torch.jit.is_tracing() or (torch.compiler.is_exporting() and onnx_exporting())
 
 
@@ -82,9 +79,7 @@ class _Backend:
         scripted module computes what torch.nn's does. torch.jit.script writes the twins it gets
         back into the model it scripts (``model.lstm`` is then a ``torch.nn.LSTM`` with the same
         parameters; ``fastrnn.convert(model)`` turns it back)."""
-        if parametrize.is_parametrized(self):
-            # The twin would hold the last computed weights, not the parametrization: refuse, as
-            # torch.nn does (with a less telling error).
+        if parametrize.is_parametrized(self):  # the twin would hold the last weights: refuse
             raise RuntimeError(
                 f"fastrnn.{self._torch_class.__name__} with parametrizations "
                 f"({', '.join(self.parametrizations)}) cannot be scripted: TorchScript does not "
@@ -115,8 +110,15 @@ class _Recurrent(_Backend, nn.RNNBase):
         by the module's device and dtype (inputs must match them), under ``torch.autocast`` by
         autocast's dtype (:func:`fastrnn.backends.compute_dtype`)."""
         weight = getattr(self, self._flat_weights_names[0])
-        return backends.choose(self.backend, self.cell, weight.device, backends.compute_dtype(
-            weight), self.proj_size, hidden=self.hidden_size)
+        return backends.choose(self.backend, *self._case(weight, input), hidden=self.hidden_size)
+
+    def _case(self, weight, input):
+        """(cell, device, dtype, proj_size, step) for the choice; a dense input of one time step
+        eagerly is a cell step (``backends.AUTO_ORDER_STEP``: numba streamed 0.36-1.03x torch)."""
+        step = (not torch.compiler.is_compiling() and isinstance(input, torch.Tensor)
+                and input.dim() in (2, 3)
+                and input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 1)
+        return self.cell, weight.device, backends.compute_dtype(weight), self.proj_size, step
 
     def _cell_params(self):
         """The flat parameter list :func:`fastrnn.functional.stack` takes (torch.nn's order)."""
@@ -158,10 +160,8 @@ class _Recurrent(_Backend, nn.RNNBase):
         backend = None
         self._update_flat_weights()  # current weights (functional_call, parametrizations)
         if not unrolled:
-            weight = self._flat_weights[0]
-            backend = backends.resolve(self.backend, self.cell, weight.device, backends.compute_dtype(
-                weight), self.proj_size, hidden=self.hidden_size)
-            if backend == "native":
+            case = self._case(self._flat_weights[0], input)
+            if (backend := backends.resolve(self.backend, *case, self.hidden_size)) == "native":
                 return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)

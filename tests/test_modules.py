@@ -272,3 +272,39 @@ def test_auto_runs_single_cell_steps_on_torchs_fused_cell_op(name):
     choice = getattr(fastrnn, name)(3, 4).backend_for()
     assert choice.name == "native" and "cell step" in choice.reason
     assert getattr(fastrnn, name)(3, 4, backend="reference").backend_for().name == "reference"
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU"])
+def test_auto_runs_a_one_step_sequence_call_as_a_cell_step(name, batch_first, monkeypatch):
+    """A dense input of one time step (streamed training) is a cell step for auto: torch's own
+    op (numba ran such calls at 0.36-1.03x torch.nn, bench/results/cpu-full-1thread-epyc-zen4);
+    longer and packed inputs keep numba, no-grad one-step calls keep the lean path, and a named
+    backend is kept. The one-step call's outputs and gradients are torch.nn's."""
+    mod = getattr(fastrnn, name)(3, 4, batch_first=batch_first)
+    ref = getattr(nn, name)(3, 4, batch_first=batch_first)
+    ref.load_state_dict(mod.state_dict())
+    one, two = torch.randn(2, 1, 3), torch.randn(2, 2, 3)
+    if not batch_first:
+        one, two = one.transpose(0, 1), two.transpose(0, 1)
+    assert mod.backend_for(one).name == "native" and "cell step" in mod.backend_for(one).reason
+    assert mod.backend_for(torch.randn(1, 3)).name == "native"  # unbatched, one step
+    expected = "numba" if backends.why_not("numba", mod.cell, "cpu", torch.float32) is None \
+        else "native"
+    assert mod.backend_for(two).name == expected
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(1, 2, 3), torch.tensor([1, 1]))
+    assert mod.backend_for(packed).name == expected
+    assert getattr(fastrnn, name)(3, 4, backend="reference").backend_for(one).name == "reference"
+    calls = []
+    monkeypatch.setattr(type(mod)._torch_class, "forward",
+                        lambda self, *a, f=type(mod)._torch_class.forward: calls.append(1) or f(
+                            self, *a))
+    x = one.clone().requires_grad_()
+    out = mod(x)[0]
+    assert calls == [1]  # torch.nn's forward ran it
+    out.sum().backward()
+    x_ref = one.clone().requires_grad_()
+    ref(x_ref)[0].sum().backward()
+    assert_all_close([out, x.grad] + [p.grad for p in mod.parameters()],
+                     [ref(one)[0], x_ref.grad] + [p.grad for p in ref.parameters()],
+                     torch.float32, name)
