@@ -14,7 +14,7 @@ from gpu_profile import _graphed, _median_ms, models
 
 CASES = [("lstm", 256, 32, 512, torch.bfloat16), ("lstm", 256, 128, 512, torch.bfloat16),
          ("lstm", 256, 32, 128, torch.float32), ("gru", 256, 32, 768, torch.bfloat16)]
-TILES = [(16, 32), (16, 64), (32, 32), (32, 64), (32, 128), (64, 32), (64, 64)]
+TILES = [(16, 16), (16, 32), (16, 64), (32, 16), (32, 32), (32, 64), (32, 128), (64, 16), (64, 32)]
 
 
 def time_case(cell, T, B, H, dtype, mode, tiles):

@@ -10,19 +10,21 @@ import os
 import triton
 
 from fastrnn.kernels.triton_gpu import kernels
-from fastrnn.kernels.triton_gpu.configs import (ARCH_SHARED, FP_FUSION, MAX_REGISTERS,
-                                                TRITON_DTYPE, KernelConfig, dispatchable)
+from fastrnn.kernels.triton_gpu.configs import (ARCH_SHARED, FP_FUSION,  # noqa: F401
+                                                MAX_REGISTERS, TRITON_DTYPE, KernelConfig,
+                                                dispatchable, launch_options)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
 
 _KERNELS = {
     "forward_fused": "_forward_fused_kernel", "backward_fused": "_backward_fused_kernel",
-    "forward_step": "_forward_step_kernel", "backward_step": "_backward_step_kernel",
+    "forward_step": "_forward_tiled_kernel", "backward_step": "_backward_tiled_kernel",
+    "forward_persistent": "_forward_tiled_kernel", "backward_persistent": "_backward_tiled_kernel",
 }
 # Pointer arguments that are float32 workspaces whatever the input dtype (the rest are the
 # input dtype, except the int32 step tables).
-_FP32_POINTERS = {"hprev_ptr", "stash_ptr", "h_in_ptr", "h_out_ptr", "c_ptr", "dgate_ptr",
-                  "dhn_ptr", "dh_ptr", "dc_ptr", "dh0_ptr", "dc0_ptr"}
-_INT_POINTERS = {"bs_ptr", "off_ptr"}
+_FP32_POINTERS = {"hprev_ptr", "stash_ptr", "hbuf_ptr", "c_ptr", "dgate_ptr", "dhn_ptr", "dh_ptr",
+                  "dc_ptr", "dh0_ptr", "dc0_ptr"}
+_INT_POINTERS = {"bs_ptr", "off_ptr", "sync_ptr"}
 # Pointer arguments the caller provides (views such as h0[k] may start at any element); the rest
 # are the launcher's own allocations and step tables, always 16-byte aligned.
 CALLER_POINTERS = {"xg_ptr", "h0_ptr", "c0_ptr", "w_ptr", "bhn_ptr", "wcell_ptr", "gy_ptr",
@@ -66,12 +68,12 @@ def aot_source(config, aligned=True):
 
 def compile_config(config, cc, aligned=True):
     """Compile ``config`` for ``sm_<cc>`` without a GPU, with the launch options of the launchers
-    (``num_warps``, ``enable_fp_fusion``); returns the compiled kernel (``.asm["cubin"]``,
-    ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
+    (:func:`~fastrnn.kernels.triton_gpu.configs.launch_options`); returns the compiled kernel
+    (``.asm["cubin"]``, ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
     from triton.backends.compiler import GPUTarget
 
     return triton.compile(aot_source(config, aligned), target=GPUTarget("cuda", cc, 32),
-                          options={"num_warps": config.num_warps, "enable_fp_fusion": FP_FUSION})
+                          options=launch_options(config))
 
 
 def _cuobjdump():
@@ -112,6 +114,17 @@ def fits(row):
     :data:`MAX_REGISTERS` registers, dynamic shared memory within the arch's opt-in limit."""
     return (row["STACK"] == 0 and 0 < row["REG"] <= MAX_REGISTERS
             and row["metadata_shared"] <= row["shared_limit"])
+
+
+def blocks_per_sm(row, num_warps):
+    """How many programs of a :func:`resource_usage` row (compiled with ``num_warps`` warps) one
+    SM holds at once: registers (65536 per SM, allocated per warp in units of 256) and shared
+    memory (the arch's opt-in limit per block plus the 1 KB the driver reserves per block, per
+    SM on sm_80-sm_90), at most 32 blocks."""
+    per_warp = -(-row["REG"] * 32 // 256) * 256
+    by_registers = 65536 // per_warp // num_warps
+    by_shared = (row["shared_limit"] + 1024) // (row["metadata_shared"] + 1024)
+    return min(by_registers, by_shared, 32)
 
 
 def _aot_worker():

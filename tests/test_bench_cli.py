@@ -1,5 +1,6 @@
 """The benchmark CLI (fastrnn_bench, in bench/fastrnn_bench) on a tiny grid, its grids, and the
 ONNX Runtime baseline's weight export. Fast (< 60 s): two tiny runs into a tmp folder."""
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -38,6 +39,11 @@ def test_cuda_grids():
     assert {c.hidden for c in full} == {64, 128, 256, 512, 768}
     assert {c.dtype for c in full} == {"float32", "bfloat16"}
     assert len(full) == 3 * 4 * 5 * 2 * 3 * 2
+    persistent = grid.build_grid("persistent", "cuda", cells=["lstm"])
+    assert {(c.seq_len, c.batch, c.hidden) for c in persistent} == {
+        (t, b, h) for t in (64, 256, 1024) for b in (1, 8, 32, 64, 128)
+        for h in (256, 512, 768, 1024)}
+    assert len(persistent) == 3 * 5 * 4 * 2 * 2
     only = grid.build_grid("quick", "cuda", cells=["lstm"], modes=["training"], dtypes=["bfloat16"])
     assert {(c.cell, c.mode, c.dtype) for c in only} == {("lstm", "training", "bfloat16")}
 
@@ -213,3 +219,16 @@ def test_plots_leave_out_a_group_with_nothing_timed(tmp_path):
     written = plots(report, tmp_path)
     assert "time_lstm_inference_float32.png" in written
     assert not [w for w in written if w.startswith("time_rnn")]
+
+
+def test_forced_triton_strategies_are_skipped_where_they_cannot_run():
+    """``--backends triton-persistent`` (and -fused/-step) time triton with that strategy forced;
+    a case it cannot run is a Skip saying why: no persistent grid on a CPU device (there is no
+    cooperative launch), no fused kernel beyond its H limit."""
+    case = grid.build_grid("tiny", "cpu", cells=["lstm"], modes=["inference"])[0]
+    cpu = torch.device("cpu")
+    assert "exceeds this device's SMs" in baselines._strategy_refused(case, cpu, "persistent")
+    big = dataclasses.replace(case, hidden=4096)
+    assert "fused kernels' limit" in baselines._strategy_refused(big, cpu, "fused")
+    assert baselines._strategy_refused(case, cpu, "step") is None
+    assert set(baselines.FORCED_TRITON) == {"triton-fused", "triton-step", "triton-persistent"}

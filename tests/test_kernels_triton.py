@@ -3,9 +3,11 @@
 Without CUDA the kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1`` is set by
 conftest.py before triton is imported) on CPU tensors, at small shapes. The oracle is
 ``Recurrence.apply("reference", ...)`` run in float64 on the same (dtype-rounded) inputs, its
-results then cast to the tested dtype. Both strategies are tested: ``fused`` (weights on-chip,
-one launch) and ``step`` (hidden dimension split across programs, one launch per step), the
-latter forced at small H with 16-unit tiles so that H spans several blocks.
+results then cast to the tested dtype. Every strategy is tested: ``fused`` (weights on-chip,
+one launch), ``step`` (hidden dimension split across programs, one launch per step) and
+``persistent`` (the step kernels in one launch; under the interpreter its programs run in
+threads, ``_triton_interpreter.threaded_programs``), the latter two forced at small H with
+16-unit tiles so that H spans several blocks.
 
 Under the interpreter, conftest.py corrects its bf16 ``tl.dot`` (``_triton_interpreter.py``): the
 kernels run the same dots as on a GPU, in their operands' dtype; and the programs of a launch
@@ -106,11 +108,26 @@ def case_tensors(cell, sizes, dtype, hidden=HIDDEN, seed=0, with_bias=True):
     return inputs, out_grads
 
 
+@contextlib.contextmanager
+def forced(strategy, step_tiles=STEP_TILES, lagging=None):
+    """``strategy`` forced (None: the dispatcher's choice), the tiled ones with ``step_tiles``.
+    Under the interpreter the persistent kernel's programs run concurrently, each in its own
+    thread (they wait for each other within a launch: the sequential loop would time out),
+    program ``lagging`` (a grid index) behind the others (``interp.threaded_programs``)."""
+    with contextlib.ExitStack() as stack:
+        if strategy == "persistent" and INTERPRETED:
+            stack.enter_context(interp.threaded_programs(lagging, delay_s=0.005))
+            stack.enter_context(unittest.mock.patch.object(
+                launch, "MAX_POLLS", min(launch.MAX_POLLS, 200_000)))  # ~20 s at most
+        if strategy:
+            tiles = step_tiles if strategy != "fused" else {}
+            stack.enter_context(tg.forced_strategy(strategy, **tiles))
+        yield
+
+
 def run_triton(cell, sizes, reverse, inputs, out_grads, strategy, step_tiles=STEP_TILES):
     """:func:`run` of the triton backend, ``strategy`` forced (None: the dispatcher's choice)."""
-    tiles = step_tiles if strategy == "step" else {}
-    forced = tg.forced_strategy(strategy, **tiles) if strategy else contextlib.nullcontext()
-    with forced:
+    with forced(strategy, step_tiles):
         return run("triton", cell, sizes, reverse, inputs, out_grads)
 
 
@@ -190,7 +207,7 @@ def test_lstm_c_n_unused(strategy):
     grads = {}
     for backend in ("reference", "triton"):
         leaves = [t.detach().clone().requires_grad_(True) for t in inputs[:4]]
-        with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+        with forced(strategy):
             y, h_n, _ = Recurrence.apply(backend, "lstm", torch.tensor(PACKED), False,
                                          *leaves, None, None)
             (y.sum() + h_n.square().sum()).backward()
@@ -218,10 +235,7 @@ def test_bias_gradient(cell, strategy):
     for backend, dtype in (("reference", torch.float64), ("triton", torch.float32)):
         leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True)
                   for t in inputs + [bias] + w_cell]
-        tiles = STEP_TILES if strategy == "step" else {}
-        forced = (tg.forced_strategy(strategy, **tiles) if backend == "triton"
-                  else contextlib.nullcontext())
-        with forced:
+        with forced(strategy if backend == "triton" else None):
             outs = Recurrence.apply(backend, cell, torch.tensor(PACKED), False, *leaves[:5], None,
                                     *leaves[5:])
             torch.autograd.backward(outs, [g.to(dtype) for g in out_grads])
@@ -232,7 +246,7 @@ def test_bias_gradient(cell, strategy):
         assert_close(a, e.float(), TOL[torch.float32], name)
 
 
-def _launcher_inputs(cell, sizes=PACKED, hidden=16):
+def launcher_inputs(cell, sizes=PACKED, hidden=16):
     t = [None if t is None else t.float().to(DEVICE) for t in make_inputs(cell, hidden, sizes)]
     return dict(xg=t[0], h0=t[1], c0=t[2], w_hh=t[3], b_hn=t[4], w_cell=(t[5:] or [None])[0])
 
@@ -242,9 +256,9 @@ def _launcher_inputs(cell, sizes=PACKED, hidden=16):
 def test_launchers_return_eight_gradients(cell, strategy):
     """The contract: recurrence_backward returns (d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr,
     d_bias, d_w_cell), d_w_cell (K, H) in w_cell's dtype exactly when w_cell is given."""
-    a = _launcher_inputs(cell)
+    a = launcher_inputs(cell)
     sizes = torch.tensor(PACKED)
-    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+    with forced(strategy):
         y, h_n, c_n, saved = tg.recurrence_forward(cell, a["xg"], a["h0"], a["c0"], a["w_hh"],
                                                    a["b_hn"], None, sizes, False,
                                                    w_cell=a["w_cell"])
@@ -265,7 +279,7 @@ def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strateg
     """save=False (no backward follows): the forward kernels' SAVE=False variant runs, outputs
     bitwise those of save=True, nothing saved. Then that variant given full-size h_prev and stash
     buffers (NaN-filled; the launcher's own config forced to save=False) leaves them untouched."""
-    a = _launcher_inputs(cell)
+    a = launcher_inputs(cell)
     sizes = torch.tensor(PACKED)
     args = (cell, a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_hn"], None, sizes, True)
     seen = []
@@ -277,7 +291,7 @@ def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strateg
             config = dataclasses.replace(config, save=False)
         return options(config, step_math)
 
-    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+    with forced(strategy):
         monkeypatch.setattr(launch, "_options", spy)
         *outs, saved = tg.recurrence_forward(*args, save=True, w_cell=a["w_cell"])
         *lean, nothing = tg.recurrence_forward(*args, save=False, w_cell=a["w_cell"])
@@ -292,15 +306,15 @@ def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strateg
 
         monkeypatch.setattr(torch, "empty", nan_empty)
         monkeypatch.setattr(launch, "_options", functools.partial(spy, force_no_save=True))
-        *forced, (h_prev, stash) = tg.recurrence_forward(*args, save=True, w_cell=a["w_cell"])
+        *no_save, (h_prev, stash) = tg.recurrence_forward(*args, save=True, w_cell=a["w_cell"])
     assert seen[-1].kernel.startswith("forward") and h_prev.isnan().all() and stash.isnan().all()
-    for got, want in zip(forced, outs):
+    for got, want in zip(no_save, outs):
         assert (got is None and want is None) or torch.equal(got, want)
 
 
 def test_w_cell_is_checked():
     """w_cell is required exactly for cells with per-unit weights, as (K, H) in xg's dtype."""
-    lstm, peep = _launcher_inputs("lstm"), _launcher_inputs("peephole_lstm")
+    lstm, peep = launcher_inputs("lstm"), launcher_inputs("peephole_lstm")
     sizes = torch.tensor(PACKED)
 
     def forward(a, cell, w_cell):
@@ -328,7 +342,7 @@ def test_peephole_weight_gradient_is_deterministic(strategy):
     inputs.insert(4, None)  # b_hn
     out_grads = [torch.ones(sum(PACKED), 24, device=DEVICE)] + \
                 [torch.ones(PACKED[0], 24, device=DEVICE)] * 2
-    with tg.forced_strategy(strategy, **(STEP_TILES if strategy == "step" else {})):
+    with forced(strategy):
         first = run("triton", "peephole_lstm", PACKED, False, inputs, out_grads)
         second = run("triton", "peephole_lstm", PACKED, False, inputs, out_grads)
     assert first[1][5] is not None
@@ -401,7 +415,7 @@ def test_kernel_source_has_no_interpreter_branch():
     the dots that are compiled for a GPU."""
     modules = [kernels, step_math] + [cells.MODULES[name] for name in configs.CELLS]
     code = {f"{m.__name__}.{name}": text for m in modules for name, text in _jit_code(m).items()}
-    assert {"fastrnn.kernels.triton_gpu.kernels._backward_step_kernel",
+    assert {"fastrnn.kernels.triton_gpu.kernels._backward_tiled_kernel",
             "fastrnn.kernels.triton_gpu.step_math.mm", "fastrnn.cells.gru.preacts"} <= set(code)
     for name, text in code.items():
         assert not re.search(r"(?i)interpret|DOT_FP32|environ", text), name
@@ -494,10 +508,13 @@ def test_program_order(cell, strategy, layout, reverse, order):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_parity_cuda_full_size(cell, dtype):
-    """Every shipped strategy at full size on the GPU: the largest fused H and a step-strategy H,
-    B = 64 (4 batch programs), T = 64, packed, both directions."""
+    """Every shipped strategy at full size on the GPU: the largest fused H and a larger H, B = 64
+    (4 batch programs), T = 64, packed, both directions; at the larger H the dispatcher's choice
+    (the persistent forward where the grid fits the SMs: 4 x 17 programs) and the step kernels."""
     sizes = [64] * 40 + [48] * 16 + [5] * 8
     limits = [tg.fused_max_hidden(d, cell, dtype) for d in ("forward", "backward")]
     for hidden in sorted({*limits, 4 * max(limits) + 8}):
-        for reverse in (False, True):
-            check_parity(cell, sizes, reverse, dtype, None, hidden=hidden, tols=TOL_CUDA)
+        for strategy in (None,) if hidden in limits else (None, "step"):
+            for reverse in (False, True):
+                check_parity(cell, sizes, reverse, dtype, strategy, hidden=hidden, tols=TOL_CUDA,
+                             step_tiles={})

@@ -14,7 +14,7 @@ variants with the caller's pointers unaligned cannot run (with all of them unali
 fp16/bf16 lstm and peephole_lstm forward at H_PAD 128 spill 144-152 B on sm_80), so checking
 them would double the compiles for nothing; ``python bench/triton_resources.py --unaligned``
 measures them. sm_86 and sm_89 share sm_80's Triton code generation but not its ptxas target,
-so they are compiled, not inferred. 4 archs, aligned: ~610 compiles (~1.5-2 s each per core;
+so they are compiled, not inferred. 4 archs, aligned: ~790 compiles (~1.5-2 s each per core;
 forward kernels twice: with the stash for backward and without, ``KernelConfig.save``).
 
 Compilation runs in worker processes without ``TRITON_INTERPRET`` (conftest.py sets it when there
@@ -69,7 +69,7 @@ def test_dispatcher_fits_a_99kb_device():
     assert configs.select_config("forward", "lstm", torch.float16, 64,
                                  limits=SMALL).h_pad == 64
     for limits in (SMALL._replace(shared=65536), SMALL._replace(registers=32768)):
-        assert all(c.strategy == "step" for c in configs.dispatchable(limits.shared,
+        assert all(c.strategy != "fused" for c in configs.dispatchable(limits.shared,
                                                                         limits.registers))
         assert configs.select_config("forward", "rnn_tanh", torch.float16, 8,
                                      limits=limits).strategy == "step"
@@ -113,3 +113,32 @@ def resources(tmp_path_factory):
 def test_fits(resources, config, cc, aligned):
     row = resources[(config.name, cc, aligned)]
     assert aot.fits(row), f"{config.name} does not fit sm_{cc} (aligned={aligned}): {row}"
+
+
+PERSISTENT = [case for case in CASES if case[0].strategy == "persistent"]
+
+
+@pytest.mark.parametrize("config,cc,aligned", PERSISTENT,
+                         ids=[f"{c.name}-sm{cc}" for c, cc, a in PERSISTENT])
+def test_persistent_grid_is_resident(resources, config, cc, aligned):
+    """Occupancy: wherever the dispatcher picks a persistent kernel (devices of 1-132 SMs,
+    B and H around the block edges), its grid is at most SMs x the programs one SM holds of the
+    compiled kernel (registers and shared memory from the AOT compile), so the cooperative launch
+    can make every program resident."""
+    per_sm = aot.blocks_per_sm(resources[(config.name, cc, aligned)], config.num_warps)
+    assert per_sm >= 1
+    dtype = configs.DTYPES[config.dtype]
+    picked = 0
+    for sms in (1, 28, 84, 108, 132):
+        limits = configs.DeviceLimits(cc, configs.ARCH_SHARED[cc], 65536, sms)
+        for batch in (1, 16, 17, 64, 128, 1000):
+            for hidden in (129, 256, 1000, 1024, 4096):
+                chosen = configs.select_config(config.kernel.split("_")[0], config.cell, dtype,
+                                               hidden, limits=limits, save=config.save,
+                                               batch=batch)
+                if chosen.strategy == "persistent":
+                    picked += 1
+                    assert chosen == config
+                    grid = -(-batch // chosen.block_b) * -(-hidden // chosen.block_h)
+                    assert grid <= sms * per_sm
+    assert picked > 0

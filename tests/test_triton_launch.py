@@ -83,8 +83,8 @@ class _Recorder:
 def test_launch_passes_aligned_pointers(monkeypatch, strategy):
     """Inputs that do not start on 16 bytes (views such as h0[k]) reach the kernels as aligned
     copies: only the pointer variant the AOT test checks ever runs."""
-    kernels = {name: _Recorder() for name in ("_forward_fused_kernel", "_forward_step_kernel",
-                                              "_backward_fused_kernel", "_backward_step_kernel")}
+    kernels = {name: _Recorder() for name in ("_forward_fused_kernel", "_forward_tiled_kernel",
+                                              "_backward_fused_kernel", "_backward_tiled_kernel")}
     for name, recorder in kernels.items():
         monkeypatch.setattr(launch, name, recorder)
     H, B, sizes = 5, 3, [3, 2]
@@ -134,17 +134,21 @@ def _forward_backward(cell, inputs, sizes):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_no_host_sync(cell, dtype):
-    """Forward and backward of both strategies (this device's largest fused H, and a step H)
-    never synchronise with the host, first call included (step tables made then)."""
+    """Forward and backward of every strategy (this device's largest fused H, and a larger H:
+    persistent where its grid fits the SMs, and step forced) never synchronise with the host,
+    first call included (step tables made then)."""
     limits = configs.device_limits(DEVICE)
     largest = max(configs.fused_max_hidden(d, cell, dtype, limits) for d in ("forward", "backward"))
-    for hidden in sorted({max(largest, 16), 2 * configs.FUSED_BUCKETS[-1] + 8}):
+    cases = [(max(largest, 16), None)] + [(2 * configs.FUSED_BUCKETS[-1] + 8, s)
+                                           for s in (None, "step")]
+    for hidden, strategy in cases:
         sizes = [40] * 6 + [17] * 3 + [3]
         inputs = _layer_inputs(cell, hidden, sizes, dtype)  # copied from the host: a sync
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            grads = _forward_backward(cell, inputs, sizes)
+            with tg.forced_strategy(strategy) if strategy else _no_strategy():
+                grads = _forward_backward(cell, inputs, sizes)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert all(torch.isfinite(g).all() for g in grads)
@@ -156,7 +160,7 @@ def _no_strategy():
 
 
 @needs_cuda
-@pytest.mark.parametrize("strategy", ["fused", "step"])
+@pytest.mark.parametrize("strategy", ["fused", "step", "persistent"])
 def test_cuda_graph_captures_forward_and_backward(strategy):
     """A fastrnn.LSTM forward + backward captured in a CUDA graph and replayed on new data gives
     the output and weight gradients of an eager call."""
@@ -164,7 +168,7 @@ def test_cuda_graph_captures_forward_and_backward(strategy):
     model = fastrnn.LSTM(16, 32, num_layers=2, backend="triton").to(DEVICE)
     assert model.backend_for().name == "triton"
     static_x = torch.randn(12, 4, 16, device=DEVICE)
-    forced = tg.forced_strategy("step", 16, 16) if strategy == "step" else _no_strategy()
+    forced = (tg.forced_strategy(strategy, 16, 16) if strategy != "fused" else _no_strategy())
 
     def step():
         y, _ = model(static_x)

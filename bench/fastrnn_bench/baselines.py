@@ -17,6 +17,9 @@ FASTRNN_CELL = {"rnn": "rnn_tanh", "lstm": "lstm", "gru": "gru"}
 TORCH_CLASS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 TORCH_CELL_CLASS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 KERNEL_BACKENDS = ("numba", "triton", "native", "reference")
+#: The triton backend with one strategy forced, to time the strategies side by side on a GPU
+#: ("triton-persistent" is skipped where its grid does not fit the device's SMs).
+FORCED_TRITON = ("triton-fused", "triton-step", "triton-persistent")
 BASELINES = ("torch", "cell-loop", "onnxruntime")
 BASELINE_LABEL = {"torch": "torch.nn", "cell-loop": "nn cell loop", "onnxruntime": "ONNX Runtime"}
 # Python per-step loops (the cell-loop baseline, and the reference backend unless asked for by
@@ -294,6 +297,30 @@ def _loop_too_big(case):
     return None
 
 
+def _strategy_refused(case, device, strategy):
+    """Why triton's ``strategy`` cannot be forced for ``case`` on ``device``, or None."""
+    from fastrnn.kernels.triton_gpu import configs
+    if strategy == "persistent" and not configs.persistent_fits(
+            case.batch, case.hidden, configs.device_limits(device)):
+        return (f"the persistent grid, ceil(B/{configs.BLOCK_B}) x "
+                f"ceil(H/{configs.STEP_BLOCK_H}), exceeds this device's SMs")
+    if strategy == "fused" and case.hidden > configs.fused_max_hidden(
+            "backward" if case.mode == "training" else "forward", FASTRNN_CELL[case.cell],
+            DTYPES[case.dtype], configs.device_limits(device)):
+        return "H is over the fused kernels' limit"
+    return None
+
+
+def _forcing(fn, strategy):
+    """``fn`` run with triton's ``strategy`` forced."""
+    from fastrnn.kernels.triton_gpu import forced_strategy
+
+    def call():
+        with forced_strategy(strategy):
+            return fn()
+    return call
+
+
 def build_impls(case, device, backends, baselines, explicit_backends=False):
     """``{name: Impl or Skip(reason)}`` for one case. Names: ``fastrnn-<backend>`` and the
     baselines ``torch``, ``cell-loop``, ``onnxruntime``. The torch.nn module is always built (it
@@ -311,7 +338,9 @@ def build_impls(case, device, backends, baselines, explicit_backends=False):
     torch_impl.module, torch_impl.x, torch_impl.lengths = reference, x, lengths
     for backend in backends:
         name = f"fastrnn-{backend}"
-        reason = fb.why_not(backend, FASTRNN_CELL[case.cell], device, dtype)
+        backend, _, strategy = backend.partition("-")
+        reason = fb.why_not(backend, FASTRNN_CELL[case.cell], device, dtype) or (
+            strategy and _strategy_refused(case, device, strategy))
         if reason:
             impls[name] = Skip(reason)
             continue
@@ -323,6 +352,8 @@ def build_impls(case, device, backends, baselines, explicit_backends=False):
             case.input_size, case.hidden, backend=backend).to(device, dtype)
         module.load_state_dict(reference.state_dict())
         run, output = _module_runner(module, case, x, packed)
+        if strategy:
+            run, output = _forcing(run, strategy), _forcing(output, strategy)
         impls[name] = Impl(name, "fastrnn", run, output)
     if "cell-loop" in baselines:
         if packed is not None:

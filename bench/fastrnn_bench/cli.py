@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .baselines import (BASELINES, KERNEL_BACKENDS, LOOP_MAX_STEPS, LOOP_MAX_TRAINING_WORK,
-                        ONNX_TOLERANCE, build_impls, default_backends)
+from .baselines import (BASELINES, FORCED_TRITON, KERNEL_BACKENDS, LOOP_MAX_STEPS,
+                        LOOP_MAX_TRAINING_WORK, ONNX_TOLERANCE, build_impls, default_backends)
 from .grid import CELLS, DTYPES, MODES, build_grid
 from .plots import plots
 from .report import _print_summary, compare, markdown, noise_check, ratios
@@ -148,14 +148,16 @@ def parser():
     size.add_argument("--full", dest="grid", action="store_const", const="full",
                       help="the full grid (T∈{50,200,1000}×B∈{1,8,64}×H∈{32,128,512} on CPU; "
                            "T∈{64,256,1024}×B∈{1,8,32,128}×H∈{64..768}, fp32+bf16 on CUDA)")
-    size.add_argument("--grid", dest="grid", choices=["tiny", "quick", "full", "gpu10"],
+    size.add_argument("--grid", dest="grid",
+                      choices=["tiny", "quick", "full", "gpu10", "persistent"],
                       help=argparse.SUPPRESS)
     size.add_argument("--tiny", dest="grid", action="store_const", const="tiny",
                       help=argparse.SUPPRESS)
     p.add_argument("--cells", default="rnn,lstm,gru", help="comma list of rnn,lstm,gru")
     p.add_argument("--backends", default=None,
-                   help="fastrnn backends to time (comma list of numba,triton,native,reference; "
-                        "default: every one available on the device)")
+                   help="fastrnn backends to time (comma list of numba,triton,native,reference, "
+                        "or triton-fused/triton-step/triton-persistent: triton with that "
+                        "strategy forced; default: every backend available on the device)")
     p.add_argument("--baselines", default="torch,cell-loop,onnxruntime",
                    help="comma list of torch,cell-loop,onnxruntime")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -199,7 +201,7 @@ def main(argv=None):
     dtypes = _csv(args.dtypes, tuple(DTYPES), "dtypes") if args.dtypes else None
     baselines = _csv(args.baselines, BASELINES, "baselines")
     explicit = args.backends is not None
-    backends = (_csv(args.backends, KERNEL_BACKENDS, "backends") if explicit
+    backends = (_csv(args.backends, KERNEL_BACKENDS + FORCED_TRITON, "backends") if explicit
                 else default_backends(device))
     cases = build_grid(grid_name, device, cells, modes, dtypes)
     out = Path(args.out or f"{DEFAULT_OUT}/{device.type}-{grid_name}")

@@ -89,6 +89,10 @@ GRIDS = {
         # sized for bench/gpu_bench.py: < 10 minutes on one GPU with the loop baselines capped
         "gpu10": dict(T=(64, 256, 1024), B=(1, 32, 128), H=(128, 512, 768),
                       dtypes=("float32", "bfloat16"), extra=(), packed=((1024, 128, 512),)),
+        # the persistent strategy's range (bench/gpu_check.sh runs it for lstm, persistent vs
+        # step vs cuDNN vs a cell loop)
+        "persistent": dict(T=(64, 256, 1024), B=(1, 8, 32, 64, 128), H=(256, 512, 768, 1024),
+                           dtypes=("float32", "bfloat16"), extra=(), packed=()),
         "full": dict(T=(64, 256, 1024), B=(1, 8, 32, 128), H=(64, 128, 256, 512, 768),
                      dtypes=("float32", "bfloat16"), extra=(),
                      packed=((256, 128, 256), (1024, 128, 512))),

@@ -8,8 +8,8 @@ T (sequence length) and the batch are runtime arguments, never compile-time cons
 The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
 The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
 
-Strategies (chosen by :func:`select_config` from H, the cell, the dtype and the device)
---------------------------------------------------------------------------------------
+Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and the device)
+-----------------------------------------------------------------------------------------
 ``fused``  one launch per layer and direction for the whole sequence: one program per block of
            ``BLOCK_B`` = 16 batch rows runs the time loop and keeps ``W_hh`` (G tiles of
            ``H_PAD x H_PAD``, H padded to a power of two and masked) on-chip for all steps.
@@ -46,15 +46,37 @@ Strategies (chosen by :func:`select_config` from H, the cell, the dtype and the 
            (the fused kernels index with int32 tiles, :data:`FUSED_MAX_ELEMENTS`).
 
 ``step``   any larger H -- no on-chip limit (the largest H is bounded by device memory for the
-           float32 workspaces, O(N * 6 * H)): one launch per time step of a tiled
-           kernel; the grid splits the batch into blocks of 16 rows and the hidden dimension into
-           blocks of ``BLOCK_H`` units, and each program streams its ``W_hh`` slice (from L2) in
-           ``BLOCK_K`` chunks. The hidden state crosses steps through global float32 buffers
-           (ping-pong for h, whose every unit every program reads). No grid-wide barrier is used,
-           so the interpreter runs exactly the code a GPU runs. The backward is T + 1 launches:
-           launch s finishes step s-1 (``dh = d_gates(s-1) @ W_hh``, which needs every
-           program's gate gradients of the previous launch) and runs the elementwise BPTT of
-           step s for the program's own hidden units.
+           float32 workspaces, O(N * 6 * H)): the *tiled* kernels, one launch per pass. Their
+           grid splits the batch into blocks of 16 rows and the hidden dimension into blocks
+           of ``BLOCK_H`` units, and each program streams its ``W_hh`` slice (from L2) in
+           ``BLOCK_K`` chunks. The forward's pass s is step s: the hidden state crosses steps
+           through global float32 buffers (a ping-pong pair for h, whose every unit every
+           program reads; c in place). The backward is T + 1 passes: pass s finishes step
+           s-1 (``dh += d_gates(s-1) @ W_hh``, which needs every program's gate gradients of
+           the previous pass) and runs the elementwise BPTT of step s for the program's own
+           units. Between launches the launch boundary orders the passes: no grid-wide barrier.
+
+``persistent`` the same tiled kernels, one launch for all the passes of a layer, direction and
+           pass kind (forward; backward), with 32 x 16 tiles: one program per (16-row batch
+           block, 32-unit hidden block), all resident at once -- a cooperative launch
+           (``launch_cooperative_grid``), chosen on a CUDA device only where the grid,
+           ceil(B/16) x ceil(H/32) programs, fits its SMs at one program each
+           (:func:`~.configs.persistent_fits`; H=1024 up to B=64 and H=512 up to B=128 on a
+           132-SM H100/H200), else ``step``. Within the launch, before each pass a program
+           waits until every program of its batch block has finished the previous one (thread
+           0 polls an int32 counter with acquire loads, then a CTA barrier), and after it
+           arrives (a CTA barrier, then a release atomic add); h, c (forward) and dh, dc
+           (backward) stay in registers between passes. Each step's gate gradients have rows
+           of their own and h alternates between two buffers, so nothing is overwritten while
+           another program may still read it. The same code and order of operations as
+           ``step``: the same bits. A wait that passes ``launch.MAX_POLLS`` polls counts an
+           error and stops waiting, so the launch always ends; the launcher then raises (a
+           device-side assertion on CUDA: no host sync). A device that refuses the cooperative
+           launch is remembered and runs ``step``. Compiled with ``maxnreg`` 255 (one program
+           per SM). Proven without a GPU (``tests/test_triton_persistent.py``): every program
+           in its own thread under the interpreter (one lagging in turn), two mutants of the
+           handoff caught, and the handoff's barriers and memory orders read from the PTX of
+           the AOT compile. Not yet run on a GPU.
 
 Every launch pins ``enable_fp_fusion`` (:data:`~.configs.FP_FUSION`, as the AOT compile does).
 The step tables (batch size and first packed row per step, int32 (T,)) are cached on the device
@@ -62,7 +84,7 @@ per ``batch_sizes`` content and device, copied from pinned memory without waitin
 call synchronises with the host, and a ``torch.cuda.CUDAGraph`` can capture forward and
 backward (``tests/test_triton_launch.py``).
 
-Both strategies write the same ``saved`` tensors, so either backward can follow either forward:
+The strategies write the same ``saved`` tensors, so either backward can follow any forward:
 
 * ``h_prev``: (N, H) float32, the state entering each step of each packed row;
 * ``stash``:  (N, S*H) float32, per-step values the backward needs -- ``rnn``: h' (S=1);

@@ -18,7 +18,7 @@ CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "peephole_lstm")
 STASH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 4, "peephole_lstm": 5}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TRITON_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
-STRATEGIES = ("fused", "step")
+STRATEGIES = ("fused", "step", "persistent")
 
 # ----------------------------------------------------------------------------------------------
 # Configurations: the ONE list the dispatcher chooses from and the AOT test compiles. The fused
@@ -88,15 +88,25 @@ def fused_limits(shared=None, registers=MIN_SM_REGISTERS):
     return _STEP_ONLY
 
 
-STEP_BLOCK_H = 32  # hidden units per program of the step kernels
-STEP_BLOCK_K = 32  # reduction chunk of the step kernels
+#: Tiles of the tiled kernels (the step and persistent strategies): hidden units per program,
+#: reduction chunk. Their pass loop keeps h, c (or dh, dc) and the cell's own tiles in
+#: registers across passes, so they are compiled with ``maxnreg`` = MAX_REGISTERS
+#: (:func:`launch_options`). Measured (Triton 3.9, 8 warps): with 32-unit K chunks the float32
+#: lstm and peephole_lstm spill 8-16 B at 255 registers (sm_80, sm_90); 16-unit chunks: 188-207
+#: registers, no spill; without maxnreg ptxas stops 8-warp kernels at 128 registers and the
+#: 16-bit lstm and gru spill 8-32 B. The persistent strategy serves a call whose grid,
+#: ceil(B / BLOCK_B) x ceil(H / STEP_BLOCK_H) programs, fits the device's SMs
+#: (:func:`persistent_fits`).
+STEP_BLOCK_H = 32
+STEP_BLOCK_K = 16
 
 
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled kernel variant.
 
-    ``kernel``: "forward_fused" | "backward_fused" | "forward_step" | "backward_step";
+    ``kernel``: "<direction>_<strategy>", direction "forward" | "backward", strategy one of
+    :data:`STRATEGIES`;
     ``h_pad``: the padded hidden size of the fused kernels (0 for step kernels, where H is a
     runtime argument); ``block_h``/``block_k``: the step tiles (0 for fused kernels); ``save``:
     a forward kernel writes what backward reads (h_prev, the stash); False when no backward
@@ -134,14 +144,6 @@ _NUM_WARPS_EXCEPTIONS = {
     ("forward_fused", "lstm", "float32", 32): 4,
     # 8 warps: STACK 8 on sm_90 at 64 registers; 4 warps: 93 registers, STACK 0.
     ("forward_fused", "lstm", "bfloat16", 32): 4,
-    # 8 warps: STACK 8 on sm_80 at 128 registers under Triton 3.6 (3.9: 136, STACK 0); 4 warps:
-    # 191 / 160 registers (sm_80 / sm_90) under 3.6, 156 / 140 under 3.9, STACK 0.
-    ("backward_step", "peephole_lstm", "float32", 0): 4,
-    # 8 warps: STACK 8 at 128 registers under Triton 3.6 on sm_80 (lstm, peephole_lstm) and
-    # sm_86/sm_89 (peephole_lstm); 3.9: 128 registers, STACK 0. 4 warps: 162-163 registers,
-    # STACK 0 on sm_80/86/89/90 under both.
-    ("forward_step", "lstm", "float32", 0): 4,
-    ("forward_step", "peephole_lstm", "float32", 0): 4,
 }
 
 
@@ -157,10 +159,10 @@ def _build_configs():
                         warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, h_pad), NUM_WARPS)
                         configs += [KernelConfig(kernel, cell, dtype, h_pad, warps, save=save)
                                     for save in saves]
-                kernel = f"{direction}_step"
-                warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, 0), NUM_WARPS)
-                configs += [KernelConfig(kernel, cell, dtype, 0, warps, block_h=STEP_BLOCK_H,
-                                         block_k=STEP_BLOCK_K, save=save) for save in saves]
+                for strategy in ("step", "persistent"):
+                    configs += [KernelConfig(f"{direction}_{strategy}", cell, dtype, 0,
+                                             NUM_WARPS, block_h=STEP_BLOCK_H,
+                                             block_k=STEP_BLOCK_K, save=save) for save in saves]
     return tuple(configs)
 
 
@@ -177,15 +179,29 @@ def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
     return tuple(c for c in CONFIGS
                  if c.h_pad <= limits[(c.kernel.split("_")[0], c.cell, c.dtype)])
 
+def launch_options(config):
+    """The compile and launch options of ``config`` (what the launchers and the AOT compile
+    pass): warps and the pinned ``enable_fp_fusion``; the tiled kernels with every register a
+    thread may have (their pass loop carries state: see STEP_BLOCK_H), and the persistent
+    strategy launched cooperatively (all programs resident at once, or no launch)."""
+    options = dict(num_warps=config.num_warps, enable_fp_fusion=FP_FUSION)
+    if config.strategy != "fused":
+        options["maxnreg"] = MAX_REGISTERS
+    if config.strategy == "persistent":
+        options["launch_cooperative_grid"] = True
+    return options
+
+
 _forced = None  # (strategy, step tile overrides) set by forced_strategy()
 
 
 @contextlib.contextmanager
 def forced_strategy(strategy, block_h=None, block_k=None):
-    """Within the ``with`` block, run every recurrence with ``strategy`` ("fused" or "step")
-    regardless of H -- for tests: the step strategy at small H. ``block_h``/``block_k``
-    (powers of two >= 16) override the step tiles so that H <= 32 still spans several hidden
-    blocks and reduction chunks. Not thread-safe."""
+    """Within the ``with`` block, run every recurrence with ``strategy`` (one of
+    :data:`STRATEGIES`) regardless of H and the device -- for tests: the step and persistent
+    strategies at small H.
+    ``block_h``/``block_k`` (powers of two >= 16) override their tiles so that H <= 32 still
+    spans several hidden blocks and reduction chunks. Not thread-safe."""
     global _forced
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -246,16 +262,29 @@ def _limits_of(limits):
     return fused_limits() if limits is None else fused_limits(limits.shared, limits.registers)
 
 
+def persistent_fits(batch, hidden_size, limits, block_h=STEP_BLOCK_H):
+    """Whether the persistent kernels' grid for ``batch`` rows at ``hidden_size`` (``block_h``
+    units a program) fits the device with ``limits`` (a :class:`DeviceLimits`; None, the
+    interpreter: never) at one program per SM -- the residency a cooperative launch needs and
+    every configuration allows (the AOT test checks that each compiles within one SM's registers
+    and shared memory)."""
+    if limits is None or batch <= 0:
+        return False
+    return -(-batch // BLOCK_B) * -(-hidden_size // block_h) <= limits.sms
+
+
 def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, limits=None,
-                  save=True):
+                  save=True, batch=0):
     """The :class:`KernelConfig` (from :func:`dispatchable` on a device with ``limits``, a
     :class:`DeviceLimits`; None: the largest class) that runs ``direction`` ("forward" or
     "backward") of ``cell`` at ``hidden_size`` for ``dtype`` (a torch dtype).
 
     ``strategy`` None (and no :func:`forced_strategy` in effect) picks "fused" when
-    ``hidden_size`` is within the device's :func:`fused_limits`, else "step"; "fused" at a
-    hidden size no fitting fused bucket covers raises ValueError. ``rows`` (N, the packed rows)
-    sends inputs whose (N, max(G, S) * H) tensors reach :data:`FUSED_MAX_ELEMENTS` to "step".
+    ``hidden_size`` is within the device's :func:`fused_limits`, else "persistent" where the
+    grid of ``batch`` rows fits the device (:func:`persistent_fits`), else "step"; "fused" at a
+    hidden size no fitting fused bucket covers raises ValueError.
+    ``rows`` (N, the packed rows) sends inputs whose (N, max(G, S) * H) tensors reach
+    :data:`FUSED_MAX_ELEMENTS` away from "fused".
     ``save`` False: a forward kernel that writes nothing for backward (backward ignores it).
     """
     name = _dtype_name(dtype)
@@ -266,13 +295,14 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
     if strategy is None:
         small = hidden_size <= _limits_of(limits)[(direction, cell, name)]
         fits_int32 = rows * max(GATES[cell], STASH[cell]) * hidden_size < FUSED_MAX_ELEMENTS
-        strategy = "fused" if small and fits_int32 else "step"
+        strategy = ("fused" if small and fits_int32 else
+                    "persistent" if persistent_fits(batch, hidden_size, limits) else "step")
     configs = CONFIGS if limits is None else dispatchable(limits.shared, limits.registers)
     for config in configs:
         if ((config.kernel, config.cell, config.dtype) != (f"{direction}_{strategy}", cell, name)
                 or config.save != (save or direction == "backward")):
             continue
-        if strategy == "step":
+        if strategy != "fused":
             return dataclasses.replace(config, **overrides) if overrides else config
         if hidden_size <= config.h_pad:
             return config
@@ -293,8 +323,11 @@ def strategy_note(cell, dtype, limits):
     where = ("the interpreter (sm_80/sm_90 limits)" if limits is None else
              f"sm_{limits.cc}: {limits.shared} B shared memory per block, {limits.registers} "
              f"registers per SM")
+    beyond = ("step kernels" if limits is None else
+              f"one persistent launch (hidden split over SMs) while "
+              f"ceil(B/{BLOCK_B}) x ceil(H/{STEP_BLOCK_H}) <= {limits.sms} SMs, else step kernels")
     if not forward and not backward:
-        return f"triton strategy: step kernels at every H ({where}: no fused kernel fits)"
+        return f"triton strategy: no fused kernel fits ({where}); {beyond}"
     return (f"triton strategy: fused kernels (W_hh in shared memory) up to H={forward} forward / "
-            f"H={backward} backward, step kernels beyond ({where})")
+            f"H={backward} backward; beyond: {beyond} ({where})")
 

@@ -1,14 +1,16 @@
-"""The Triton kernels: the fused whole-sequence kernels and the per-step kernels, one body each for
-every cell. ``CELL`` is the cell's :class:`~fastrnn.kernels.triton_gpu.step_math.CellMath`: its
-``@triton.jit`` helpers (in the cell's file) do the step math and the cell's own loads and stores.
+"""The Triton kernels: the fused whole-sequence kernels and the tiled kernels (the step and the
+persistent strategies), one body each for every cell. ``CELL`` is the cell's
+:class:`~fastrnn.kernels.triton_gpu.step_math.CellMath`: its ``@triton.jit`` helpers (in the
+cell's file) do the step math and the cell's own loads and stores.
 Shapes and strategies: :mod:`fastrnn.kernels.triton_gpu`."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, block_tiles,
-                                                  load_weight_tile, mm, step_rows, zero_tiles)
+from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, arrive,
+                                                  block_tiles, load_weight_tile, mm, step_rows,
+                                                  wait_arrivals, zero_tiles)
 
 # The tuples of tiles (one per gate or stash slot) are built and stored by static loops in the
 # kernels themselves, not by more helpers: each level of inlined helper adds line-info scopes to
@@ -128,75 +130,102 @@ def _backward_fused_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Step strategy: one launch per time step, hidden dimension split across programs.
+# Tiled kernels: the hidden dimension split across programs. Strategy "step" launches them once
+# per pass (T forward, T + 1 backward; the launch boundary orders the passes), "persistent" once
+# for all passes, its programs resident at once and handing each pass over to the next through
+# global memory (:func:`~.step_math.wait_arrivals`, :func:`~.step_math.arrive`).
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["t", "B", "H"])
-def _forward_step_kernel(
-    xg_ptr, w_ptr, bhn_ptr, wcell_ptr, h_in_ptr, h_out_ptr, c_ptr,  # c: (B, H) fp32 in/out (lstm)
-    y_ptr, hprev_ptr, stash_ptr,
-    bs_ptr, off_ptr, t, B, H,
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "s_begin", "s_end", "buf_stride",
+                               "arrivals", "max_polls"])
+def _forward_tiled_kernel(
+    xg_ptr, w_ptr, bhn_ptr, wcell_ptr,                      # inputs
+    hbuf_ptr, c_ptr,                                        # fp32 states, in and out
+    y_ptr, hprev_ptr, stash_ptr,                            # outputs
+    sync_ptr,                                               # int32 zeros (1 + blocks * T,)
+    bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end,
+    buf_stride, arrivals, max_polls,                        # B*H, hidden programs, poll cap
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr,
 ):
-    """Step ``t`` for batch block program_id(0) and hidden units [program_id(1)*BLOCK_H, ...).
+    """Steps ``s_begin .. s_end - 1`` (in the order of the sequence: ``reverse`` 1 runs t =
+    T-1-s) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
 
-    h_in: (B, H) fp32 state before the step (read whole); h_out: (B, H) fp32 state after it
-    (inactive rows copy h_in); c: (B, H) fp32 updated in place (each program owns its units).
-    Other pointers as in :func:`_forward_fused_kernel`.
+    hbuf: (2, B, H) fp32, h_s in ``hbuf[s % 2]`` (``buf_stride`` = B*H apart; hbuf[0] = h0):
+    step s reads the whole h_{s-1} of its batch block and writes its own units of h_s (inactive
+    rows keep h); c: (B, H) fp32, read at the start and written at the end (each program owns
+    its units); in between h and c stay in registers. Before each step but the first of the
+    launch, the program waits until ``sync[1 + block*T + s-1]`` counts ``arrivals`` programs
+    (acquire), and after writing h_s it arrives at ``sync[1 + block*T + s]`` (release); a wait
+    past ``max_polls`` polls adds 1 at ``sync[0]`` and later steps no longer wait.
+    Other pointers and shapes as in :func:`_forward_fused_kernel`.
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
     rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,
                                                             BLOCK_B, BLOCK_H)
-    first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
     dot_dtype = w_ptr.dtype.element_ty
-    acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
-    for k0 in range(0, H, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < H
-        hk = tl.load(h_in_ptr + rows[:, None] * H + ks[None, :],
-                     mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
-        w_mask = k_ok[:, None] & col_ok[None, :]
-        w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
-        acc = accumulate_products(hk, w_ptrs, w_mask, H, acc)
-    first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
-    prow = rows[:, None]
-    h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
-    x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
-    h = tl.load(h_in_ptr + state_off, mask=state_mask, other=0.0)
-    b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
-    p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn)
+    h = tl.load(hbuf_ptr + (s_begin % 2) * buf_stride + state_off, mask=state_mask, other=0.0)
     c = CELL.load_c(c_ptr + state_off, state_mask, h)
+    b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
-    h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
-    tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
-    if SAVE:
-        tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
-        st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
-        for k in tl.static_range(S):
-            tl.store(st_ptrs + k * H, stash[k], mask=m)
-    tl.store(y_ptr + first64 * H + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
-    tl.store(h_out_ptr + state_off, tl.where(active[:, None], h_new, h), mask=state_mask)
-    CELL.store_c(c_ptr + state_off, tl.where(active[:, None], c_new, c), state_mask)
+    counters = sync_ptr + 1 + tl.program_id(0) * T
+    ok = 1
+    for s in range(s_begin, s_end):
+        t = s + reverse * (T - 1 - 2 * s)
+        if s > s_begin:
+            ok = wait_arrivals(counters + (s - 1), arrivals, max_polls, ok, sync_ptr)
+        src = hbuf_ptr + (s % 2) * buf_stride
+        first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
+        acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
+        for k0 in range(0, H, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < H
+            hk = tl.load(src + rows[:, None] * H + ks[None, :],
+                         mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
+            w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
+            acc = accumulate_products(hk, w_ptrs, k_ok[:, None] & col_ok[None, :], H, acc)
+        first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
+        prow = rows[:, None]
+        h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
+        x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
+        p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn)
+        h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
+        tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
+        if SAVE:
+            tl.store(hprev_ptr + first64 * H + h_off, h, mask=m)
+            st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
+            for k in tl.static_range(S):
+                tl.store(st_ptrs + k * H, stash[k], mask=m)
+        tl.store(y_ptr + first64 * H + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
+        h = tl.where(active[:, None], h_new, h)
+        c = tl.where(active[:, None], c_new, c)
+        tl.store(hbuf_ptr + ((s + 1) % 2) * buf_stride + state_off, h, mask=state_mask)
+        arrive(counters + s)
+    CELL.store_c(c_ptr + state_off, c, state_mask)
 
 
-@triton.jit(do_not_specialize=["t_done", "t_next", "B", "H"])
-def _backward_step_kernel(
+@triton.jit(do_not_specialize=["T", "B", "H", "reverse", "s_begin", "s_end", "arrivals",
+                               "max_polls"])
+def _backward_tiled_kernel(
     gy_ptr, w_ptr, wcell_ptr, hprev_ptr, stash_ptr, dgate_ptr, dhn_ptr,
-    dh_ptr, dc_ptr,                  # (B, H) fp32 carries, each program owns its units
-    bs_ptr, off_ptr, t_done, t_next, B, H,
+    dh_ptr, dc_ptr,                  # (B, H) fp32: the final states' gradients in, d_h0/d_c0 out
+    sync_ptr,                        # int32 zeros (1 + blocks * T,)
+    bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end, arrivals, max_polls,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One launch of the step-strategy BPTT: finish step ``t_done`` and start ``t_next``.
+    """Passes ``s_begin .. s_end - 1`` of the BPTT (T + 1 passes, steps in the opposite order of
+    the forward) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
 
-    Phase 1 (t_done >= 0): dh[:, units] = carry + d_hidden_gates(t_done) @ W_hh[:, units] for
-    rows active at t_done (d_hidden_gates were written by every program of the previous
-    launch, hence the launch boundary). Phase 2 (t_next >= 0): the elementwise cell BPTT of
-    step t_next for this program's units: writes dgate/dhn rows of t_next and leaves in dh the
-    part of the state gradient that bypasses W_hh (gru: dh*z; 0 else; inactive rows: dh) and
-    in dc the cell-state gradient. Each program reads and writes only its own units of dh/dc.
-    Shapes as in :func:`_backward_fused_kernel`.
+    Pass s finishes the step of pass s-1 (s > 0): ``dh += d_hidden_gates @ W_hh`` for its units,
+    reading every program's gate gradients of that step (written in pass s-1: a launch boundary
+    or, within a launch, a wait for ``arrivals`` as in :func:`_forward_tiled_kernel`), for the
+    rows active there; then (s < T) it runs the elementwise BPTT of its own step for its units:
+    writes their dgate/dhn rows, leaves in dh the part of the state gradient that bypasses W_hh
+    (gru: dh*z; 0 else; inactive rows: dh) and in dc the cell-state gradient, and arrives.
+    dh/dc: read at the start, in registers between passes, written at the end. Each step's gate
+    gradients have rows of their own: nothing is written twice. Shapes as in
+    :func:`_backward_fused_kernel`.
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
@@ -204,40 +233,49 @@ def _backward_step_kernel(
                                                             BLOCK_B, BLOCK_H)
     dot_dtype = w_ptr.dtype.element_ty
     dh = tl.load(dh_ptr + state_off, mask=state_mask, other=0.0)
-    if t_done >= 0:
-        first_done, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
-        acc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
-        done64 = first_done.to(tl.int64)
-        grow = rows[:, None]
-        for gate in tl.static_range(G):
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                g_mask = done[:, None] & k_ok[None, :]
-                dk = CELL.load_d_hidden(dgate_ptr + done64 * (G * H) + grow * (G * H),
-                                        dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
-                wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
-                             mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = mm(dk.to(dot_dtype), wt, acc)
-        dh = tl.where(done[:, None], dh + acc, dh)
-    if t_next >= 0:
-        first, active, m = step_rows(bs_ptr, off_ptr, t_next, rows, col_ok)
-        first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
-        prow = rows[:, None]
-        h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
-        dh_t = dh + tl.load(gy_ptr + first64 * H + h_off, mask=m, other=0.0).to(tl.float32)
-        dc = CELL.load_c(dc_ptr + state_off, state_mask, tl.zeros([BLOCK_B, BLOCK_H], tl.float32))
-        st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
-        stash = ()
-        for k in tl.static_range(S):
-            stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
-        h_prev = tl.load(hprev_ptr + first64 * H + h_off, mask=m, other=0.0)
-        w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
-        d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
-        g_ptrs = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
-        for gate in tl.static_range(G):
-            tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
-        CELL.store_d_hn(dhn_ptr + first64 * H + h_off, d_hidden, m)
-        dh = tl.where(active[:, None], direct, dh)
-        CELL.store_c(dc_ptr + state_off, tl.where(active[:, None], dc_prev, dc), state_mask)
+    dc = CELL.load_c(dc_ptr + state_off, state_mask, tl.zeros([BLOCK_B, BLOCK_H], tl.float32))
+    counters = sync_ptr + 1 + tl.program_id(0) * T
+    ok = 1
+    for s in range(s_begin, s_end):
+        if s > s_begin:
+            ok = wait_arrivals(counters + (s - 1), arrivals, max_polls, ok, sync_ptr)
+        if s > 0:
+            t_done = T - s - reverse * (T + 1 - 2 * s)  # the step pass s - 1 ran
+            first_done, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
+            acc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+            done64 = first_done.to(tl.int64)
+            grow = rows[:, None]
+            for gate in tl.static_range(G):
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < H
+                    g_mask = done[:, None] & k_ok[None, :]
+                    dk = CELL.load_d_hidden(dgate_ptr + done64 * (G * H) + grow * (G * H),
+                                            dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
+                    wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
+                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                    acc = mm(dk.to(dot_dtype), wt, acc)
+            dh = tl.where(done[:, None], dh + acc, dh)
+        if s < T:
+            t = T - 1 - s - reverse * (T - 1 - 2 * s)
+            first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
+            first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31)
+            prow = rows[:, None]
+            h_off = prow * H + cols[None, :]  # int32 offsets of (rows, units) in (N, H)
+            dh_t = dh + tl.load(gy_ptr + first64 * H + h_off, mask=m, other=0.0).to(tl.float32)
+            st_ptrs = stash_ptr + first64 * (S * H) + prow * (S * H) + cols[None, :]
+            stash = ()
+            for k in tl.static_range(S):
+                stash = stash + (tl.load(st_ptrs + k * H, mask=m, other=0.0),)
+            h_prev = tl.load(hprev_ptr + first64 * H + h_off, mask=m, other=0.0)
+            w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+            d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
+            g_ptrs = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
+            for gate in tl.static_range(G):
+                tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+            CELL.store_d_hn(dhn_ptr + first64 * H + h_off, d_hidden, m)
+            dh = tl.where(active[:, None], direct, dh)
+            dc = tl.where(active[:, None], dc_prev, dc)
+            arrive(counters + s)
     tl.store(dh_ptr + state_off, dh, mask=state_mask)
+    CELL.store_c(dc_ptr + state_off, dc, state_mask)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -9,10 +10,10 @@ import triton
 
 from fastrnn import cells
 from fastrnn.kernels.triton_gpu import why_not
-from fastrnn.kernels.triton_gpu.configs import (FP_FUSION, GATES, STASH, device_limits,
-                                                select_config)
-from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_step_kernel,
-                                                _forward_fused_kernel, _forward_step_kernel)
+from fastrnn.kernels.triton_gpu.configs import (GATES, STASH, device_limits, launch_options,
+                                                persistent_fits, select_config)
+from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_tiled_kernel,
+                                                _forward_fused_kernel, _forward_tiled_kernel)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
 
 # ----------------------------------------------------------------------------------------------
@@ -64,14 +65,13 @@ def _aligned(t):
 
 def _options(config, step_math):
     """The constexprs and launch options of ``config``'s kernel (what bench/triton_aot.py
-    compiles): the cell, tiles, whether a forward kernel saves for backward, warps and the pinned
-    ``enable_fp_fusion``."""
+    compiles): the cell, tiles, whether a forward kernel saves for backward, and
+    :func:`~.configs.launch_options`."""
     tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
              dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k))
     if config.kernel.startswith("forward"):
         tiles["SAVE"] = config.save
-    return dict(CELL=step_math, BLOCK_B=config.block_b, num_warps=config.num_warps,
-                enable_fp_fusion=FP_FUSION, **tiles)
+    return dict(CELL=step_math, BLOCK_B=config.block_b, **launch_options(config), **tiles)
 
 
 def _check(cell, xg, w_hr, w_cell, hidden):
@@ -113,6 +113,73 @@ def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
     return _Plan(cells.spec(cell), cell_math(cell), sizes, offsets, device_limits(xg.device))
 
 
+#: Polls a persistent program makes waiting for a step's other programs before it gives up
+#: (an acquire atomic on L2 takes ~1 us: ~16 s on a GPU; a step takes microseconds). The tests'
+#: threaded interpreter lowers it.
+MAX_POLLS = 2 ** 24
+#: {device: why its persistent launch failed}: that device runs the step strategy instead.
+PERSISTENT_FAILED = {}
+
+
+def handoff(B, H, grid):
+    """The tiled kernels' handoff arguments: the distance of the forward's two h buffers (B*H)
+    and how many programs write one batch block's step (the grid's hidden programs)."""
+    return B * H, grid[1]
+
+
+def _tiled_passes(forward, config, step_math, head, steps, passes):
+    """Run ``passes`` passes of the tiled ``forward`` (else backward) kernel with ``config``:
+    one launch per pass (step), or one launch for all (persistent). ``head``: the kernel's
+    pointers before ``sync``; ``steps`` = (bs, off, T, B, H, reverse). Returns False if the
+    device refused the persistent launch (recorded in :data:`PERSISTENT_FAILED`, warned once;
+    nothing ran: the caller runs step kernels). A persistent wait that timed out raises:
+    RuntimeError here under the interpreter; on CUDA a device-side assertion (no host sync)
+    -- which needs programs that were not all resident, what a cooperative launch rules out."""
+    kernel = _forward_tiled_kernel if forward else _backward_tiled_kernel
+    bs, off, T, B, H, reverse = steps
+    dev = head[0].device
+    grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h))
+    sync = torch.zeros(1 + grid[0] * T, device=dev, dtype=torch.int32)
+    buf_stride, arrivals = handoff(B, H, grid)
+    args = (*head, sync, bs, off, T, B, H, int(bool(reverse)))
+    tail = ((buf_stride,) if forward else ()) + (arrivals, MAX_POLLS)
+    options = _options(config, step_math)
+    if config.strategy == "step":
+        for s in range(passes):
+            kernel[grid](*args, s, s + 1, *tail, **options)
+        return True
+    try:
+        kernel[grid](*args, 0, passes, *tail, **options)
+    except RuntimeError as error:
+        if dev.type != "cuda":
+            raise
+        PERSISTENT_FAILED[dev] = str(error)
+        warnings.warn(f"fastrnn triton: the persistent launch failed on {dev} ({error}); "
+                      f"running step kernels there from now on", RuntimeWarning, stacklevel=3)
+        return False
+    if dev.type == "cuda":
+        torch._assert_async(sync[0] == 0)
+    elif int(sync[0]):
+        raise RuntimeError(f"fastrnn triton: {int(sync[0])} persistent program(s) waited over "
+                           f"{MAX_POLLS} polls for the others of a step (not all resident)")
+    return True
+
+
+def _config(direction, cell, dtype, B, H, rows, dev, limits, save=True):
+    """The dispatcher's config for a call (:func:`~.configs.select_config`), a persistent one
+    only where its grid can be resident on ``dev``: a CUDA device (the interpreter only when
+    forced), not after ``dev`` refused one, not when forced beyond its SMs (else the step
+    kernels')."""
+    if limits is not None and (dev.type != "cuda" or dev in PERSISTENT_FAILED):
+        limits = limits._replace(sms=0)
+    config = select_config(direction, cell, dtype, H, rows=rows, limits=limits, save=save,
+                           batch=B)
+    if config.strategy == "persistent" and limits is not None and not persistent_fits(
+            B, H, limits, config.block_h):
+        config = select_config(direction, cell, dtype, H, strategy="step", save=save)
+    return config
+
+
 def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, save=True,
                        bias=None, w_cell=None, plan=None):
     """One layer, one direction, a whole (possibly packed) sequence on the GPU.
@@ -146,9 +213,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         saved = ()
     if T == 0 or B == 0:
         return y, h0.clone(), None if c0 is None else c0.clone(), saved
-    config = select_config("forward", cell, dtype, H, rows=N, limits=limits, save=save)
-    options = _options(config, step_math)
-    n_blocks = triton.cdiv(B, config.block_b)
+    config = _config("forward", cell, dtype, B, H, N, dev, limits, save)
     if spec.has_b_hn:
         bhn = b_hn if b_hn is not None else torch.zeros(H, device=dev, dtype=dtype)
     else:
@@ -157,20 +222,20 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     if config.strategy == "fused":
         h_n = torch.empty(B, H, device=dev, dtype=dtype)
         c_n = torch.empty(B, H, device=dev, dtype=dtype) if spec.has_c else None
-        _forward_fused_kernel[(n_blocks,)](
+        _forward_fused_kernel[(triton.cdiv(B, config.block_b),)](
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
-            bs, off, T, B, H, int(bool(reverse)), **options)
+            bs, off, T, B, H, int(bool(reverse)), **_options(config, step_math))
         return y, h_n, c_n, saved
-    h_bufs = [h0.to(torch.float32).clone(), torch.empty(B, H, device=dev, dtype=torch.float32)]
-    c_state = c0.to(torch.float32).clone() if spec.has_c else h_bufs[0]
-    grid = (n_blocks, triton.cdiv(H, config.block_h))
-    order = range(T - 1, -1, -1) if reverse else range(T)
-    for s, t in enumerate(order):
-        _forward_step_kernel[grid](
-            xg, w_hh, bhn, wcell, h_bufs[s % 2], h_bufs[(s + 1) % 2], c_state,
-            y, h_prev, stash, bs, off, t, B, H, **options)
-    h_n = h_bufs[T % 2].to(dtype)
+    h_buf = torch.empty(2, B, H, device=dev, dtype=torch.float32)  # h_s in h_buf[s % 2]
+    h_buf[0].copy_(h0)
+    c_state = c0.to(torch.float32).clone() if spec.has_c else h_buf  # (never read without c)
+    head = (xg, w_hh, bhn, wcell, h_buf, c_state, y, h_prev, stash)
+    steps = (bs, off, T, B, H, reverse)
+    if not _tiled_passes(True, config, step_math, head, steps, T):
+        step = select_config("forward", cell, dtype, H, strategy="step", save=save)
+        _tiled_passes(True, step, step_math, head, steps, T)
+    h_n = h_buf[T % 2].to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
     return y, h_n, c_n, saved
 
@@ -207,25 +272,20 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
             grad_c_n = torch.zeros(B, H, device=dev, dtype=dtype)
         d_c0 = grad_c_n.to(torch.float32).clone()
     if T > 0 and B > 0:
-        config = select_config("backward", cell, dtype, H, rows=N, limits=limits)
-        options = _options(config, step_math)
-        n_blocks = triton.cdiv(B, config.block_b)
+        config = _config("backward", cell, dtype, B, H, N, dev, limits)
         dhn_arg = d_hn if d_hn is not None else d_gates
+        dc_arg = d_c0 if d_c0 is not None else d_h0
         if config.strategy == "fused":
-            _backward_fused_kernel[(n_blocks,)](
+            _backward_fused_kernel[(triton.cdiv(B, config.block_b),)](
                 grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh, wcell,
-                h_prev, stash, d_gates, dhn_arg, d_h0, d_c0 if d_c0 is not None else d_h0,
-                bs, off, T, B, H, int(bool(reverse)), **options)
+                h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg,
+                bs, off, T, B, H, int(bool(reverse)), **_options(config, step_math))
         else:
-            order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
-            grid = (n_blocks, triton.cdiv(H, config.block_h))
-            for s in range(T + 1):
-                t_done = order[s - 1] if s > 0 else -1
-                t_next = order[s] if s < T else -1
-                _backward_step_kernel[grid](
-                    grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg,
-                    d_h0, d_c0 if d_c0 is not None else d_h0,
-                    bs, off, t_done, t_next, B, H, **options)
+            head = (grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg)
+            steps = (bs, off, T, B, H, reverse)
+            if not _tiled_passes(False, config, step_math, head, steps, T + 1):
+                step = select_config("backward", cell, dtype, H, strategy="step")
+                _tiled_passes(False, step, step_math, head, steps, T + 1)
     # Weight gradients: one GEMM over all steps, after the loop (deterministic), in the input
     # dtype (float32 accumulation: 16-bit operands run on the tensor cores, as the input
     # projection's own weight gradient does; in float32, T=1024 B=128 H=768 is 618 GFLOP at the

@@ -140,6 +140,34 @@ def step_rows(bs_ptr, off_ptr, t, rows, col_ok):
 
 
 @triton.jit
+def wait_arrivals(counter_ptr, target, max_polls, ok, error_ptr):
+    """Wait until the int32 at ``counter_ptr`` reaches ``target`` (every program of the batch
+    block arrived), polling with acquire atomics (Triton 3.6 has no ``tl.atomic_poll``) at most
+    ``max_polls`` times; then a CTA barrier, so that every warp's later loads see what the
+    arrivals released. A wait that gives up adds 1 at ``error_ptr`` and returns 0 (``ok`` 0:
+    an earlier wait gave up; do not wait again, so a launch that lost a program still ends)."""
+    n = target
+    if ok:
+        n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        polls = 1
+        while (n < target) & (polls < max_polls):
+            n = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+            polls += 1
+        if n < target:
+            tl.atomic_add(error_ptr, 1, sem="relaxed", scope="gpu")
+    tl.debug_barrier()
+    return ok & (n >= target)
+
+
+@triton.jit
+def arrive(counter_ptr):
+    """Count this program in at ``counter_ptr``: a CTA barrier (every warp's stores of the step
+    are done), then one release atomic add (they are visible to whoever acquires the count)."""
+    tl.debug_barrier()
+    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
 def zero_tiles(N: tl.constexpr, SHAPE: tl.constexpr):
     """N float32 zero tiles of SHAPE, a tuple."""
     tiles = ()
