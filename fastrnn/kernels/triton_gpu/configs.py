@@ -179,6 +179,7 @@ def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
     return tuple(c for c in CONFIGS
                  if c.h_pad <= limits[(c.kernel.split("_")[0], c.cell, c.dtype)])
 
+
 def launch_options(config):
     """The compile and launch options of ``config`` (what the launchers and the AOT compile
     pass): warps and the pinned ``enable_fp_fusion``; the tiled kernels with every register a
