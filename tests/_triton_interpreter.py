@@ -37,7 +37,6 @@ _MEMORY_OPS = ("create_load", "create_masked_load", "create_store", "create_mask
                "create_atomic_rmw", "create_atomic_cas")
 _HOOKS = ("create_dot", "cast_impl", "set_grid_dim", "set_grid_idx",
           "create_get_program_id") + _MEMORY_OPS
-_EXECUTOR = ("_init_args_hst", "_restore_args_dev", "fn", "grid", "constexprs", "pre_run_hooks")
 _executor_cls = getattr(interpreter, "GridExecutor", None)
 _function_cls = getattr(interpreter, "InterpretedFunction", None)
 #: What this harness patches and the installed Triton lacks (empty: all there).
@@ -46,8 +45,9 @@ MISSING = [name for name in ("TensorHandle", "InterpreterBuilder", "interpreter_
                              "_patch_lang", "_implicit_cvt")
            if not hasattr(interpreter, name)] + [
     f"InterpreterBuilder.{name}" for name in _HOOKS if not hasattr(_builder_cls, name)] + [
-    f"GridExecutor.{name}" for name in _EXECUTOR[:2] if not hasattr(_executor_cls, name)] + [
-    "InterpretedFunction.rewrite" for _ in [0] if not hasattr(_function_cls, "rewrite")]
+    f"GridExecutor.{name}" for name in ("_init_args_hst", "_restore_args_dev")
+    if not hasattr(_executor_cls, name)] + (
+    [] if hasattr(_function_cls, "rewrite") else ["InterpretedFunction.rewrite"])
 _original_dot = getattr(_builder_cls, "create_dot", None)
 _original_cast = getattr(_builder_cls, "cast_impl", None)
 
