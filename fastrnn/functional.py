@@ -42,7 +42,7 @@ def _check_same_dtype(tensor, weight):
                            f"{_dtype_name(tensor.dtype)} and {_dtype_name(weight.dtype)}")
 
 
-def input_projection(cell, x, w_ih, b_ih, b_hh):
+def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None):
     """``x W_ih^T`` for all steps as one GEMM, and the bias the recurrence adds to it.
 
     x: (N, I), w_ih: (G*H, I), biases (G*H,) or None. Returns ``(xg, bias, b_hn)``: xg (N, G*H),
@@ -50,8 +50,13 @@ def input_projection(cell, x, w_ih, b_ih, b_hh):
     with bias, ``b_hn`` (H,), the n-gate part of ``b_hh`` that stays inside ``r ⊙ (…)``. The bias
     is left out of the GEMM: there it costs one more pass over the (N, G*H) result (measured:
     +25% at N=12800, I=128, G*H=512), and the kernels add it to each row for free.
+    ``backend``: where no gradient is recorded, the kernel backend whose own projection runs
+    where it has one for this input (numba: :mod:`fastrnn.kernels.numba_cpu.projection`, as its
+    lean inference path), else torch's.
     """
-    return (x @ w_ih.t(), *projection_bias(cell, b_ih, b_hh))
+    project = getattr(backends.kernels(backend), "project", None) if backend else None
+    xg = project(x, w_ih) if project is not None else None
+    return (x @ w_ih.t() if xg is None else xg, *projection_bias(cell, b_ih, b_hh))
 
 
 def projection_bias(cell, b_ih, b_hh):
@@ -80,7 +85,8 @@ def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse):
     for t0 in reversed(starts) if reverse else starts:
         t1 = min(t0 + steps, len(sizes))
         r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
-        xg, bias, b_hn = input_projection(cell, x[r0:r1], weights.w_ih, weights.b_ih, weights.b_hh)
+        xg, bias, b_hn = input_projection(cell, x[r0:r1], weights.w_ih, weights.b_ih,
+                                          weights.b_hh, backend)
         y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows], None if c is None else c[:rows],
                                    weights.w_hh, b_hn, weights.w_hr, batch_sizes[t0:t1], reverse,
                                    bias, weights.w_cell, how="inference")
@@ -157,7 +163,8 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
                                          weights, direction == 1)
             else:
                 xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
-                                                  weights.b_hh)
+                                                  weights.b_hh,
+                                                  backend if how == "inference" else None)
                 # How to make xg again, should a double backward need it (not kept meanwhile).
                 recipe = (project, layer_input, weights.w_ih) if how == "autograd" else None
                 y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, weights.w_hh, b_hn,

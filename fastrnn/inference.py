@@ -29,12 +29,29 @@ class _Prepared(NamedTuple):
     stamp: Optional[tuple]  # their versions and data pointers; None: not reusable
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: object  # what the backend prepared (its lean path's stack), or None
+    shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
+
+
+class _Shape(NamedTuple):
+    """What an input shape decides for a module (:func:`_shape`): steps, batch, features,
+    whether it is batched, whether x is (B, T, I) (batch_first), the initial states' shapes as
+    given (h then c), the stack's layers and directions."""
+
+    steps: int
+    batch: int
+    features: int
+    batched: bool
+    batch_first: bool
+    states: tuple
+    num_layers: int
+    directions: int
 
 
 # id(module) -> _Prepared, dropped when the module dies (a dict keyed by id: a WeakKeyDictionary
 # lookup makes a weak reference each call)
 _PREPARED = {}
 _VERSION = operator.attrgetter("_version")
+_SHAPES_KEPT = 16
 
 
 def _stamp(weights):
@@ -71,9 +88,33 @@ def _prepared(module, weights):
     if id(module) not in _PREPARED:
         weakref.finalize(module, _PREPARED.pop, id(module), None)
     entry = _Prepared(weakref.ref(module), module.backend, list(weights), _stamp(weights),
-                      kernels, layers)
+                      kernels, layers, {})
     _PREPARED[id(module)] = entry
     return entry
+
+
+def _shape(module, shape):
+    """The :class:`_Shape` of an input of ``shape`` (torch.Size) on ``module``, or None where the
+    lean path declines it (the full path runs, and raises torch.nn's errors)."""
+    dims = len(shape)
+    if dims not in (2, 3):
+        return None
+    batched, batch_first = dims == 3, dims == 3 and module.batch_first
+    steps, batch = (shape[1], shape[0]) if batch_first else (shape[0], shape[1] if batched else 1)
+    features, hidden = shape[-1], module.hidden_size
+    spec = cells.spec(module.cell)
+    weight = module._cell_params()[0]
+    if (steps == 0 or batch == 0 or features != module.input_size
+            or steps * batch * spec.gates * hidden * weight.element_size()
+            > autograd.PROJECTION_CHUNK_MIN_BYTES):  # a long input: projected in chunks of steps
+        return None
+    directions = 2 if module.bidirectional else 1
+    layers = module.num_layers * directions
+    states = ((layers, batch, module.proj_size or hidden), (layers, batch, hidden))
+    if not batched:
+        states = tuple(s[::2] for s in states)
+    return _Shape(steps, batch, features, batched, batch_first,
+                  states if spec.has_c else states[:1], module.num_layers, directions)
 
 
 def _numpy(tensor):
@@ -85,18 +126,20 @@ def _numpy(tensor):
         return None
 
 
-def _state_arrays(states, shapes, dtype, batched):
-    """Numpy views of the given initial states if each is a CPU tensor of ``dtype`` and its shape
-    in ``shapes`` (unbatched: given as (L*D, ·), returned as (L*D, 1, ·)), else None."""
+def _state_arrays(hx, shape, dtype):
+    """Numpy views (L*D, B, ·) of the initial states ``hx`` (a tensor, or for cells with a cell
+    state a pair) if each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``, else
+    None."""
+    expected = shape.states
+    states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
+    if len(states) != len(expected):
+        return None
     out = []
-    for state, shape in zip(states, shapes):
+    for state, size in zip(states, expected):
         if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
-                or state.shape != (shape if batched else shape[::2])):
+                or state.shape != size or (array := _numpy(state)) is None):
             return None
-        array = _numpy(state)
-        if array is None:
-            return None
-        out.append(array if batched else array[:, None])
+        out.append(array if shape.batched else array[:, None])
     return out
 
 
@@ -111,43 +154,36 @@ def forward(module, input, hx):
         return None
     module._update_flat_weights()
     entry = _prepared(module, module._cell_params())
-    weight = entry.weights[0]
-    dims = input.dim()
-    if entry.kernels is None or dims not in (2, 3) or input.dtype != weight.dtype:
+    dtype = entry.weights[0].dtype
+    if entry.kernels is None or input.dtype != dtype:
         return None
-    batched = dims == 3
-    x = _numpy(input)
-    if x is None:
+    key = (input.shape, module.batch_first)
+    try:
+        shape = entry.shapes[key]
+    except KeyError:
+        if len(entry.shapes) >= _SHAPES_KEPT:
+            entry.shapes.clear()
+        shape = entry.shapes[key] = _shape(module, input.shape)
+    if shape is None or (x := _numpy(input)) is None:
         return None
-    if batched and module.batch_first:
-        x = x.transpose(1, 0, 2)
-    steps, batch, features = x.shape[0], x.shape[1] if batched else 1, x.shape[-1]
-    if steps == 0 or batch == 0 or features != module.input_size:
-        return None
-    spec = cells.spec(module.cell)
-    if steps * batch * spec.gates * module.hidden_size * weight.element_size() > \
-            autograd.PROJECTION_CHUNK_MIN_BYTES:
-        return None  # a long input: the full path projects it in chunks of steps
-    layers = module.num_layers * (2 if module.bidirectional else 1)
     h0 = c0 = None
     if hx is not None:
-        states = tuple(hx) if spec.has_c and isinstance(hx, (tuple, list)) else (hx,)
-        hidden = module.hidden_size
-        shapes = ((layers, batch, module.proj_size or hidden), (layers, batch, hidden))
-        arrays = (_state_arrays(states, shapes, weight.dtype, batched)
-                  if len(states) == (2 if spec.has_c else 1) else None)
-        if arrays is None:
+        if (arrays := _state_arrays(hx, shape, dtype)) is None:
             return None
-        h0, c0 = arrays if spec.has_c else (arrays[0], None)
+        h0, c0 = arrays if len(arrays) == 2 else (arrays[0], None)
+    steps, batch = shape.steps, shape.batch
+    if shape.batch_first:
+        x = x.transpose(1, 0, 2)
     y, h_n, c_n = entry.kernels.forward_stack(
-        entry.layers, np.ascontiguousarray(x).reshape(steps * batch, features),
-        steps, batch, h0, c0, module.num_layers, 2 if module.bidirectional else 1)
+        entry.layers, np.ascontiguousarray(x).reshape(steps * batch, shape.features),
+        steps, batch, h0, c0, shape.num_layers, shape.directions)
     # shaped as numpy views (a torch view costs several times more)
-    y = y.reshape(steps, batch, -1)
-    if not batched:
-        y, h_n = y[:, 0], h_n[:, 0]
+    if not shape.batched:
+        y, h_n = y.reshape(steps, -1), h_n[:, 0]
         c_n = c_n[:, 0] if c_n is not None else None
-    elif module.batch_first:
-        y = y.transpose(1, 0, 2)
+    elif shape.batch_first:
+        y = y.reshape(steps, batch, -1).transpose(1, 0, 2)
+    else:
+        y = y.reshape(steps, batch, -1)
     out, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
-    return (out, (h_n, torch.from_numpy(c_n))) if spec.has_c else (out, h_n)
+    return (out, h_n) if c_n is None else (out, (h_n, torch.from_numpy(c_n)))

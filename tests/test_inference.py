@@ -223,6 +223,10 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
     "no-blas": (1, {"matmul.USE_BLAS": False}),
     "no-panels": (1, {"matmul.USE_PANELS": False}),  # the micro-kernel on unpacked weights
     "panels": (1, {"launch.PANELS_MIN_STEPS": 1}),  # panel kernels (where the CPU uses them)
+    # the input projection in the panel kernels (forced on any CPU), on 1 and 2 threads
+    "projection": (1, {"projection.MIN_ROWS": 1, "matmul.USE_PANELS": True}),
+    "projection-threads": (2, {"projection.MIN_ROWS": 1, "projection.BLOCK_ROWS": 4,
+                               "matmul.USE_PANELS": True}),
 }
 
 
@@ -236,11 +240,14 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
     count; states and output in two allocations; scratch not kept; the loop on several threads;
     no BLAS) is bitwise the full path under the same settings, twice (the second call on the
     first's scratch where it is kept), and close to torch.nn."""
-    from fastrnn.kernels.numba_cpu import inference as lean, launch, matmul
+    from fastrnn.kernels.numba_cpu import inference as lean, launch, matmul, projection
     threads, settings = ROUTES[route]
     if launch._CPUS < threads:
         pytest.skip(f"needs {threads} CPUs, this process may run on {launch._CPUS}")
-    modules = {"inference": lean, "launch": launch, "matmul": matmul}
+    modules = {"inference": lean, "launch": launch, "matmul": matmul, "projection": projection}
+    projected = []  # layers the projection kernel ran (lean and full path alike)
+    project = projection.run
+    monkeypatch.setattr(projection, "run", lambda *a: projected.append(1) or project(*a))
     for name, value in settings.items():
         module, attr = name.split(".")
         monkeypatch.setattr(modules[module], attr, value)
@@ -266,9 +273,13 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         blas = matmul.USE_BLAS and settings.get("launch.PANELS_MAX_ROWS") == 0
         assert all((p.gemm != 0) == blas for p in plans)
         panels = route == "panels" and matmul.USE_PANELS
+        stacks = layers * (1 + bidirectional)
+        assert len(projected) == (2 * stacks if route.startswith("projection") else 0)
+        assert (mod_stack(mod).projections is not None) == route.startswith("projection")
         assert all(p.panels == panels for p in plans)
         assert (mod_stack(mod).panels is not None) == panels  # packed only once a call needs it
         expected = full_path(mod, *args)
+        assert len(projected) == (3 * stacks if route.startswith("projection") else 0)
     finally:
         torch.set_num_threads(previous)
     assert len(lean_calls) == 2
@@ -361,3 +372,23 @@ def test_peephole_lstm(bidirectional, lean_calls):
         got = mod(x, hx)
     assert_bitwise(got, full_path(mod, x, hx))
     assert len(lean_calls) == 1
+
+
+def test_shape_decisions_follow_batch_first_and_are_bounded(lean_calls):
+    """The lean path's per-shape decisions (``_Prepared.shapes``) are keyed on batch_first too (a
+    module's attribute may change between calls) and at most ``_SHAPES_KEPT`` are kept."""
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4)
+    x = torch.randn(3, 2, 5)
+    first = run(mod, x)
+    mod.batch_first = ref.batch_first = True
+    got = run(mod, x)  # the same tensor read as (B=3, T=2, I)
+    assert got[0].shape == (3, 2, 4)
+    assert_bitwise(got, full_path(mod, x))
+    for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+    assert not torch.equal(got[1][0], first[1][0])
+    for steps in range(1, inference._SHAPES_KEPT + 5):
+        run(mod, torch.randn(2, steps, 5))
+    assert 0 < len(inference._PREPARED[id(mod)].shapes) <= inference._SHAPES_KEPT
+    assert len(lean_calls) == 2 + inference._SHAPES_KEPT + 4

@@ -39,7 +39,8 @@ Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vect
 kernels), ``loops.py`` (one forward and one BPTT time loop, each inlining the cell's own step math
 from its file in ``fastrnn/cells/``), ``buffers.py`` (aligned buffers, numpy views),
 ``launch.py`` (checks, thread plan: the contract's functions), ``inference.py`` (the lean
-inference path: a whole layer stack on prepared weights). Importing this package
+inference path: a whole layer stack on prepared weights), ``projection.py`` (the input projection
+without gradients in the panel kernels). Importing this package
 does not import Numba; :func:`load` does (the first kernel call, or ``auto`` choosing a backend).
 Compiled code is cached on disk where a directory is writable, and a cache problem is never an
 exception (``jit.py`` says where and how).
@@ -81,6 +82,13 @@ def lean_path():
     :mod:`fastrnn.inference`), loading Numba first."""
     load()
     return importlib.import_module(__name__ + ".inference")
+
+
+def project(x, w_ih):
+    """A layer's input projection without gradients, ``x @ w_ih.t()``, where this backend makes
+    it (:func:`.projection.project`), else None: the caller uses torch.mm."""
+    load()
+    return importlib.import_module(__name__ + ".projection").project(x, w_ih)
 
 
 def prepare(cell, dtype, proj_size=0):

@@ -2,8 +2,11 @@
 a dense input, no autograd, on weights prepared once per weight version (:func:`prepare_stack`),
 with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`).
 Per layer and direction: one small compiled call for the states and the input projection
-(:func:`.loops._layer_start`, through the very gemm call torch.mm makes), then the same compiled
-loop, on the same plan, as :func:`.launch.recurrence_forward`: bitwise the full path's results."""
+(:func:`.loops._layer_start`, through the very gemm call torch.mm makes; from
+:data:`.projection.MIN_ROWS` rows on, where the CPU runs the panel kernels, :func:`.projection.run`
+on W_ih packed once per weight version, as the full path's no-gradient routes), then the same
+compiled loop, on the same plan, as :func:`.launch.recurrence_forward`: bitwise the full path's
+results."""
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -12,19 +15,21 @@ import numpy as np
 import torch
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, launch, matmul
+from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection
 from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
 
 class _Stack:
     """A module's layers prepared for the lean path (:func:`prepare_stack`), the arguments of its
-    calls per shape and thread setting, and its recurrent weights packed in panels (``panels``,
-    per layer and direction: made by the first call that runs the panel kernels)."""
+    calls per shape and thread setting, and per layer and direction its recurrent weights packed
+    in panels (``panels``) and its input weights as :mod:`.projection` reads them
+    (``projections``), each made by the first call that needs them."""
 
-    __slots__ = ("cell", "layers", "calls", "panels")
+    __slots__ = ("cell", "layers", "calls", "panels", "projections")
 
     def __init__(self, cell, layers):
-        self.cell, self.layers, self.calls, self.panels = cell, layers, {}, None
+        self.cell, self.layers, self.calls = cell, layers, {}
+        self.panels = self.projections = None
 
 
 def prepare_stack(cell, weights):
@@ -97,13 +102,18 @@ def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
 
 class _Call(NamedTuple):
     """A stack's calls of one shape: the :class:`_Layout`, per layer and direction the arguments
-    of :func:`.loops._forward_thread` that do not change between calls (``args``), and the free
+    of :func:`.loops._forward_thread` that do not change between calls (``args``), the free
     scratch groups (``free``: taken and given back by each call; two threads calling at once
-    take two)."""
+    take two), the projection's BLAS gemm (0: none, torch projects) and per direction whether
+    its loop runs on the calling thread alone, with no thread-local BLAS setting (``direct``:
+    called without :func:`.launch._run`); ``empty`` the (0, 0) array of unused arguments."""
 
     layout: _Layout
     args: list
     free: list
+    gemm: int
+    direct: tuple
+    empty: np.ndarray
 
 
 def _call(stack, steps, batch, num_layers, directions, dtype):
@@ -126,7 +136,10 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
                 for (_, prepared), w_p in zip(stack.layers, w_ps)]
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
-        call = stack.calls[key] = _Call(layout, args, [])
+        direct = tuple(plan.nthreads == 1 and not (plan.gemm and plan.blas_threads)
+                       for plan in layout.plans)
+        call = stack.calls[key] = _Call(layout, args, [], matmul._gemm_address(
+            buffers.TORCH_DTYPES[dtype]), direct, buffers._empty((0, 0), dtype))
     return call
 
 
@@ -135,8 +148,8 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     B, P), c0 (L*D, B, H) numpy (None: zeros; c0 None also for cells without a cell state).
     Returns numpy ``(y (T*B, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None)``."""
     dtype, layers = x.dtype, num_layers * directions
-    layout, args, free = _call(stack, steps, batch, num_layers, directions, dtype)
-    gemm = matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
+    layout, args, free, gemm, direct, empty = _call(stack, steps, batch, num_layers, directions,
+                                                    dtype)
     n_rows, proj = steps * batch, stack.layers[0][1].w_t.shape[0]
     if layout.one_buffer:
         ys = states = buffers.alloc((layout.states + directions * layout.y_size,), dtype)
@@ -152,7 +165,6 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     except IndexError:
         scratch = buffers.alloc_group(layout.scratch, dtype)
     acc, m, xg, *inner = scratch
-    empty = buffers._empty((0, 0), dtype)
     layer_input = x
     for layer in range(num_layers):
         outputs = []
@@ -166,14 +178,26 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                 offset = start + direction * layout.y_size
                 y = ys[offset:offset + n_rows * proj].reshape(n_rows, proj)
             h, c = h_n[k], empty if c_n is None else c_n[k]
-            if not gemm:  # no BLAS: torch projects
+            x_start = layer_input if gemm else empty  # what _layer_start projects
+            if projection.applies(n_rows):  # the panel kernels project, as the full path's
+                if stack.projections is None:
+                    stack.projections = [projection.packed(torch.from_numpy(w))
+                                         for w, _ in stack.layers]
+                projection.run(xg, layer_input, *stack.projections[k])
+                x_start = empty
+            elif not gemm:  # no BLAS: torch projects
                 torch.mm(torch.from_numpy(layer_input), torch.from_numpy(w_ih).t(),
                          out=torch.from_numpy(xg))
-            _layer_start(gemm, layer_input if gemm else empty, w_ih, xg,
-                         empty if h0 is None else h0[k], empty if c0 is None else c0[k], h, c)
-            launch._run(_forward_thread, layout.plans[direction], code, packed, xg, bias,
-                        b_hn, w_cell, h, c, w_t, w_p, wr_t, has_proj, y, y if packed else empty,
-                        empty, acc, m, *layout.plans[direction][:3])
+            _layer_start(gemm, x_start, w_ih, xg, empty if h0 is None else h0[k],
+                         empty if c0 is None else c0[k], h, c)
+            plan = layout.plans[direction]
+            loop_args = (code, packed, xg, bias, b_hn, w_cell, h, c, w_t, w_p, wr_t, has_proj, y,
+                         y if packed else empty, empty, acc, m, plan.order, plan.offsets,
+                         plan.sizes)
+            if direct[direction]:
+                _forward_thread(0, 1, plan.group, plan.gemm, *loop_args)
+            else:
+                launch._run(_forward_thread, plan, *loop_args)
             outputs.append(y)
         layer_input = np.concatenate(outputs, 1) if directions == 2 else outputs[0]
     if layout.keep_scratch:

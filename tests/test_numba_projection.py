@@ -1,0 +1,94 @@
+"""The numba backend's input projection without gradients (:mod:`fastrnn.kernels.numba_cpu.projection`):
+equal to ``x @ w_ih.t()`` within tolerance on any CPU (the panel kernels forced where the CPU would
+not pick them), bitwise the same at 1 and 2 threads and for any block split, every element written
+(buffers NaN-filled), used by the full path's no-gradient routes only where its rule says so, and
+never where a gradient is recorded."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fastrnn
+from fastrnn.kernels import numba_cpu
+from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection
+
+from _support import seed_of
+
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
+ALLOC = buffers.alloc
+
+
+@pytest.fixture(autouse=True)
+def forced(monkeypatch):
+    """Panel kernels on whatever CPU, from one row on; NaN-filled buffers."""
+    def alloc(shape, dtype):
+        out = ALLOC(shape, dtype)
+        out[...] = np.nan
+        return out
+    monkeypatch.setattr(buffers, "alloc", alloc)
+    monkeypatch.setattr(matmul, "USE_PANELS", True)
+    monkeypatch.setattr(projection, "MIN_ROWS", 1)
+
+
+def with_threads(n, fn):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("rows,features,width", [(1, 3, 4), (7, 5, 36), (130, 17, 96),
+                                                 (261, 33, 80)])
+def test_equals_torch_mm_and_threads_agree(dtype, rows, features, width, monkeypatch):
+    """Rows not a multiple of 4 or of the block, columns past the last panel (float32 panels:
+    32 columns, float64: 16), K odd: close to torch.mm; at 2 threads and with other blocks
+    (multiples of 4) bitwise the 1-thread result."""
+    generator = torch.Generator().manual_seed(seed_of(dtype, rows, features, width))
+    x = torch.randn(rows, features, dtype=dtype, generator=generator)
+    w = torch.randn(width, features, dtype=dtype, generator=generator)
+    one = with_threads(1, lambda: numba_cpu.project(x, w))
+    torch.testing.assert_close(one, x @ w.t(), **TOLERANCE[dtype])
+    if launch._CPUS >= 2:
+        assert torch.equal(with_threads(2, lambda: numba_cpu.project(x, w)), one)
+    monkeypatch.setattr(projection, "BLOCK_ROWS", 8)
+    assert torch.equal(with_threads(2, lambda: numba_cpu.project(x, w)), one)
+
+
+def test_not_contiguous_input():
+    generator = torch.Generator().manual_seed(seed_of("nc"))
+    x = torch.randn(40, 9, generator=generator).t()  # (9, 40) strided
+    w = torch.randn(64, 40, generator=generator)
+    torch.testing.assert_close(numba_cpu.project(x, w), x @ w.t(), **TOLERANCE[torch.float32])
+
+
+def test_rule(monkeypatch):
+    x, w = torch.randn(10, 4), torch.randn(8, 4)
+    monkeypatch.setattr(projection, "MIN_ROWS", 11)
+    assert numba_cpu.project(x, w) is None  # torch.mm then
+    monkeypatch.setattr(projection, "MIN_ROWS", 10)
+    assert numba_cpu.project(x, w) is not None
+    monkeypatch.setattr(matmul, "USE_PANELS", False)
+    assert numba_cpu.project(x, w) is None
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_full_path_projects_here_only_without_gradients(grad, monkeypatch):
+    """The full path (packed input: never the lean path) projects through the kernel under
+    no_grad and through torch.mm when a gradient is recorded; both close to torch.nn."""
+    calls = []
+    run = projection.run
+    monkeypatch.setattr(projection, "run", lambda *a: calls.append(1) or run(*a))
+    torch.manual_seed(0)
+    ref = torch.nn.GRU(5, 6, num_layers=2, bidirectional=True)
+    mod = fastrnn.GRU(5, 6, num_layers=2, bidirectional=True, backend="numba")
+    mod.load_state_dict(ref.state_dict())
+    x = torch.nn.utils.rnn.pack_padded_sequence(torch.randn(7, 3, 5), [7, 4, 2])
+    with torch.set_grad_enabled(grad):
+        got, expected = mod(x), ref(x)
+    assert len(calls) == (0 if grad else 4)
+    torch.testing.assert_close(got[0].data, expected[0].data, **TOLERANCE[torch.float32])
+    torch.testing.assert_close(got[1], expected[1], **TOLERANCE[torch.float32])
