@@ -7,7 +7,9 @@ A case is ``cell:T:B:H`` (input size = H). Each part is timed on its own, the me
 ``--repeats`` calls (torch.nn and fastrnn interleaved), so parts need not add up exactly:
 
 * ``GEMMs``: the whole-sequence GEMMs, alone: inference the input projection ``x W_ih^T``
-  (N x I x G*H); training also d_x, d_W_ih and d_W_hh (each as large).
+  (N x I x G*H; as the backend makes it without gradients: in the panel kernels where the CPU
+  runs them, ``numba_cpu/projection.py``, else torch.mm); training torch.mm's projection and
+  also d_x, d_W_ih and d_W_hh (each as large).
 * ``rec GEMM``: the T per-step matmuls alone (the kernel's own BLAS calls in a compiled loop with
   no gate math); twice for training (forward and backward run one each per step).
 * ``pointwise``: the compiled loops minus ``rec GEMM`` (gate math, state updates); the loops'
@@ -34,7 +36,7 @@ from numba import njit
 import fastrnn
 from fastrnn import functional
 from fastrnn.cells import GATES
-from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, projection
 from fastrnn_bench.timing import machine_info
 
 DEFAULT_CASES = ("lstm:50:1:32,lstm:200:8:128,lstm:200:64:128,lstm:50:64:512,gru:50:1:512,"
@@ -107,8 +109,14 @@ def profile(cell, steps, batch, hidden, repeats):
         out, _ = module(xt)
         out.sum().backward()
 
+    x_a, xg_a, w_ih_p = buffers.array(x2), buffers.alloc(tuple(xg.shape), np.float32), \
+        projection.packed(w_ih)
+
     def gemms(training):  # the projection-sized GEMMs: forward projection; d_x, d_W_ih, d_W_hh
-        x2 @ w_ih.t()
+        if training or not projection.applies():
+            x2 @ w_ih.t()
+        else:
+            projection.run(xg_a, x_a, *w_ih_p)
         if training:
             xg @ w_ih
             xg.t() @ x2

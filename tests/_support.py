@@ -127,3 +127,19 @@ def make_case(variant, fmt, num_layers, bidirectional, bias, with_hx, dtype, bac
     if variant.startswith("lstm"):
         weights.append(rand(num_layers * D, *batch, H))
     return ref, mod, leaves, build, weights
+
+
+def nan_filled_buffers(monkeypatch):
+    """The numba kernels' own allocator (``numba_cpu.buffers.alloc``, 64-byte aligned) with its
+    buffers NaN-filled: an element a kernel forgets to write shows up as a mismatch. Its
+    alignment matters: MKL's multithreaded gemm rounds differently on differently aligned
+    operands, so buffers of varying alignment (numpy's 16 bytes) broke the bitwise determinism
+    test 7 times in 15."""
+    from fastrnn.kernels.numba_cpu import buffers
+    alloc = buffers.alloc
+
+    def nan_filled(shape, dtype):
+        out = alloc(shape, dtype)
+        out[...] = float("nan")
+        return out
+    monkeypatch.setattr(buffers, "alloc", nan_filled)

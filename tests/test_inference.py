@@ -9,7 +9,6 @@ import gc
 import tracemalloc
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -18,21 +17,14 @@ import fastrnn
 from fastrnn import inference
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import buffers
 
-from _support import TOL, VARIANTS, flatten, pair, seed_of
+from _support import TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of
 
-ALLOC = buffers.alloc
 
 
 @pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """The kernels' buffers NaN-filled: an element the lean path forgets to write shows up."""
-    def alloc(shape, dtype):
-        out = ALLOC(shape, dtype)
-        out[...] = np.nan
-        return out
-    monkeypatch.setattr(buffers, "alloc", alloc)
+def nan_filled(monkeypatch):
+    nan_filled_buffers(monkeypatch)
 
 
 @pytest.fixture
@@ -224,9 +216,8 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
     "no-panels": (1, {"matmul.USE_PANELS": False}),  # the micro-kernel on unpacked weights
     "panels": (1, {"launch.PANELS_MIN_STEPS": 1}),  # panel kernels (where the CPU uses them)
     # the input projection in the panel kernels (forced on any CPU), on 1 and 2 threads
-    "projection": (1, {"projection.MIN_ROWS": 1, "matmul.USE_PANELS": True}),
-    "projection-threads": (2, {"projection.MIN_ROWS": 1, "projection.BLOCK_ROWS": 4,
-                               "matmul.USE_PANELS": True}),
+    "projection": (1, {"matmul.USE_PANELS": True}),
+    "projection-threads": (2, {"projection.BLOCK_ROWS": 4, "matmul.USE_PANELS": True}),
 }
 
 
@@ -274,12 +265,12 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         assert all((p.gemm != 0) == blas for p in plans)
         panels = route == "panels" and matmul.USE_PANELS
         stacks = layers * (1 + bidirectional)
-        assert len(projected) == (2 * stacks if route.startswith("projection") else 0)
-        assert (mod_stack(mod).projections is not None) == route.startswith("projection")
+        assert len(projected) == (2 * stacks if matmul.USE_PANELS else 0)
+        assert (mod_stack(mod).projections is not None) == matmul.USE_PANELS
         assert all(p.panels == panels for p in plans)
         assert (mod_stack(mod).panels is not None) == panels  # packed only once a call needs it
         expected = full_path(mod, *args)
-        assert len(projected) == (3 * stacks if route.startswith("projection") else 0)
+        assert len(projected) == (3 * stacks if matmul.USE_PANELS else 0)
     finally:
         torch.set_num_threads(previous)
     assert len(lean_calls) == 2

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from _support import seed_of
+from _support import nan_filled_buffers, seed_of
 
 from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
@@ -38,25 +38,17 @@ VARIANTS = {
 TWO_THREADS = min(torch.get_num_threads(), os.cpu_count() or 1) >= 2
 
 
-ALLOC = buffers.alloc
 
 
 @pytest.fixture(autouse=True)
-def nan_filled_buffers(monkeypatch):
-    """The kernels' own allocator, its buffers NaN-filled. Its 64-byte alignment matters: MKL's
-    multithreaded gemm rounds differently on differently aligned operands, so buffers of varying
-    alignment (numpy's 16 bytes) broke the bitwise determinism test 7 times in 15."""
-    def alloc(shape, dtype):
-        out = ALLOC(shape, dtype)
-        out[...] = np.nan
-        return out
-    monkeypatch.setattr(buffers, "alloc", alloc)
+def nan_filled(monkeypatch):
+    nan_filled_buffers(monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_buffers_are_64_byte_aligned(dtype):
     for shape in ((1, 3), (7, 5), (0, 4), (256, 1024), (600, 1000)):
-        out = ALLOC(shape, dtype)
+        out = buffers.alloc(shape, dtype)  # NaN-filled, by the aligned allocator
         assert out.shape == shape and out.dtype == dtype and out.flags.c_contiguous
         assert out.size == 0 or out.ctypes.data % 64 == 0, shape
 

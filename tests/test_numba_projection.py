@@ -1,34 +1,29 @@
 """The numba backend's input projection without gradients (:mod:`fastrnn.kernels.numba_cpu.projection`):
 equal to ``x @ w_ih.t()`` within tolerance on any CPU (the panel kernels forced where the CPU would
 not pick them), bitwise the same at 1 and 2 threads and for any block split, every element written
-(buffers NaN-filled), used by the full path's no-gradient routes only where its rule says so, and
-never where a gradient is recorded."""
+(buffers NaN-filled), its packed weights following the weight, used by the full path's no-gradient
+routes and never where a gradient is recorded."""
 from __future__ import annotations
 
-import numpy as np
+import gc
+
 import pytest
 import torch
 
 import fastrnn
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection
+from fastrnn.kernels.numba_cpu import launch, matmul, projection
 
-from _support import seed_of
+from _support import nan_filled_buffers, seed_of
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
-ALLOC = buffers.alloc
 
 
 @pytest.fixture(autouse=True)
 def forced(monkeypatch):
-    """Panel kernels on whatever CPU, from one row on; NaN-filled buffers."""
-    def alloc(shape, dtype):
-        out = ALLOC(shape, dtype)
-        out[...] = np.nan
-        return out
-    monkeypatch.setattr(buffers, "alloc", alloc)
+    """Panel kernels on whatever CPU; NaN-filled buffers."""
+    nan_filled_buffers(monkeypatch)
     monkeypatch.setattr(matmul, "USE_PANELS", True)
-    monkeypatch.setattr(projection, "MIN_ROWS", 1)
 
 
 def with_threads(n, fn):
@@ -67,12 +62,40 @@ def test_not_contiguous_input():
 
 def test_rule(monkeypatch):
     x, w = torch.randn(10, 4), torch.randn(8, 4)
-    monkeypatch.setattr(projection, "MIN_ROWS", 11)
-    assert numba_cpu.project(x, w) is None  # torch.mm then
-    monkeypatch.setattr(projection, "MIN_ROWS", 10)
     assert numba_cpu.project(x, w) is not None
     monkeypatch.setattr(matmul, "USE_PANELS", False)
-    assert numba_cpu.project(x, w) is None
+    assert numba_cpu.project(x, w) is None  # torch.mm then
+
+
+@pytest.mark.parametrize("change", ["in_place", "data"])
+def test_packed_weights_follow_the_weight(change):
+    """Packed once per weight version: reused while the weight is unchanged, remade after an
+    in-place update or ``.data =``, dropped with the weight; an inference tensor every call."""
+    generator = torch.Generator().manual_seed(seed_of(change))
+    x = torch.randn(6, 5, generator=generator)
+    w = torch.nn.Parameter(torch.randn(40, 5, generator=generator))
+    first = numba_cpu.project(x, w)
+    kept = projection._PACKED[id(w)][2]
+    numba_cpu.project(x, w)
+    assert projection._PACKED[id(w)][2] is kept
+    with torch.no_grad():
+        if change == "in_place":
+            w.mul_(2)
+        else:
+            w.data = torch.randn(40, 5, generator=generator)
+    got = numba_cpu.project(x, w)
+    assert projection._PACKED[id(w)][2] is not kept
+    torch.testing.assert_close(got, x @ w.detach().t(), **TOLERANCE[torch.float32])
+    assert not torch.equal(got, first)
+    key = id(w)
+    del w
+    gc.collect()
+    assert key not in projection._PACKED
+    with torch.inference_mode():
+        frozen = torch.randn(40, 5, generator=generator)
+        torch.testing.assert_close(numba_cpu.project(x, frozen), x @ frozen.t(),
+                                   **TOLERANCE[torch.float32])
+    assert id(frozen) not in projection._PACKED
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])

@@ -2,9 +2,9 @@
 a dense input, no autograd, on weights prepared once per weight version (:func:`prepare_stack`),
 with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`).
 Per layer and direction: one small compiled call for the states and the input projection
-(:func:`.loops._layer_start`, through the very gemm call torch.mm makes; from
-:data:`.projection.MIN_ROWS` rows on, where the CPU runs the panel kernels, :func:`.projection.run`
-on W_ih packed once per weight version, as the full path's no-gradient routes), then the same
+(:func:`.loops._layer_start`, through the very gemm call torch.mm makes; where the CPU runs
+the panel kernels :func:`.projection.run` on W_ih packed once per weight version, as the full
+path's no-gradient routes), then the same
 compiled loop, on the same plan, as :func:`.launch.recurrence_forward`: bitwise the full path's
 results."""
 from __future__ import annotations
@@ -179,7 +179,7 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                 y = ys[offset:offset + n_rows * proj].reshape(n_rows, proj)
             h, c = h_n[k], empty if c_n is None else c_n[k]
             x_start = layer_input if gemm else empty  # what _layer_start projects
-            if projection.applies(n_rows):  # the panel kernels project, as the full path's
+            if projection.applies():  # the panel kernels project, as the full path's
                 if stack.projections is None:
                     stack.projections = [projection.packed(torch.from_numpy(w))
                                          for w, _ in stack.layers]

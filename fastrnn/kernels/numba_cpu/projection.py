@@ -1,35 +1,33 @@
 """A layer's input projection ``xg = x W_ih^T`` without gradients, in the panel kernels
-(:mod:`.vectors`) on CPUs that run them (:data:`.matmul.USE_PANELS`) and from
-:data:`MIN_ROWS` rows on; torch.mm (MKL) elsewhere. The lean inference path
-(:mod:`.inference`, W_ih packed once per weight version) and the full path's no-gradient routes
-(:func:`project`, W_ih packed per call) follow the same rule, so both give the same bits.
+(:mod:`.vectors`) on CPUs that run them (:data:`.matmul.USE_PANELS`); torch.mm (MKL) elsewhere
+and wherever a gradient is recorded. The lean inference path (:mod:`.inference`) and the full
+path's no-gradient routes (:func:`project`) both run it, on W_ih packed once per weight version,
+so both give the same bits.
 
 W_ih^T is packed in panels; x's rows go in blocks of :data:`BLOCK_ROWS` (a block of x stays in
 cache while every panel passes over it), blocks dealt round-robin over torch's threads. Each
 element's sum is the same whatever the thread count: 4-row blocks start at multiples of 4.
-Measured (AMD EPYC Zen 4, 1 thread, float32, GFLOP/s, this kernel / torch.mm): N=1600 I=128
-G*H=512 111/92; N=12800 same 98/85; N=3200 I=512 G*H=2048 110/94; N=12800 I=32 G*H=128 105/73.
+Measured (AMD EPYC Zen 4, 1 thread, float32, this kernel against torch.mm): 98-112 against
+85-94 GFLOP/s at N=1600-12800 rows, I=128-512, G*H=512-2048 (105 against 73 at I=32,
+G*H=128); 1.1-2.7x at N=1-200, H=32-512 (H=128 N=1: 4.1 against 9.7 us).
 """
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
 from numba import njit
 
-from fastrnn.kernels.numba_cpu import buffers, launch, matmul
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT
 
-# From this many rows (x's: T*B) on the panel kernels project. Below, packing W_ih^T per call
-# (the full path's) costs about what the kernel saves (I=128, G*H=512: ~40 us to pack, ~18% of
-# a 256-row GEMM's 0.17 ms).
-MIN_ROWS = 256
 BLOCK_ROWS = 128  # a multiple of 4 (the 4-row kernel's blocks must not depend on the split)
 
 
-def applies(rows):
-    """Whether a projection of ``rows`` rows runs here (else torch.mm / BLAS)."""
-    return matmul.USE_PANELS and rows >= MIN_ROWS
+def applies():
+    """Whether projections run here (else torch.mm / BLAS)."""
+    return matmul.USE_PANELS
 
 
 def packed(w_ih):
@@ -37,6 +35,30 @@ def packed(w_ih):
     ``w_ih`` (G*H, I), a CPU tensor."""
     w_t = buffers.transposed(w_ih)
     return w_t, matmul.panels(w_t)
+
+
+# id(w_ih) -> (weak reference, (version, data pointer), packed(w_ih)): the full path's packed
+# weights, remade when the weight changes and dropped with it (the lean path keeps its own with
+# its prepared weights).
+_PACKED = {}
+
+
+def _packed_weights(w_ih):
+    """:func:`packed` of ``w_ih``, kept per weight version (an inference tensor, which has no
+    version counter: packed every call)."""
+    try:
+        stamp = (w_ih._version, w_ih.data_ptr())
+    except RuntimeError:  # "Inference tensors do not track version counter."
+        return packed(w_ih)
+    key = id(w_ih)
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0]() is w_ih and entry[1] == stamp:
+        return entry[2]
+    if entry is None:
+        weakref.finalize(w_ih, _PACKED.pop, key, None)
+    weights = packed(w_ih)
+    _PACKED[key] = (weakref.ref(w_ih), stamp, weights)
+    return weights
 
 
 class _Plan(NamedTuple):  # what launch._run reads
@@ -56,9 +78,9 @@ def run(xg, x, w_t, w_p):
 def project(x, w_ih):
     """``x @ w_ih.t()`` (x (N, I), w_ih (G*H, I) CPU tensors of one float dtype, no gradient
     recorded) as a new tensor, or None where :func:`applies` says torch.mm."""
-    if not applies(x.shape[0]):
+    if not applies():
         return None
-    w_t, w_p = packed(w_ih)
+    w_t, w_p = _packed_weights(w_ih)
     xg = buffers.alloc((x.shape[0], w_t.shape[1]), w_t.dtype)
     run(xg, buffers.array(x), w_t, w_p)
     return torch.from_numpy(xg)
@@ -71,3 +93,7 @@ def _project_thread(tid, nthreads, group, gemm, xg, x, w_t, w_p):
         rows = min(group, x.shape[0] - r0)
         matmul._matmul_rows(xg, r0, x, r0, w_t, w_p, 0, 1, rows, rows, 0, True)
 
+
+# Its cache entries keyed also by the files it compiles in (as the loops': .loops._INLINED)
+_project_thread._cache = jit.KeyedCache(_project_thread.py_func,
+                                        tuple(str(m.__file__) for m in (matmul, vectors)))
