@@ -2,11 +2,10 @@
 a dense input, no autograd, on weights prepared once per weight version (:func:`prepare_stack`),
 with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`).
 Per layer and direction: one small compiled call for the states and the input projection
-(:func:`.loops._layer_start`, through the very gemm call torch.mm makes; where the CPU runs
-the panel kernels :func:`.projection.run` on W_ih packed once per weight version, as the full
-path's no-gradient routes), then the same
-compiled loop, on the same plan, as :func:`.launch.recurrence_forward`: bitwise the full path's
-results."""
+(:func:`.loops._layer_start`, through the very gemm call torch.mm makes; where the CPU runs the
+panel kernels, :func:`.projection.run` on W_ih packed once per weight version, as the full
+path's no-gradient routes), then the same compiled loop, on the same plan, as
+:func:`.launch.recurrence_forward`: bitwise the full path's results."""
 from __future__ import annotations
 
 from typing import NamedTuple
