@@ -82,7 +82,7 @@ def profile(cell, steps, batch, hidden, repeats):
     h0 = torch.zeros(batch, hidden)
     c0 = torch.zeros(batch, hidden) if cell == "lstm" else None
     sizes = torch.full((steps,), batch, dtype=torch.int64)
-    plan = launch._schedule(sizes, False, batch, gates * hidden * hidden, 4)
+    plan = launch._schedule(sizes, False, batch, gates * hidden, hidden, 4)
     h_a = buffers.owned(torch.randn(batch, hidden))  # aligned, as the kernel's
     w_t = buffers.transposed(w_hh)
     w_p = matmul.panels(w_t, plan.gemm == 0)
@@ -163,7 +163,7 @@ def matmul_step(cell, batch, hidden, repeats, steps=200):
     choice (True: micro-kernel), at the current thread count."""
     row_work = GATES[CLASSES[cell][2]] * hidden * hidden
     plan = launch._schedule(torch.full((steps,), batch, dtype=torch.int64), False, batch,
-                            row_work, 4)
+                            row_work // hidden, hidden, 4)
     h = buffers.owned(torch.randn(batch, hidden))
     w_t = buffers.transposed(torch.randn(row_work // hidden, hidden))
     w_p = matmul.panels(w_t)

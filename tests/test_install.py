@@ -314,8 +314,9 @@ def test_cache_entries_are_keyed_by_the_compile_settings_and_inlined_files():
     for dispatcher in ours:
         cache = dispatcher._cache._caches[0]
         assert isinstance(cache, jit.KeyedCache), dispatcher
-        files = loops._INLINED if dispatcher in (loops._forward_thread, loops._layer_start,
-                                                 loops._backward_thread) else ()
+        files = loops._INLINED if dispatcher in (
+            loops._forward_thread, loops._layer_start, loops._backward_thread, loops._forward_team,
+            loops._backward_team) else ()
         key = cache._index_key(sig, dispatcher.targetctx.codegen())
         assert key[-1] == jit._digest((jit.__file__, *files)), dispatcher
     assert jit._JIT["_nrt"] is False  # no runtime in our compiled code: see the warm test

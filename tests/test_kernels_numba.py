@@ -18,7 +18,7 @@ from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.cells import scalar
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops, team
 from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
@@ -264,7 +264,7 @@ def test_avx2_panel_kernel_keeps_its_block_in_registers(tmp_path):
     """Compiled for an AVX2 CPU (forced: NUMBA_CPU_NAME=haswell and its features, a fresh cache),
     the 4-row panel kernel runs on 32-byte vectors, ymm only, with no vector register spilled
     to the stack (its 64-byte form spilled there: 5x slower), and computes the product."""
-    script = """if True:
+    script = r"""if True:
         import re
         import numpy as np
         from fastrnn.kernels.numba_cpu import buffers, jit, matmul, vectors
@@ -415,7 +415,7 @@ def test_loops_load_from_the_disk_cache():
         launch.recurrence_forward("lstm", xg, h0, c0, w, None, None, torch.tensor([3, 3]), False)
         stats = loops._forward_thread.stats
         print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),
-              [str(sig[4]) for sig in loops._forward_thread.signatures])
+              [str(sig[5]) for sig in loops._forward_thread.signatures])
     """
     runs = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                            check=True).stdout.split(maxsplit=2) for _ in range(2)]
@@ -488,10 +488,10 @@ def test_thread_plan_follows_the_thresholds_after_a_cached_call(monkeypatch):
     """The checked steps are cached, the thread decision is not: the ``threading`` fixture's
     forced thresholds take effect for steps that an earlier call already planned."""
     sizes = torch.full((5,), 8, dtype=torch.int64)
-    assert launch._schedule(sizes, False, 8, 4 * 16 * 16, 4).nthreads == 1
+    assert launch._schedule(sizes, False, 8, 4 * 16, 16, 4).nthreads == 1
     monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
-    assert launch._schedule(sizes, False, 8, 4 * 16 * 16, 4).nthreads == 2
+    assert launch._schedule(sizes, False, 8, 4 * 16, 16, 4).nthreads == 2
 
 
 @pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
@@ -505,6 +505,7 @@ def test_step_matmul_choice(threads, panels, monkeypatch):
         pytest.skip(f"needs {threads} CPUs")
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     monkeypatch.setattr(numba_matmul, "USE_PANELS", panels)
+    monkeypatch.setattr(team, "AVAILABLE", False)  # no column split (tests/test_numba_team.py)
     default = launch.PANELS_MAX_ROWS if panels else launch.MICROKERNEL_MAX_ROWS
     most = 16 if panels else launch.MICROKERNEL_MAX_ROWS
     monkeypatch.setattr(launch, "PANELS_MAX_ROWS", 16)
@@ -512,7 +513,7 @@ def test_step_matmul_choice(threads, panels, monkeypatch):
 
     def plan(batch, hidden, itemsize=4, steps=50):
         sizes = torch.full((steps,), batch, dtype=torch.int64)
-        return launch._schedule(sizes, False, batch, 4 * hidden * hidden, itemsize)
+        return launch._schedule(sizes, False, batch, 4 * hidden, hidden, itemsize)
 
     assert plan(1, 64).gemm == 0 and plan(most, 64).gemm == 0
     assert plan(most, 64, 8).gemm == 0

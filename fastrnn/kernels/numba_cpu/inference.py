@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection
+from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection, team
 from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
 
@@ -74,6 +74,7 @@ def _settings():
             launch.PARALLEL_MIN_BATCH, launch.PARALLEL_MIN_WORK,
             launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK,
             launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
+            launch.SPLIT_MIN_STEP_WORK,
             GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
 
 
@@ -88,7 +89,7 @@ def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
         scratch = [(0, 0) if spec.gates_in_y else (batch, spec.row_blocks * hidden),
                    (batch, hidden) if proj != hidden else (0, 0), (n_rows, width)]
         plans = tuple(launch._schedule(np.full(steps, batch, np.int64), reverse, batch,
-                                       width * proj, itemsize)
+                                       width, proj, itemsize, True)
                       for reverse in (False, True)[:directions])
         scratch += [(n_rows, proj)] * (stack - directions)
         if len(_LAYOUTS) >= 256:
@@ -194,9 +195,9 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                          y if packed else empty, empty, acc, m, plan.order, plan.offsets,
                          plan.sizes)
             if direct[direction]:
-                _forward_thread(0, 1, plan.group, plan.gemm, *loop_args)
+                _forward_thread(0, 1, plan.group, plan.gemm, team.new_counter(False), *loop_args)
             else:
-                launch._run(_forward_thread, plan, *loop_args)
+                launch._run(_forward_thread, plan, team.new_counter(plan.split), *loop_args)
             outputs.append(y)
         layer_input = np.concatenate(outputs, 1) if directions == 2 else outputs[0]
     if layout.keep_scratch:

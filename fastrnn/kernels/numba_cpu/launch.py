@@ -11,23 +11,32 @@ import numpy as np
 import torch
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, matmul
-from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_thread,
-                                             _gather_rows, _previous_rows)
+from fastrnn.kernels.numba_cpu import buffers, matmul, team
+from fastrnn.kernels.numba_cpu.checks import _check, _check_backward
+from fastrnn.kernels.numba_cpu.loops import (CODES, TEAM_LOOPS, _backward_thread,
+                                             _forward_thread, _gather_rows, _previous_rows)
 
-# How a call uses torch.get_num_threads() threads (measured on the 2-core machine, module calls,
-# where torch's OpenMP workers keep spinning for milliseconds after the input projection and slow
-# down a thread of ours on the other core):
-# * split the batch rows over threads of ours (each runs the whole time loop for its rows) when the
-#   batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least PARALLEL_MIN_WORK
-#   multiply-adds (T*B*G*H*P) in all: LSTM T=200 B=64 H=128 training 1.1x one thread (torch's
-#   spinning workers take most of the second core: without them, 1.6x);
+# How a call uses torch.get_num_threads() threads (measured on the 2-core AMD EPYC, module calls,
+# 2 threads, interleaved with torch.nn's). Multi-threaded loops run in torch's own OpenMP team
+# where the CPU runs the panel kernels (:mod:`.team`; a pool of Python threads of ours otherwise):
+# torch's workers spin for milliseconds after each parallel region (the input projection, the
+# model's other layers) and a thread of ours then waited behind them (LSTM T=100 B=64 H=128
+# inference, pool 17.0 ms, team 10.5; GRU training 42.3 / 28.5).
+# * split the batch rows over the threads (each runs the whole time loop for its rows, no barrier)
+#   when the batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least
+#   PARALLEL_MIN_WORK multiply-adds (T*B*G*H*P) in all;
+# * else, where the step matmul runs in the panel kernels, split each step's columns (the weight
+#   panels) over the threads (the row steps still split the rows), two barriers a step: when a
+#   backward follows, always (LSTM T=100 B=1-16 H=64-512 training 1.08-1.34x one thread), else
+#   from SPLIT_MIN_STEP_WORK multiply-adds a step (B*G*H*P; inference H=128 B=1 1.10x, H=256
+#   B=8 1.76x, H=512 B=16 1.60x; below it H=64 B=4 lost, 0.79x);
 # * else one loop thread; its per-step BLAS call (where it makes one) uses torch's threads (MKL's
 #   OpenMP team) when the weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES (more than one
 #   core's L2) or a step has at least BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM
 #   B=1 H=512 2.0x, B=8 H=512 1.5x one thread; smaller steps lost (RNN B=64 H=128 0.5x).
 PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
+SPLIT_MIN_STEP_WORK = 1 << 17
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
 # A step's recurrent matmul runs in the Numba micro-kernels, not a BLAS gemm call, where a loop
@@ -66,16 +75,20 @@ class _Plan(NamedTuple):
     rows: int  # N = sum(sizes), rows of the packed layout
     gemm: int
     panels: bool
+    split: bool = False  # the column split: each step's matmul columns over the nthreads threads
 
 
 def _run(loop, plan, *args):
     """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
-    on the calling thread, the others on a persistent pool of Python threads (the loops are
-    compiled ``nogil``, each owns its rows for the whole sequence: one hand-off per call, no
-    barrier per step). Each thread's BLAS calls use ``plan.blas_threads`` threads (MKL's
-    thread-local setting), so threads never multiply."""
+    on the calling thread, the others in torch's OpenMP team (the time loops of a plan without
+    BLAS calls, where :data:`.team.AVAILABLE`) or on a persistent pool of Python threads (the
+    loops are compiled ``nogil``; one hand-off per call). Each thread's BLAS calls use
+    ``plan.blas_threads`` threads (MKL's thread-local setting), so threads never multiply."""
     global _POOL
     nthreads = plan.nthreads
+    if nthreads > 1 and loop in TEAM_LOOPS and team.AVAILABLE and not plan.gemm:
+        TEAM_LOOPS[loop](nthreads, plan.group, plan.gemm, *args)  # args[0]: the barrier counter
+        return
     if nthreads == 1:
         _run_one(loop, 0, plan, args)
         return
@@ -138,9 +151,10 @@ def _plan_steps(sizes, batch, reverse):
     return ok, order.astype(np.int64, copy=False), offsets.astype(np.int64, copy=False)
 
 
-def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
-    """The :class:`_Plan` of a call whose recurrent matmul costs ``row_work`` multiply-adds per
-    row and step (G*H*P, also the number of recurrent weights, of ``itemsize`` bytes).
+def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=False):
+    """The :class:`_Plan` of a call whose recurrent weights W_hh are (``width``, ``proj``) = (G*H,
+    P) of ``itemsize`` bytes (the step matmul: G*H*P multiply-adds per row); ``inference``: no
+    backward follows.
 
     Checks the batch sizes (the loops index without bounds checks): non-increasing, the first equal
     to ``batch``, none negative."""
@@ -150,6 +164,7 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
         sizes = np.ascontiguousarray(np.asarray(batch_sizes), dtype=np.int64)
     order, offsets, sizes = _checked_steps(sizes, batch, reverse)
     threads = min(torch.get_num_threads(), _CPUS)
+    row_work = width * proj
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
     panels = matmul.USE_PANELS and len(sizes) >= PANELS_MIN_STEPS
@@ -162,6 +177,12 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
         group = ROW_GROUP if batch >= ROW_GROUP * threads and not gemm else -(-batch // threads)
         return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows,
                      gemm, panels and not gemm)
+    # Column split: every thread a share of the panels of W_hh^T (forward) and W_hh (backward)
+    parts = min(threads, min(width, proj) * itemsize // matmul.PANEL_BYTES)
+    if (team.AVAILABLE and panels and parts >= 2
+            and (not inference or batch * row_work >= SPLIT_MIN_STEP_WORK)):
+        group = ROW_GROUP if batch >= ROW_GROUP * parts else max(1, -(-batch // parts))
+        return _Plan(order, offsets, sizes, parts, group, 1, rows, 0, True, True)
     # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
     keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
                             or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
@@ -169,61 +190,6 @@ def _schedule(batch_sizes, reverse, batch, row_work, itemsize):
         gemm = 0
     return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm,
                  panels and not gemm)
-
-
-def _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, n_rows, bias=None, w_cell=None):
-    """Shapes and dtypes of the forward arguments (the loops index without bounds checks);
-    ``n_rows`` = sum(batch_sizes)."""
-    if cell not in CODES:
-        raise ValueError(f"unknown cell {cell!r}; expected one of {tuple(CODES)}")
-    spec = cells.spec(cell)
-    dtype = xg.dtype
-    if dtype is not torch.float32 and dtype is not torch.float64:
-        raise TypeError(f"numba kernels support float32 and float64, got {dtype}")
-    for name, t in (("xg", xg), ("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hn", b_hn),
-                    ("w_hr", w_hr), ("bias", bias), ("w_cell", w_cell)):
-        if t is not None and t.dtype is not dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like xg")
-        if t is not None and not t.is_cpu:
-            raise ValueError(f"numba kernels run on CPU tensors, {name} is on {t.device}")
-    if spec.has_c != (c0 is not None):
-        raise ValueError(f"c0 is required for {cell} and must be None otherwise" if spec.has_c
-                         else f"c0 must be None for {cell}")
-    if spec.cell_weights and w_cell is None:
-        raise ValueError(f"w_cell ({spec.cell_weights}) is required for {cell}")
-    if w_cell is not None and not spec.cell_weights:
-        raise ValueError(f"w_cell must be None for {cell}")
-    if w_hr is not None and not spec.projection:
-        raise ValueError(f"w_hr (projection) is not supported for {cell}")
-    gates = spec.gates
-    if w_hh.dim() != 2 or w_hh.shape[0] % gates:
-        raise ValueError(f"w_hh must be ({gates}*H, P), got {tuple(w_hh.shape)}")
-    hidden, proj = w_hh.shape[0] // gates, w_hh.shape[1]
-    if w_hr is None and proj != hidden:
-        raise ValueError(f"w_hh is {tuple(w_hh.shape)}: P != H needs w_hr")
-    batch = h0.shape[0]
-    for name, t, shape in (("xg", xg, (n_rows, gates * hidden)), ("h0", h0, (batch, proj)),
-                           ("c0", c0, (batch, hidden)), ("b_hn", b_hn, (hidden,)),
-                           ("w_hr", w_hr, (proj, hidden)), ("bias", bias, (gates * hidden,)),
-                           ("w_cell", w_cell, (len(spec.cell_weights), hidden))):
-        if t is not None and t.shape != shape:
-            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-
-
-def _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden):
-    """Shapes and dtypes of what backward receives beyond the forward's arguments."""
-    n_rows, proj = y.shape
-    batch = grad_h_n.shape[0]
-    if len(saved) != len(spec.saved):
-        raise ValueError(f"saved must hold {spec.saved} of {spec.name}, got {len(saved)} tensors")
-    widths = {"gates": spec.row_blocks * hidden, "c": hidden}
-    expected = {"y": (y, (n_rows, proj)), "grad_y": (grad_y, (n_rows, proj)),
-                "grad_h_n": (grad_h_n, (batch, proj)), "grad_c_n": (grad_c_n, (batch, hidden))}
-    expected.update({f"saved[{i}]": (t, (n_rows, widths[name]))
-                     for i, (name, t) in enumerate(zip(spec.saved, saved))})
-    for name, (t, shape) in expected.items():
-        if t is not None and (tuple(t.shape) != shape or t.dtype != grad_y.dtype):
-            raise ValueError(f"{name} must be {shape} {grad_y.dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
 def _weight_grad(d_pre, y, h0, plan, reverse, prev):
@@ -248,12 +214,14 @@ def _weight_grad(d_pre, y, h0, plan, reverse, prev):
     return d_pre.t() @ torch.from_numpy(h_prev)
 
 
-def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None):
-    """The checked :class:`_Plan` of a call (arguments as :func:`recurrence_forward`): the
-    argument checks and the schedule, made once per call. :class:`fastrnn.Recurrence` hands it to
-    the forward and to the backward (``plan=``), which then neither check nor schedule again."""
-    plan = _schedule(batch_sizes, reverse, h0.shape[0], w_hh.shape[0] * h0.shape[1],
-                     w_hh.element_size())
+def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None,
+              inference=False):
+    """The checked :class:`_Plan` of a call (arguments as :func:`recurrence_forward`; ``inference``:
+    no backward follows): the argument checks and the schedule, made once per call.
+    :class:`fastrnn.Recurrence` hands it to the forward and to the backward (``plan=``), which then
+    neither check nor schedule again."""
+    plan = _schedule(batch_sizes, reverse, h0.shape[0], w_hh.shape[0], h0.shape[1],
+                     w_hh.element_size(), inference)
     _check(cell, xg, h0, c0, w_hh, b_hn, w_hr, plan.rows, bias, w_cell)
     return plan
 
@@ -275,7 +243,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     each step) for lstm; (gates (N, 4H) = r, z, h W_hn^T + b_hn, n) for gru.
     """
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,
-                             w_cell)
+                             w_cell, not save)
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
                                  buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell,
                                                  plan.panels),
@@ -314,7 +282,7 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
     h[...] = 0 if h0 is None else h0
     if spec.has_c:
         c[...] = 0 if c0 is None else c0
-    _run(_forward_thread, plan, CODES[cell], save or spec.gates_in_y,
+    _run(_forward_thread, plan, team.new_counter(plan.split), CODES[cell], save or spec.gates_in_y,
          xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.w_p,
          prepared.wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
@@ -368,7 +336,8 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     scratch_grad = spec.has_b_hn
     d_hn = buffers.alloc((n_rows, hidden), dtype) if scratch_grad else empty
     dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
-    _run(_backward_thread, plan, CODES[cell], gy, y_a, buffers.array(h0),
+    _run(_backward_thread, plan, team.new_counter(plan.split), CODES[cell], gy, y_a,
+         buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
          kept.get("c", empty), w, matmul.panels(w, plan.panels), wr,
          buffers.array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,

@@ -10,9 +10,10 @@ from numba.extending import intrinsic, overload, register_jitable
 from fastrnn import cells
 from fastrnn.cells import scalar
 # activations: the tanh/sigmoid overloads; all four: compiled into the loops (_INLINED)
-from fastrnn.kernels.numba_cpu import activations, jit, matmul, vectors
+from fastrnn.kernels.numba_cpu import activations, jit, matmul, team, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT, _prefer_wide_vectors
 from fastrnn.kernels.numba_cpu.matmul import _matmul_rows
+from fastrnn.kernels.numba_cpu.team import barrier
 
 # --------------------------------------------------------------------------- cells
 # A cell reaches the loops as its ``SPEC.code`` typed as a literal (a :class:`CellCode`), and the
@@ -159,19 +160,31 @@ def _borrowed(typingctx, arrays):
 #
 # Thread ``tid`` of ``nthreads`` owns the groups of ``group`` batch rows dealt to it round-robin
 # (rows tid*group.., then (tid+nthreads)*group..); a step's active rows are those below ``rows``.
+# Its row steps and the projection's matmul take only those rows. The step matmul over W_hh too,
+# unless ``counter`` has elements (the column-split plan): then each thread computes every row's
+# columns of its part of the weight panels, and the threads meet at a barrier after it and at
+# the end of each step (:mod:`.team`; ``counter`` zero at the call's start).
 
 @njit(**_JIT)
-def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
-                    w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+def _forward_thread(tid, nthreads, group, gemm, counter, code, packed, xg, bias, b_hn, w_cell, h,
+                    c, w_t, w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
     _prefer_wide_vectors()
     xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m = _borrowed((
         xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m))
     out = m if has_proj else y  # the row step's output: the projection's input, or y itself
+    split = counter.shape[0] > 0
+    arrivals = 0
     for p in range(order.shape[0]):
         t = order[p]
         rows, off = sizes[t], offsets[t]
         a, base = (gates, off) if packed else (acc, 0)
-        _matmul_rows(a, base, h, 0, w_t, w_p, tid, nthreads, group, rows, gemm, True)
+        if split:
+            _matmul_rows(a, base, h, 0, w_t, w_p, 0, 1, max(rows, 1), rows, 0, True, tid,
+                         nthreads)
+            arrivals += nthreads
+            barrier(counter, arrivals)
+        else:
+            _matmul_rows(a, base, h, 0, w_t, w_p, tid, nthreads, group, rows, gemm, True)
         for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
             for b in range(g, min(g + group, rows)):
                 q = off + b
@@ -188,6 +201,9 @@ def _forward_thread(tid, nthreads, group, gemm, code, packed, xg, bias, b_hn, w_
                 for b in range(g, min(g + group, rows)):
                     for k in range(h.shape[1]):
                         h[b, k] = y[off + b, k]
+        if split:
+            arrivals += nthreads
+            barrier(counter, arrivals)
 
 
 @njit(**_JIT)
@@ -206,9 +222,9 @@ def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
 
 
 @njit(**_JIT)
-def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates, c_all, w, w_p,
-                     wr, w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all,
-                     m_all, tc, prev, order, offsets, sizes):
+def _backward_thread(tid, nthreads, group, gemm, counter, code, grad_y, y, h0, c0, gates, c_all, w,
+                     w_p, wr, w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg,
+                     dy_all, m_all, tc, prev, order, offsets, sizes):
     """``tc`` (B, H), or (0, 0) with a projection: the row step's scratch (LSTM: tanh(c)), per
     packed row in ``m_all`` with a projection (where it becomes m = o tanh(c))."""
     _prefer_wide_vectors()
@@ -216,6 +232,8 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
         _borrowed((grad_y, y, h0, c0, gates, c_all, w_cell, dh, dc, dm, d_xg, d_hn, dg, dy_all,
                    m_all, tc))
     tanh_c = m_all if has_proj else tc
+    split = counter.shape[0] > 0
+    arrivals = 0
     for p in range(order.shape[0] - 1, -1, -1):
         t = order[p]
         rows, off = sizes[t], offsets[t]
@@ -238,16 +256,50 @@ def _backward_thread(tid, nthreads, group, gemm, code, grad_y, y, h0, c0, gates,
                               dc, b, tanh_c, q if has_proj else b, has_proj, w_cell, d_xg,
                               d_hn, dg)
         operand, base = (dg, 0) if scratch_grad else (d_xg, off)
-        _matmul_rows(dh, 0, operand, base, w, w_p, tid, nthreads, group, rows, gemm,
-                     not direct_h)
+        if split:
+            arrivals += nthreads
+            barrier(counter, arrivals)
+            _matmul_rows(dh, 0, operand, base, w, w_p, 0, 1, max(rows, 1), rows, 0, not direct_h,
+                         tid, nthreads)
+            arrivals += nthreads
+            barrier(counter, arrivals)
+        else:
+            _matmul_rows(dh, 0, operand, base, w, w_p, tid, nthreads, group, rows, gemm,
+                         not direct_h)
+
+
+# The loops on each thread of torch's OpenMP team (the column-split plans: :mod:`.team`); the
+# arguments as the loops', without tid. Spelled out: a jitted function taking *args costs ~30 µs
+# a call to dispatch.
+_forward_in_team, _backward_in_team = map(team.in_team, (_forward_thread, _backward_thread))
+
+
+@njit(**_JIT)
+def _forward_team(nthreads, group, gemm, counter, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
+                  w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+    _forward_in_team(code, (nthreads, group, gemm, counter, packed, xg, bias, b_hn, w_cell, h, c,
+                            w_t, w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets,
+                            sizes))
+
+
+@njit(**_JIT)
+def _backward_team(nthreads, group, gemm, counter, code, grad_y, y, h0, c0, gates, c_all, w, w_p,
+                   wr, w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg, d_hn, dg,
+                   dy_all, m_all, tc, prev, order, offsets, sizes):
+    _backward_in_team(code, (nthreads, group, gemm, counter, grad_y, y, h0, c0, gates, c_all, w,
+                             w_p, wr, w_cell, has_proj, scratch_grad, direct_h, dh, dc, dm, d_xg,
+                             d_hn, dg, dy_all, m_all, tc, prev, order, offsets, sizes))
+
+
+TEAM_LOOPS = {_forward_thread: _forward_team, _backward_thread: _backward_team}
 
 
 # A loop's cache entries are keyed also by what it compiles in from other files (the cells' step
 # math, the activations, the matmul, the compile settings): an edit there must not load a stale
 # loop.
 _INLINED = tuple(str(cells.MODULES[name].__file__) for name in CODES) + tuple(
-    str(module.__file__) for module in (activations, matmul, scalar, vectors))
-for _loop in (_forward_thread, _layer_start, _backward_thread):
+    str(module.__file__) for module in (activations, matmul, scalar, team, vectors))
+for _loop in (_forward_thread, _layer_start, _backward_thread, _forward_team, _backward_team):
     _loop._cache = jit.KeyedCache(_loop.py_func, _INLINED)
 
 

@@ -204,10 +204,13 @@ def _rows1(acc, ai, a, bi, w, j0, j1):
 
 
 @njit(**_JIT)
-def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, gemm, overwrite):
+def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, gemm, overwrite,
+                 part=0, parts=1):
     """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
     ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N), or ``=``
-    when ``overwrite`` (acc's old values are not read).
+    when ``overwrite`` (acc's old values are not read); with ``parts`` > 1 (micro-kernels only),
+    only the columns of part ``part`` of ``parts``: its share of the panels, in order, and the
+    last part also the columns past them. Each element's sum is the same whatever the split.
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group), or 0 for the
     Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
@@ -221,7 +224,8 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
             g0 += nthreads * group
         return
     k_total, n_total = w.shape
-    for p in range(w_p.shape[0]):
+    count = w_p.shape[0]
+    for p in range(part * count // parts, (part + 1) * count // parts):
         g0 = tid * group
         while g0 < rows:
             g1 = min(g0 + group, rows)
@@ -234,8 +238,8 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
                 _panel_row(acc, acc_base + b, a, a_base + b, w_p[p], p * w_p.shape[2], overwrite)
                 b += 1
             g0 += nthreads * group
-    start = w_p.shape[0] * w_p.shape[2]  # the columns past the panels
-    if start == n_total:
+    start = count * w_p.shape[2]  # the columns past the panels
+    if start == n_total or part != parts - 1:
         return
     if overwrite:
         g0 = tid * group

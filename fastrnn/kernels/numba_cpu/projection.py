@@ -66,6 +66,7 @@ class _Plan(NamedTuple):  # what launch._run reads
     group: int
     gemm: int = 0
     blas_threads: int = 0
+    split: bool = False
 
 
 def run(xg, x, w_t, w_p):
