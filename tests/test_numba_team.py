@@ -12,7 +12,7 @@ import pytest
 import torch
 from _support import assert_all_close, flatten, make_case, nan_filled_buffers, pair, run_and_grad
 
-from fastrnn.kernels.numba_cpu import launch, loops, matmul, team
+from fastrnn.kernels.numba_cpu import launch, loops, matmul, projection, team
 
 TWO_THREADS = min(torch.get_num_threads(), launch._CPUS) >= 2
 pytestmark = [
@@ -27,22 +27,25 @@ def nan_filled(monkeypatch):
 
 @pytest.fixture
 def team_calls(monkeypatch):
-    """The calls of the team loops (forward, backward), counted."""
+    """The calls of the team loops (forward, backward, input projection), counted."""
     calls = []
-    for loop in (loops._forward_thread, loops._backward_thread):
-        def counted(*args, _run=loops.TEAM_LOOPS[loop], _name=loop.__name__):
+    for loop in (loops._forward_thread, loops._backward_thread, projection._project_thread):
+        def counted(*args, _run=team.LOOPS[loop], _name=loop.__name__):
             calls.append((_name, args[0]))
             _run(*args)
-        monkeypatch.setitem(loops.TEAM_LOOPS, loop, counted)
+        monkeypatch.setitem(team.LOOPS, loop, counted)
     return calls
 
 
 def split_everywhere(monkeypatch, split=True):
-    """Panel kernels on every step count (forced on any CPU); the column split at every step
-    size (``split``) or the row split at every batch size."""
+    """Panel kernels on every step count (forced on any CPU; so the input projection without
+    gradients too, in blocks of 4 rows over the threads); the column split at every step size
+    (``split``) or the row split at every batch size."""
     monkeypatch.setattr(matmul, "USE_PANELS", True)
+    monkeypatch.setattr(projection, "BLOCK_ROWS", 4)
     monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)
     monkeypatch.setattr(launch, "SPLIT_MIN_STEP_WORK", 0)
+    monkeypatch.setattr(launch, "SPLIT_MIN_STEP_WORK_TRAINING", 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", float("inf") if split else 0)
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", float("inf") if split else 0)
 
@@ -72,7 +75,7 @@ CASES = [  # (variant, format, dtype, hidden): hidden past whole panels (72 floa
 def test_team_plans_equal_one_thread_and_torch(case, split, monkeypatch, team_calls):
     """2 layers, both directions, given states: the team's plans give bitwise the one-thread
     results (forward+backward and no-gradient outputs), close to torch.nn's (float32 1e-5 / 1e-4,
-    float64 1e-9), and ran in the team, forward and backward."""
+    float64 1e-9), and ran in the team: forward, backward and the input projection."""
     variant, fmt, dtype, hidden = case
     split_everywhere(monkeypatch, split)
     ref, mod, leaves, build, weights = make_case(variant, fmt, 2, True, True, True, dtype, "numba",
@@ -81,7 +84,8 @@ def test_team_plans_equal_one_thread_and_torch(case, split, monkeypatch, team_ca
     assert team_calls == []
     two, two_lean = results(mod, leaves, build, weights, 2)
     names = {name for name, _ in team_calls}
-    assert names == {"_forward_thread", "_backward_thread"} and {n for _, n in team_calls} == {2}
+    assert names == {"_forward_thread", "_backward_thread", "_project_thread"}
+    assert {n for _, n in team_calls} == {2}
     for got, want in zip(two + two_lean, one + one_lean):
         assert (got is None) == (want is None) and (got is None or torch.equal(got, want))
     expected_outs, expected_grads = run_and_grad(ref, leaves, build, weights)
@@ -105,17 +109,19 @@ def test_column_split_with_projection(monkeypatch, team_calls):
 
 
 def test_split_rules(monkeypatch):
-    """Columns are split where a backward follows, and without one from SPLIT_MIN_STEP_WORK;
-    never with fewer than two panels per thread's share, without an OpenMP runtime, or where the
-    rows are split."""
+    """Columns are split from SPLIT_MIN_STEP_WORK multiply-adds a step without a backward,
+    SPLIT_MIN_STEP_WORK_TRAINING with one; never with under a panel per thread, without an OpenMP
+    runtime, or where the rows are split."""
     monkeypatch.setattr(matmul, "USE_PANELS", True)
 
     def plan(batch, hidden, inference):
         sizes = torch.full((50,), batch, dtype=torch.int64)
         return launch._schedule(sizes, False, batch, 4 * hidden, hidden, 4, inference)
 
-    work = launch.SPLIT_MIN_STEP_WORK
+    work, training = launch.SPLIT_MIN_STEP_WORK, launch.SPLIT_MIN_STEP_WORK_TRAINING
     assert plan(4, 64, False).split and plan(4, 64, False).nthreads == 2
+    assert 4 * 4 * 64 * 64 >= training > 4 * 32 * 32
+    assert not plan(1, 64, False).split and not plan(4, 32, False).split
     assert plan(4, 256, True).split and 4 * 4 * 256 * 256 >= work
     assert not plan(1, 64, True).split and 4 * 64 * 64 < work
     assert not plan(4, 16, False).split  # 16 columns of W_hh: under one panel each

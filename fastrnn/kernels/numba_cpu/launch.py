@@ -13,8 +13,8 @@ import torch
 from fastrnn import cells
 from fastrnn.kernels.numba_cpu import buffers, matmul, team
 from fastrnn.kernels.numba_cpu.checks import _check, _check_backward
-from fastrnn.kernels.numba_cpu.loops import (CODES, TEAM_LOOPS, _backward_thread,
-                                             _forward_thread, _gather_rows, _previous_rows)
+from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_thread,
+                                             _gather_rows, _previous_rows)
 
 # How a call uses torch.get_num_threads() threads (measured on the 2-core AMD EPYC, module calls,
 # 2 threads, interleaved with torch.nn's). Multi-threaded loops run in torch's own OpenMP team
@@ -23,13 +23,16 @@ from fastrnn.kernels.numba_cpu.loops import (CODES, TEAM_LOOPS, _backward_thread
 # model's other layers) and a thread of ours then waited behind them (LSTM T=100 B=64 H=128
 # inference, pool 17.0 ms, team 10.5; GRU training 42.3 / 28.5).
 # * split the batch rows over the threads (each runs the whole time loop for its rows, no barrier)
-#   when the batch has at least PARALLEL_MIN_BATCH rows and the recurrent matmul at least
-#   PARALLEL_MIN_WORK multiply-adds (T*B*G*H*P) in all;
+#   when the batch has at least PARALLEL_MIN_BATCH rows; on the pool only where the recurrent
+#   matmul has at least PARALLEL_MIN_WORK multiply-adds (T*B*G*H*P) in all (in the team at any
+#   size: LSTM T=200 B=64 H=32 training 12.6 -> 8.3 ms, inference 2.55 -> 2.00 against the
+#   threshold; nothing measured lost);
 # * else, where the step matmul runs in the panel kernels, split each step's columns (the weight
-#   panels) over the threads (the row steps still split the rows), two barriers a step: when a
-#   backward follows, always (LSTM T=100 B=1-16 H=64-512 training 1.08-1.34x one thread), else
-#   from SPLIT_MIN_STEP_WORK multiply-adds a step (B*G*H*P; inference H=128 B=1 1.10x, H=256
-#   B=8 1.76x, H=512 B=16 1.60x; below it H=64 B=4 lost, 0.79x);
+#   panels) over the threads (the row steps still split the rows), two barriers a step, from
+#   SPLIT_MIN_STEP_WORK multiply-adds a step (B*G*H*P) without a backward (LSTM H=128 B=1 1.10x,
+#   H=256 B=8 1.76x, H=512 B=16 1.60x one thread; H=64 B=4 lost, 0.79x), SPLIT_MIN_STEP_WORK_
+#   TRAINING with one (LSTM T=100 B=4-16 H=128-512 1.20-1.34x; RNN, GRU 0.9-1.3x from 2^16 up,
+#   within the noise where the work is under 2^19; RNN H=128 B=1 0.90x);
 # * else one loop thread; its per-step BLAS call (where it makes one) uses torch's threads (MKL's
 #   OpenMP team) when the weights take at least BLAS_PARALLEL_MIN_WEIGHT_BYTES (more than one
 #   core's L2) or a step has at least BLAS_PARALLEL_MIN_STEP_WORK multiply-adds (B*G*H*P): LSTM
@@ -37,6 +40,7 @@ from fastrnn.kernels.numba_cpu.loops import (CODES, TEAM_LOOPS, _backward_thread
 PARALLEL_MIN_BATCH = 32
 PARALLEL_MIN_WORK = 250_000_000
 SPLIT_MIN_STEP_WORK = 1 << 17
+SPLIT_MIN_STEP_WORK_TRAINING = 1 << 16
 BLAS_PARALLEL_MIN_WEIGHT_BYTES = 1 << 20
 BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
 # A step's recurrent matmul runs in the Numba micro-kernels, not a BLAS gemm call, where a loop
@@ -80,14 +84,14 @@ class _Plan(NamedTuple):
 
 def _run(loop, plan, *args):
     """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
-    on the calling thread, the others in torch's OpenMP team (the time loops of a plan without
-    BLAS calls, where :data:`.team.AVAILABLE`) or on a persistent pool of Python threads (the
-    loops are compiled ``nogil``; one hand-off per call). Each thread's BLAS calls use
+    on the calling thread, the others in torch's OpenMP team (the loops of :data:`.team.LOOPS`,
+    in a plan without BLAS calls, where :data:`.team.AVAILABLE`) or on a persistent pool of
+    Python threads (the loops are compiled ``nogil``; one hand-off per call). Each thread's BLAS calls use
     ``plan.blas_threads`` threads (MKL's thread-local setting), so threads never multiply."""
     global _POOL
     nthreads = plan.nthreads
-    if nthreads > 1 and loop in TEAM_LOOPS and team.AVAILABLE and not plan.gemm:
-        TEAM_LOOPS[loop](nthreads, plan.group, plan.gemm, *args)  # args[0]: the barrier counter
+    if nthreads > 1 and loop in team.LOOPS and team.AVAILABLE and not plan.gemm:
+        team.LOOPS[loop](nthreads, plan.group, plan.gemm, *args)
         return
     if nthreads == 1:
         _run_one(loop, 0, plan, args)
@@ -169,7 +173,9 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
     panels = matmul.USE_PANELS and len(sizes) >= PANELS_MIN_STEPS
     most = PANELS_MAX_ROWS if panels else MICROKERNEL_MAX_ROWS
-    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and rows * row_work >= PARALLEL_MIN_WORK:
+    in_team = team.AVAILABLE and -(-batch // threads) <= most  # the loop makes no BLAS call
+    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and (in_team
+                                                         or rows * row_work >= PARALLEL_MIN_WORK):
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
         if -(-batch // threads) <= most:
@@ -180,7 +186,8 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
     # Column split: every thread a share of the panels of W_hh^T (forward) and W_hh (backward)
     parts = min(threads, min(width, proj) * itemsize // matmul.PANEL_BYTES)
     if (team.AVAILABLE and panels and parts >= 2
-            and (not inference or batch * row_work >= SPLIT_MIN_STEP_WORK)):
+            and batch * row_work >= (SPLIT_MIN_STEP_WORK if inference
+                                     else SPLIT_MIN_STEP_WORK_TRAINING)):
         group = ROW_GROUP if batch >= ROW_GROUP * parts else max(1, -(-batch // parts))
         return _Plan(order, offsets, sizes, parts, group, 1, rows, 0, True, True)
     # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.

@@ -291,7 +291,7 @@ def _backward_team(nthreads, group, gemm, counter, code, grad_y, y, h0, c0, gate
                              d_hn, dg, dy_all, m_all, tc, prev, order, offsets, sizes))
 
 
-TEAM_LOOPS = {_forward_thread: _forward_team, _backward_thread: _backward_team}
+team.LOOPS.update({_forward_thread: _forward_team, _backward_thread: _backward_team})
 
 
 # A loop's cache entries are keyed also by what it compiles in from other files (the cells' step

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 from numba import njit
 
-from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, vectors
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, team, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT
 
 BLOCK_ROWS = 128  # a multiple of 4 (the 4-row kernel's blocks must not depend on the split)
@@ -95,6 +95,16 @@ def _project_thread(tid, nthreads, group, gemm, xg, x, w_t, w_p):
         matmul._matmul_rows(xg, r0, x, r0, w_t, w_p, 0, 1, rows, rows, 0, True)
 
 
-# Its cache entries keyed also by the files it compiles in (as the loops': .loops._INLINED)
-_project_thread._cache = jit.KeyedCache(_project_thread.py_func,
-                                        tuple(str(m.__file__) for m in (matmul, vectors)))
+_project_in_team = team.in_team(_project_thread)
+
+
+@njit(**_JIT)
+def _project_team(nthreads, group, gemm, xg, x, w_t, w_p):
+    """:func:`_project_thread` on each thread of torch's OpenMP team (:mod:`.team`)."""
+    _project_in_team(None, (nthreads, group, gemm, xg, x, w_t, w_p))
+
+
+team.LOOPS[_project_thread] = _project_team
+# Their cache entries keyed also by the files they compile in (as the loops': .loops._INLINED)
+for _fn in (_project_thread, _project_team):
+    _fn._cache = jit.KeyedCache(_fn.py_func, tuple(str(m.__file__) for m in (matmul, team, vectors)))

@@ -62,15 +62,19 @@ def _register():
 
 #: Whether loops can run in torch's OpenMP team (else no plan splits columns).
 AVAILABLE = _register()
+#: loop -> its compiled launcher in the team, ``launcher(nthreads, group, gemm, *args)`` for
+#: ``loop(tid, nthreads, group, gemm, *args)`` (registered by the loops' modules).
+LOOPS = {}
 
 
 def in_team(loop):
-    """An intrinsic ``run(code, args)`` for compiled code: ``loop(tid, nthreads, group, gemm,
-    counter, code, *rest)`` on each thread ``tid`` of an OpenMP team of ``nthreads`` threads (the
-    calling thread is tid 0; returns when all are done); ``args`` = (nthreads, group, gemm,
-    counter, *rest); ``code`` an integer literal (the cell), which a tuple would not keep. Should
-    the runtime give another number of threads, the calling thread alone runs the loop (nthreads
-    1: every barrier passes at once; the same results)."""
+    """An intrinsic ``run(code, args)`` for compiled code: ``loop(tid, *args)`` on each thread
+    ``tid`` of an OpenMP team of ``args[0]`` (nthreads) threads (the calling thread is tid 0;
+    returns when all are done), ``args`` = (nthreads, group, gemm, ...); ``code``: None, or an
+    integer literal (a cell's) that a tuple would not keep, passed to the loop after ``args[3]``
+    (the time loops': counter, code, ...). Should the runtime give another number of threads, the
+    calling thread alone runs the loop (nthreads 1: every barrier passes at once, the rows are
+    all its own; the same results)."""
     @intrinsic
     def run(typingctx, code, args):
         def codegen(context, builder, signature, llargs):
@@ -91,14 +95,15 @@ def in_team(loop):
 
             # the loop's call spelled out (Numba does not bind a long tuple's star-call), the code
             # as a constant
-            rest = ", ".join(["args[2]", "args[3]", str(code.literal_value)]
-                             + [f"args[{i}]" for i in range(4, len(tuple_type))])
+            rest = [f"args[{i}]" for i in range(2, len(tuple_type))]
+            if isinstance(code, types.IntegerLiteral):
+                rest.insert(2, str(code.literal_value))
             scope = {"loop": loop}
             exec(f"def body(tid, size, args):\n"
                  f"    if size == args[0]:\n"
-                 f"        loop(tid, args[0], args[1], {rest})\n"
+                 f"        loop(tid, args[0], args[1], {', '.join(rest)})\n"
                  f"    elif tid == 0:\n"
-                 f"        loop(0, 1, 1 << 40, {rest})\n", scope)
+                 f"        loop(0, 1, args[1], {', '.join(rest)})\n", scope)
             body = scope["body"]
 
             sig = types.void(types.int64, types.int64, tuple_type)
@@ -114,7 +119,7 @@ def in_team(loop):
                                     builder.trunc(builder.extract_value(llargs[1], 0), i32),
                                     ir.Constant(i32, 0)])
             return context.get_dummy_value()
-        if not isinstance(code, types.IntegerLiteral):
+        if not isinstance(code, (types.IntegerLiteral, types.NoneType)):
             return None
         return types.void(code, args), codegen
     return run
