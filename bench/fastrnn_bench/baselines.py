@@ -241,6 +241,10 @@ def onnx_runner(case, module, x, lengths, threads=None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # No spinning worker after each run: with more than one thread it kept a core busy and
+    # stalled the threads of the libraries timed after it (torch.nn's own times spread 0.17-4.8x
+    # between two identical runs in one 2-thread grid); with one thread there is no worker.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options,
                                    providers=["CPUExecutionProvider"])
