@@ -17,8 +17,8 @@ from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_t
                                              _gather_rows, _previous_rows)
 
 # How a call uses torch.get_num_threads() threads (measured on the 2-core AMD EPYC, module calls,
-# 2 threads, interleaved with torch.nn's). Multi-threaded loops run in torch's own OpenMP team
-# where the CPU runs the panel kernels (:mod:`.team`; a pool of Python threads of ours otherwise):
+# 2 threads, interleaved with torch.nn's). Multi-threaded loops that make no BLAS call run in
+# torch's own OpenMP team (:mod:`.team`; where there is none, on a pool of Python threads):
 # torch's workers spin for milliseconds after each parallel region (the input projection, the
 # model's other layers) and a thread of ours then waited behind them (LSTM T=100 B=64 H=128
 # inference, pool 17.0 ms, team 10.5; GRU training 42.3 / 28.5).
@@ -86,8 +86,8 @@ def _run(loop, plan, *args):
     """Run ``loop(tid, nthreads, group, gemm, *args)`` for tid = 0 … nthreads-1 of ``plan``: tid 0
     on the calling thread, the others in torch's OpenMP team (the loops of :data:`.team.LOOPS`,
     in a plan without BLAS calls, where :data:`.team.AVAILABLE`) or on a persistent pool of
-    Python threads (the loops are compiled ``nogil``; one hand-off per call). Each thread's BLAS calls use
-    ``plan.blas_threads`` threads (MKL's thread-local setting), so threads never multiply."""
+    Python threads (the loops are compiled ``nogil``; one hand-off per call). Each thread's BLAS
+    calls use ``plan.blas_threads`` threads (MKL's thread-local setting): threads never multiply."""
     global _POOL
     nthreads = plan.nthreads
     if nthreads > 1 and loop in team.LOOPS and team.AVAILABLE and not plan.gemm:
@@ -173,12 +173,12 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
     panels = matmul.USE_PANELS and len(sizes) >= PANELS_MIN_STEPS
     most = PANELS_MAX_ROWS if panels else MICROKERNEL_MAX_ROWS
-    in_team = team.AVAILABLE and -(-batch // threads) <= most  # the loop makes no BLAS call
-    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and (in_team
-                                                         or rows * row_work >= PARALLEL_MIN_WORK):
+    kernels = -(-batch // threads) <= most  # split rows: the micro-kernels, no BLAS call
+    if threads >= 2 and batch >= PARALLEL_MIN_BATCH and (
+            kernels and team.AVAILABLE or rows * row_work >= PARALLEL_MIN_WORK):
         # BLAS: one contiguous block of rows per thread (one gemm per step); micro-kernel: groups
         # of ROW_GROUP rows dealt round-robin, which balances packed batches.
-        if -(-batch // threads) <= most:
+        if kernels:
             gemm = 0
         group = ROW_GROUP if batch >= ROW_GROUP * threads and not gemm else -(-batch // threads)
         return _Plan(order, offsets, sizes, min(threads, -(-batch // group)), group, 1, rows,

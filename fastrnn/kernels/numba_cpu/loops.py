@@ -268,7 +268,7 @@ def _backward_thread(tid, nthreads, group, gemm, counter, code, grad_y, y, h0, c
                          not direct_h)
 
 
-# The loops on each thread of torch's OpenMP team (the column-split plans: :mod:`.team`); the
+# The loops on each thread of torch's OpenMP team (:mod:`.team`, the multi-threaded plans); the
 # arguments as the loops', without tid. Spelled out: a jitted function taking *args costs ~30 µs
 # a call to dispatch.
 _forward_in_team, _backward_in_team = map(team.in_team, (_forward_thread, _backward_thread))

@@ -107,4 +107,5 @@ def _project_team(nthreads, group, gemm, xg, x, w_t, w_p):
 team.LOOPS[_project_thread] = _project_team
 # Their cache entries keyed also by the files they compile in (as the loops': .loops._INLINED)
 for _fn in (_project_thread, _project_team):
-    _fn._cache = jit.KeyedCache(_fn.py_func, tuple(str(m.__file__) for m in (matmul, team, vectors)))
+    _fn._cache = jit.KeyedCache(_fn.py_func,
+                                tuple(str(m.__file__) for m in (matmul, team, vectors)))

@@ -56,7 +56,8 @@ def _register():
     if lib is None:
         return False
     for name in _SYMBOLS:
-        binding.add_symbol("fastrnn_" + name, ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+        address = ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+        binding.add_symbol("fastrnn_" + name, address)
     return True
 
 
@@ -146,7 +147,8 @@ def _atomic_load(typingctx, counter):
 
 @intrinsic
 def _relax(typingctx, give_way):
-    """The CPU's spin-wait hint (x86 ``pause``), then ``sched_yield()`` where ``give_way`` (Linux)."""
+    """The CPU's spin-wait hint (x86 ``pause``), then (Linux) ``sched_yield()`` where
+    ``give_way``."""
     def codegen(context, builder, signature, args):
         module = builder.module
         if _X86:
