@@ -1,5 +1,5 @@
-"""Threads of one call that meet every step (the column-split plan of :mod:`.launch`): the loop
-runs on each thread of torch's own OpenMP team (``GOMP_parallel`` of the OpenMP runtime torch
+"""The threads of the numba loops' multi-threaded plans (:mod:`.launch`): a loop runs on each
+thread of torch's own OpenMP team (``GOMP_parallel`` of the OpenMP runtime torch
 loaded, called from compiled code: :func:`in_team`), so it shares the threads that torch's and
 MKL's parallel regions use instead of fighting them for the cores (torch's workers spin for
 milliseconds after each region; a thread of our own pool started then waited behind them at
@@ -7,7 +7,8 @@ every barrier: 0.1-0.6x), and a hand-off costs ~2 µs while they spin (a Python 
 60-75 µs). The threads meet at :func:`barrier`s: an int64 counter that each thread increments
 once per barrier (an atomic add) and then spins on until all have (acquire loads, the CPU's
 pause hint, ``sched_yield`` every :data:`YIELD_EVERY` spins). Linux only (the runtime is found
-in /proc/self/maps); elsewhere :data:`AVAILABLE` is False and no plan splits."""
+in /proc/self/maps); elsewhere :data:`AVAILABLE` is False: no plan splits columns, and the row
+splits run on :mod:`.launch`'s pool of Python threads."""
 from __future__ import annotations
 
 import ctypes
@@ -45,9 +46,10 @@ def _openmp_runtime():
     for _, path in found:
         try:
             lib = ctypes.CDLL(path)
-            return lib if all(hasattr(lib, name) for name in _SYMBOLS) else None
         except OSError:
             continue
+        if all(hasattr(lib, name) for name in _SYMBOLS):
+            return lib
     return None
 
 
@@ -61,7 +63,7 @@ def _register():
     return True
 
 
-#: Whether loops can run in torch's OpenMP team (else no plan splits columns).
+#: Whether loops can run in torch's OpenMP team.
 AVAILABLE = _register()
 #: loop -> its compiled launcher in the team, ``launcher(nthreads, group, gemm, *args)`` for
 #: ``loop(tid, nthreads, group, gemm, *args)`` (registered by the loops' modules).
