@@ -1,13 +1,15 @@
 """The modules' lean inference path: under ``torch.no_grad()`` or ``torch.inference_mode()``, a
 dense CPU input whose backend offers one (numba: :mod:`fastrnn.kernels.numba_cpu.inference`) runs
 the whole layer stack in one call, on weights prepared once per weight version (recurrent weights
-transposed, biases summed) and a step plan made once per shape: no autograd Function, no checks
-beyond the input's and state's shapes. Same kernels, same buffers, same input projection as the
+transposed, biases summed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`)
+and a step plan made once per shape: no autograd Function, no checks beyond the input's and
+state's shapes. Same kernels, same buffers, same input projection as the
 full path (:func:`fastrnn.functional.stack`): bitwise the same results.
 
-Anything else takes the full path, which also raises torch.nn's errors: packed input, long input
-(an input projection above ``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), gradients,
-autocast, tracing, export, torch.compile, torch.func transforms, inter-layer dropout in training
+A call that records a gradient takes the lean training path (:mod:`fastrnn.training`, on the same
+prepared weights) where this one would apply. Anything else takes the full path, which also raises
+torch.nn's errors: packed input, long input (an input projection above
+``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), autocast, tracing, export, torch.compile, torch.func transforms, inter-layer dropout in training
 mode, an input or state of another dtype, device or shape than the module's.
 """
 from __future__ import annotations
@@ -19,16 +21,18 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from fastrnn import autograd, backends, cells, functional
+from fastrnn import autograd, backends, cells, functional, weight_cache
 
 
 class _Prepared(NamedTuple):
     module: weakref.ref  # the module it was made for
     backend: str  # the module's ``backend`` attribute it was made for
+    name: str  # the backend that attribute resolved to
     weights: list  # the tensors it was made from, held so that no other tensor takes their memory
-    stamp: Optional[tuple]  # their versions and data pointers; None: not reusable
+    fingerprint: Optional[weight_cache.Fingerprint]  # theirs; None: not reusable
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: object  # what the backend prepared (its lean path's stack), or None
+    layer_weights: list  # the weights per layer and direction (functional.LayerWeights), or None
     shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
 
 
@@ -50,45 +54,40 @@ class _Shape(NamedTuple):
 # id(module) -> _Prepared, dropped when the module dies (a dict keyed by id: a WeakKeyDictionary
 # lookup makes a weak reference each call)
 _PREPARED = {}
-_VERSION = operator.attrgetter("_version")
 _SHAPES_KEPT = 16
 
 
-def _stamp(weights):
-    """What changes when a weight does, besides the tensor itself: its version counter (in-place
-    updates, optimizer steps) and its data pointer (``.data =``). None when a weight is an
-    inference tensor (no version counter): then nothing is reused."""
-    try:
-        return list(map(_VERSION, weights)), list(map(torch.Tensor.data_ptr, weights))
-    except RuntimeError:  # "Inference tensors do not track version counter."
-        return None
-
-
 def _prepared(module, weights):
-    """The module's :class:`_Prepared` for its current ``weights``, remade when they changed."""
+    """The module's :class:`_Prepared` for its current ``weights``, remade when they changed
+    (other tensors, or :func:`fastrnn.weight_cache.matches` says so)."""
     entry = _PREPARED.get(id(module))
     if (entry is not None and entry.module() is module and entry.backend == module.backend
-            and entry.stamp is not None and all(map(operator.is_, weights, entry.weights))
-            and entry.stamp == _stamp(weights)):
+            and all(map(operator.is_, weights, entry.weights))
+            and weight_cache.matches(entry.fingerprint, weights)):
         return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
                             hidden=module.hidden_size)
     lean = getattr(backends.KERNELS.get(name), "lean_path", None)
     kernels = lean() if lean is not None else None
-    layers = None
+    layers = per_layer_weights = None
     if kernels is not None:
         directions = 2 if module.bidirectional else 1
-        per_layer = []
-        for w in functional.layer_weights(cell, weights, module.bias, module.num_layers,
-                                          directions):
-            bias, b_hn = functional.projection_bias(cell, w.b_ih, w.b_hh)
-            per_layer.append((w.w_ih, w.w_hh, b_hn, w.w_hr, bias, w.w_cell))
+        per_layer, per_layer_weights = [], functional.layer_weights(
+            cell, weights, module.bias, module.num_layers, directions)
+        with torch.no_grad():
+            for w in per_layer_weights:
+                bias, b_hn = functional.projection_bias(cell, w.b_ih, w.b_hh)
+                per_layer.append((w.w_ih, w.w_hh, b_hn, w.w_hr, bias, w.w_cell))
         layers = kernels.prepare_stack(cell, per_layer)
     if id(module) not in _PREPARED:
         weakref.finalize(module, _PREPARED.pop, id(module), None)
-    entry = _Prepared(weakref.ref(module), module.backend, list(weights), _stamp(weights),
-                      kernels, layers, {})
+    # the shapes depend on the module's configuration only: kept when only weights changed
+    same = (entry is not None and entry.module() is module and entry.backend == module.backend
+            and all(map(operator.is_, weights, entry.weights)))
+    entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
+                      weight_cache.fingerprint(weights, entry.fingerprint if same else None),
+                      kernels, layers, per_layer_weights, entry.shapes if same else {})
     _PREPARED[id(module)] = entry
     return entry
 
@@ -143,9 +142,11 @@ def _state_arrays(hx, shape, dtype):
     return out
 
 
-def forward(module, input, hx):
-    """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
-    not apply."""
+def lean_call(module, input, hx):
+    """``(entry, shape, x, h0, c0)`` of a call ``module(input, hx)`` the lean paths take (this
+    module's and :mod:`fastrnn.training`'s): the module's :class:`_Prepared`, the input's
+    :class:`_Shape`, numpy views of the input and the initial states as given (None: zeros; c0
+    None also for cells without a cell state); None where they do not apply."""
     if (type(input) is not torch.Tensor or not input.is_cpu
             or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()
@@ -171,19 +172,32 @@ def forward(module, input, hx):
         if (arrays := _state_arrays(hx, shape, dtype)) is None:
             return None
         h0, c0 = arrays if len(arrays) == 2 else (arrays[0], None)
+    return entry, shape, x, h0, c0
+
+
+def forward(module, input, hx):
+    """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
+    not apply."""
+    if (call := lean_call(module, input, hx)) is None:
+        return None
+    entry, shape, x, h0, c0 = call
     steps, batch = shape.steps, shape.batch
     if shape.batch_first:
         x = x.transpose(1, 0, 2)
     y, h_n, c_n = entry.kernels.forward_stack(
         entry.layers, np.ascontiguousarray(x).reshape(steps * batch, shape.features),
         steps, batch, h0, c0, shape.num_layers, shape.directions)
-    # shaped as numpy views (a torch view costs several times more)
-    if not shape.batched:
-        y, h_n = y.reshape(steps, -1), h_n[:, 0]
-        c_n = c_n[:, 0] if c_n is not None else None
-    elif shape.batch_first:
-        y = y.reshape(steps, batch, -1).transpose(1, 0, 2)
-    else:
-        y = y.reshape(steps, batch, -1)
+    y, h_n, c_n = shaped(shape, y, h_n, c_n)
     out, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
     return (out, h_n) if c_n is None else (out, (h_n, torch.from_numpy(c_n)))
+
+
+def shaped(shape, y, h_n, c_n):
+    """The stack's numpy outputs (y (T*B, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None) shaped
+    as the module returns them for an input of ``shape``, as numpy views (a torch view costs
+    several times more)."""
+    steps, batch = shape.steps, shape.batch
+    if not shape.batched:
+        return (y.reshape(steps, -1), h_n[:, 0], c_n[:, 0] if c_n is not None else None)
+    y = y.reshape(steps, batch, -1)
+    return (y.transpose(1, 0, 2) if shape.batch_first else y), h_n, c_n

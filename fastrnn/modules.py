@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrnn import backends, cells, functional, inference
+from fastrnn import backends, cells, functional, inference, training
 from fastrnn.cells import CELL_OF_MODE
 
 
@@ -152,8 +152,9 @@ class _Recurrent(_Backend, nn.RNNBase):
         return True
 
     def forward(self, input, hx=None):
-        if not torch.is_grad_enabled() and (lean := inference.forward(self, input, hx)):
-            return lean  # the lean inference path (fastrnn.inference) took it
+        lean = (training if torch.is_grad_enabled() else inference).forward(self, input, hx)
+        if lean:
+            return lean  # a lean path (fastrnn.inference, fastrnn.training) took it
         unrolled = exporting()  # traced or exported: torch.nn's forward, else unrolled
         if unrolled and self._export_with_torch():
             return self._torch_class.forward(self, input, hx)

@@ -111,15 +111,33 @@ def run(mod, *args):
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "optimizer", "load_state_dict",
-                                    "double", "functional_call"])
+                                    "double", "functional_call", "through_data", "numpy",
+                                    "sgd_by_hand", "soft_update"])
 def test_prepared_weights_follow_the_module(change, lean_calls):
+    """Remade after any change: those a version counter or data pointer shows, and writes through
+    ``.data`` or a numpy view, which only the contents show (one element is enough)."""
     torch.manual_seed(0)
     ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
     x = torch.randn(3, 2, 5)
     before = run(mod, x)
+    assert_bitwise(run(mod, x), before)  # seen unchanged: the contents copied, then compared
+    assert inference._PREPARED[id(mod)].fingerprint.copies is not None
     if change == "in_place":
         with torch.no_grad():
             mod.weight_hh_l1.mul_(0.5)
+    elif change == "through_data":
+        mod.weight_hh_l0.data[5, 2] += 1
+    elif change == "numpy":
+        mod.bias_hh_l1.detach().numpy()[3] -= 1
+    elif change == "sgd_by_hand":  # the word-language-model example's training step
+        mod(x)[0].square().sum().backward()
+        for p in mod.parameters():
+            p.data.add_(p.grad, alpha=-0.1)
+    elif change == "soft_update":  # a reinforcement-learning target network's update
+        online = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4,
+                      num_layers=2)[1]
+        for target, source in zip(mod.parameters(), online.parameters()):
+            target.data.copy_(0.5 * source.data + 0.5 * target.data)
     elif change == "data":
         mod.bias_ih_l0.data = torch.randn(16)
     elif change == "optimizer":
@@ -335,7 +353,8 @@ def test_final_state_does_not_keep_the_output_alive(packed):
     if packed:
         x = pack_padded_sequence(x, [512] * 4)
     with torch.no_grad():
-        module(x)  # compiled and prepared before tracing
+        module(x)  # compiled and prepared before tracing (prepared again on the second call,
+        module(x)  # which copies the weights: fastrnn.weight_cache)
         gc.collect()
         tracemalloc.start()
         try:

@@ -67,22 +67,30 @@ def test_rule(monkeypatch):
     assert numba_cpu.project(x, w) is None  # torch.mm then
 
 
-@pytest.mark.parametrize("change", ["in_place", "data"])
+@pytest.mark.parametrize("change", ["in_place", "data", "through_data", "numpy"])
 def test_packed_weights_follow_the_weight(change):
-    """Packed once per weight version: reused while the weight is unchanged, remade after an
-    in-place update or ``.data =``, dropped with the weight; an inference tensor every call."""
+    """Packed once per weight version (twice: its contents are copied when it is seen unchanged
+    a second time): reused while the weight is unchanged, remade after an
+    in-place update, ``.data =``, or a write no version counter sees (through ``.data``, a numpy
+    view; one element), dropped with the weight; an inference tensor every call."""
     generator = torch.Generator().manual_seed(seed_of(change))
     x = torch.randn(6, 5, generator=generator)
     w = torch.nn.Parameter(torch.randn(40, 5, generator=generator))
     first = numba_cpu.project(x, w)
+    assert projection._PACKED[id(w)][1].copies is None  # not copied before it is seen again
+    numba_cpu.project(x, w)
     kept = projection._PACKED[id(w)][2]
     numba_cpu.project(x, w)
     assert projection._PACKED[id(w)][2] is kept
     with torch.no_grad():
         if change == "in_place":
             w.mul_(2)
-        else:
+        elif change == "data":
             w.data = torch.randn(40, 5, generator=generator)
+        elif change == "through_data":
+            w.data[7, 3] += 1
+        else:
+            w.detach().numpy()[39, 4] -= 1
     got = numba_cpu.project(x, w)
     assert projection._PACKED[id(w)][2] is not kept
     torch.testing.assert_close(got, x @ w.detach().t(), **TOLERANCE[torch.float32])

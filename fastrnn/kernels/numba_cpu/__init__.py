@@ -39,8 +39,9 @@ Files: ``jit.py`` (compile settings), ``activations.py`` (tanh/sigmoid that vect
 kernels), ``loops.py`` (one forward and one BPTT time loop, each inlining the cell's own step math
 from its file in ``fastrnn/cells/``), ``buffers.py`` (aligned buffers, numpy views),
 ``launch.py`` (checks, thread plan: the contract's functions), ``inference.py`` (the lean
-inference path: a whole layer stack on prepared weights), ``projection.py`` (the input projection
-without gradients in the panel kernels). Importing this package
+inference path: a whole layer stack on prepared weights), ``training.py`` (the lean training
+path: the same stack's forward with BPTT's tensors saved, and its backward), ``projection.py``
+(the input projection without gradients in the panel kernels). Importing this package
 does not import Numba; :func:`load` does (the first kernel call, or ``auto`` choosing a backend).
 Compiled code is cached on disk where a directory is writable, and a cache problem is never an
 exception (``jit.py`` says where and how).
@@ -83,6 +84,13 @@ def lean_path():
     :mod:`fastrnn.inference`), loading Numba first."""
     load()
     return importlib.import_module(__name__ + ".inference")
+
+
+def lean_training():
+    """The functions of the lean training path (:mod:`.training`, used by
+    :mod:`fastrnn.training`), loading Numba first."""
+    load()
+    return importlib.import_module(__name__ + ".training")
 
 
 def project(x, w_ih):

@@ -333,16 +333,16 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     if spec.has_c:
         dc = np.zeros((batch, hidden), dtype) if grad_c_n is None else buffers.owned(grad_c_n)
     wr = buffers.array(w_hr) if has_proj else empty
-    dm = buffers.alloc((batch, hidden), dtype)
-    dy_all = buffers.alloc((n_rows, proj), dtype) if has_proj else empty
-    m_all = buffers.alloc((n_rows, hidden), dtype) if has_proj else empty
-    tc = empty if has_proj else buffers.alloc((batch, hidden), dtype)
     # With b_hn inside r * (h W_hn^T + b_hn) (GRU), the gradient w.r.t. that block of h W_hh^T is
     # d_hn = d(n's pre-activation) * r, not d_xg's: the row step writes it per packed row (for
     # d_w_hh and d_b_hn) and the step matmul's operand to the scratch dg.
     scratch_grad = spec.has_b_hn
-    d_hn = buffers.alloc((n_rows, hidden), dtype) if scratch_grad else empty
-    dg = buffers.alloc((batch, w_hh.shape[0]), dtype) if scratch_grad else empty
+    none = (0, 0)
+    dm, tc, dy_all, m_all, d_hn, dg = buffers.alloc_group(
+        [(batch, hidden), none if has_proj else (batch, hidden),
+         (n_rows, proj) if has_proj else none, (n_rows, hidden) if has_proj else none,
+         (n_rows, hidden) if scratch_grad else none,
+         (batch, w_hh.shape[0]) if scratch_grad else none], dtype)
     _run(_backward_thread, plan, team.new_counter(plan.split), CODES[cell], gy, y_a,
          buffers.array(h0),
          buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from numba import njit
 
+from fastrnn import weight_cache
 from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, team, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT
 
@@ -37,27 +38,27 @@ def packed(w_ih):
     return w_t, matmul.panels(w_t)
 
 
-# id(w_ih) -> (weak reference, (version, data pointer), packed(w_ih)): the full path's packed
-# weights, remade when the weight changes and dropped with it (the lean path keeps its own with
-# its prepared weights).
+# id(w_ih) -> (weak reference, fingerprint, packed(w_ih)): the full path's packed weights, remade
+# when the weight changes (fastrnn.weight_cache) and dropped with it (the lean path keeps its own
+# with its prepared weights).
 _PACKED = {}
 
 
 def _packed_weights(w_ih):
-    """:func:`packed` of ``w_ih``, kept per weight version (an inference tensor, which has no
-    version counter: packed every call)."""
-    try:
-        stamp = (w_ih._version, w_ih.data_ptr())
-    except RuntimeError:  # "Inference tensors do not track version counter."
-        return packed(w_ih)
+    """:func:`packed` of ``w_ih``, kept while :func:`fastrnn.weight_cache.matches` (an inference
+    tensor, which has no version counter: packed every call)."""
     key = id(w_ih)
     entry = _PACKED.get(key)
-    if entry is not None and entry[0]() is w_ih and entry[1] == stamp:
+    same = entry is not None and entry[0]() is w_ih
+    if same and weight_cache.matches(entry[1], [w_ih]):
         return entry[2]
+    fingerprint = weight_cache.fingerprint([w_ih], entry[1] if same else None)
+    if fingerprint is None:
+        return packed(w_ih)
     if entry is None:
         weakref.finalize(w_ih, _PACKED.pop, key, None)
     weights = packed(w_ih)
-    _PACKED[key] = (weakref.ref(w_ih), stamp, weights)
+    _PACKED[key] = (weakref.ref(w_ih), fingerprint, weights)
     return weights
 
 
