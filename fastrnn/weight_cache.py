@@ -41,6 +41,7 @@ _MEMCMP = _memcmp()
 class Fingerprint(NamedTuple):
     stamp: tuple  # (versions, data pointers)
     copies: Optional[list]  # contiguous copies of the contents; None: not taken
+    spans: Optional[list]  # the copies' (data pointer, bytes)
 
 
 def _stamp(weights):
@@ -57,10 +58,10 @@ def fingerprint(weights, previous=None) -> Optional[Fingerprint]:
         stamp = _stamp(weights)
     except RuntimeError:  # "Inference tensors do not track version counter."
         return None
-    copies = None
-    if previous is not None and previous.stamp == stamp:
-        copies = [w.detach().clone(memory_format=torch.contiguous_format) for w in weights]
-    return Fingerprint(stamp, copies)
+    if previous is None or previous.stamp != stamp:
+        return Fingerprint(stamp, None, None)
+    copies = [w.detach().clone(memory_format=torch.contiguous_format) for w in weights]
+    return Fingerprint(stamp, copies, [(c.data_ptr(), c.nbytes) for c in copies])
 
 
 def matches(fingerprint, weights):
@@ -68,11 +69,13 @@ def matches(fingerprint, weights):
     data pointers and contents (False where it has no copies)."""
     if fingerprint is None or fingerprint.copies is None or _stamp(weights) != fingerprint.stamp:
         return False
-    for weight, copy in zip(weights, fingerprint.copies):
-        weight = weight.detach().contiguous()
-        if _MEMCMP is not None:
-            if _MEMCMP(weight.data_ptr(), copy.data_ptr(), copy.nbytes):
-                return False
-        elif not torch.equal(weight.view(torch.uint8), copy.view(torch.uint8)):
+    memcmp = _MEMCMP
+    if memcmp is None:
+        return all(torch.equal(w.detach().contiguous().view(torch.uint8), c.view(torch.uint8))
+                   for w, c in zip(weights, fingerprint.copies))
+    for weight, (address, size) in zip(weights, fingerprint.spans):
+        if not weight.is_contiguous():
+            weight = weight.detach().contiguous()
+        if memcmp(weight.data_ptr(), address, size):
             return False
     return True
