@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from fastrnn import inference
+from fastrnn import inference, weight_cache
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
 
@@ -165,6 +165,31 @@ def test_prepared_weights_follow_the_module(change, lean_calls):
     for g, e in zip(flatten(after), flatten(expected), strict=True):
         torch.testing.assert_close(g, e, **TOL[x.dtype])
     assert lean_calls
+
+
+def test_contents_check_off(monkeypatch, lean_calls):
+    """``weight_cache.CHECK_CONTENTS = False``: no copies, versions and pointers still followed,
+    a write through ``.data`` not (the documented cost of turning the check off)."""
+    monkeypatch.setattr(weight_cache, "CHECK_CONTENTS", False)
+    torch.manual_seed(0)
+    ref, mod = pair("gru", "numba", torch.float32, input_size=5, hidden_size=4)
+    x = torch.randn(3, 2, 5)
+    before = run(mod, x)
+    assert_bitwise(run(mod, x), before)
+    entry = inference._PREPARED[id(mod)]
+    assert entry.fingerprint.copies is None
+    mod.weight_hh_l0.data.mul_(2)
+    assert_bitwise(run(mod, x), before)  # stale: nothing looked at the contents
+    assert inference._PREPARED[id(mod)] is entry
+    with torch.no_grad():
+        mod.weight_hh_l0.mul_(0.5)  # back to the first weights, by a versioned update
+    ref.load_state_dict(mod.state_dict())
+    with torch.no_grad():
+        mod.weight_ih_l0.mul_(2)
+        ref.weight_ih_l0.mul_(2)
+    for g, e in zip(flatten(run(mod, x)), flatten(run(ref, x)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+    assert inference._PREPARED[id(mod)] is not entry and len(lean_calls) == 4
 
 
 def test_backend_switch_and_inference_tensor_weights(lean_calls):
