@@ -59,11 +59,12 @@ _SHAPES_KEPT = 16
 
 def _prepared(module, weights):
     """The module's :class:`_Prepared` for its current ``weights``, remade when they changed
-    (other tensors, or :func:`fastrnn.weight_cache.matches` says so)."""
+    (other tensors, or :func:`fastrnn.weight_cache.matches` says so; for a backend without a
+    lean path nothing is derived from them: other tensors only)."""
     entry = _PREPARED.get(id(module))
     if (entry is not None and entry.module() is module and entry.backend == module.backend
             and all(map(operator.is_, weights, entry.weights))
-            and weight_cache.matches(entry.fingerprint, weights)):
+            and (entry.kernels is None or weight_cache.matches(entry.fingerprint, weights))):
         return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
@@ -86,8 +87,8 @@ def _prepared(module, weights):
     same = (entry is not None and entry.module() is module and entry.backend == module.backend
             and all(map(operator.is_, weights, entry.weights)))
     entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
-                      weight_cache.fingerprint(weights, entry.fingerprint if same else None),
-                      kernels, layers, per_layer_weights, entry.shapes if same else {})
+                      weight_cache.fingerprint(weights, entry.fingerprint if same else None)
+                      if kernels is not None else None, kernels, layers, per_layer_weights, entry.shapes if same else {})
     _PREPARED[id(module)] = entry
     return entry
 

@@ -111,21 +111,19 @@ def _full_path_grads(ctx, input, h0, c0, weights, grad_outputs):
     module, shape = ctx.module, ctx.shape
     wrt = [t for t, need in zip((input, h0, c0, *weights), ctx.needs_input_grad[4:])
            if need and t is not None]
-    with torch.enable_grad():
-        x = input if shape.batched else input.unsqueeze(1 if not module.batch_first else 0)
+    with torch.enable_grad():  # as the forward ran: no dropout (the lean path takes none)
+        x = input if shape.batched else input.unsqueeze(1)
         hx = None if h0 is None else (h0, c0) if ctx.has_c else h0
         if hx is None:
             hx = module._zero_state(shape.batch, x)
         elif not shape.batched:
             hx = tuple(s.unsqueeze(1) for s in hx) if ctx.has_c else hx.unsqueeze(1)
         result = functional._recurrent(module.cell, x, hx, list(weights), module.bias,
-                                       module.num_layers, module.dropout, module.training,
-                                       module.bidirectional, module.batch_first, None,
-                                       ctx.entry.name)
+                                       module.num_layers, 0.0, False, module.bidirectional,
+                                       shape.batch_first, None, ctx.entry.name)
         outs = list(result)
         if not shape.batched:
-            outs = [outs[0].squeeze(1 if not module.batch_first else 0)] + [
-                s.squeeze(1) for s in outs[1:]]
+            outs = [outs[0].squeeze(1)] + [s.squeeze(1) for s in outs[1:]]
         grads = iter(torch.autograd.grad(outs, wrt, grad_outputs[:len(outs)],
                                          create_graph=True, allow_unused=True))
     return tuple(next(grads) if need and t is not None else None

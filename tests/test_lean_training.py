@@ -130,14 +130,16 @@ def test_peephole_lstm(bidirectional, lean_calls):
     assert_bitwise(got[0] + list(got[1]), expected[0] + list(expected[1]))
 
 
-@pytest.mark.parametrize("variant", ["lstm", "gru"])
-def test_double_backward_and_gradcheck(variant, lean_calls):
+@pytest.mark.parametrize("variant, shape, batch_first", [
+    ("lstm", (3, 2, 3), False), ("gru", (2, 3, 3), True), ("lstm", (3, 3), True)])
+def test_double_backward_and_gradcheck(variant, shape, batch_first, lean_calls):
     """create_graph differentiates the full path's graph, recorded again: the same gradients and
-    gradients of gradients; float64 gradcheck and gradgradcheck through the module."""
+    gradients of gradients; float64 gradcheck and gradgradcheck through the module (batched,
+    batch_first, unbatched)."""
     torch.manual_seed(1)
     _, mod = pair(variant, "numba", torch.float64, input_size=3, hidden_size=2, num_layers=2,
-                  bidirectional=True)
-    leaves, build = inputs(variant, mod, (3, 2, 3), False, True, torch.float64, 1)
+                  bidirectional=True, batch_first=batch_first)
+    leaves, build = inputs(variant, mod, shape, batch_first, True, torch.float64, 1)
 
     def second(fn):
         outs, grads = fn(mod, leaves, build, 1, True)
