@@ -143,3 +143,25 @@ def nan_filled_buffers(monkeypatch):
         out[...] = float("nan")
         return out
     monkeypatch.setattr(buffers, "alloc", nan_filled)
+
+
+def spy_calls(monkeypatch, owner, name):
+    """A list that gets the first argument of every call of ``owner.name`` (still called)."""
+    calls, original = [], getattr(owner, name)
+
+    def spy(*args):
+        calls.append(args[0])
+        return original(*args)
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+def without(owner, name, fn, *args):
+    """``fn(*args)`` with ``owner.name`` replaced by a function that returns None (a lean path
+    switched off, so that the full path runs)."""
+    original = getattr(owner, name)
+    setattr(owner, name, lambda *a: None)
+    try:
+        return fn(*args)
+    finally:
+        setattr(owner, name, original)

@@ -18,7 +18,8 @@ from fastrnn import inference, weight_cache
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
 
-from _support import TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of
+from _support import (TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of, spy_calls,
+                      without)
 
 
 
@@ -30,26 +31,12 @@ def nan_filled(monkeypatch):
 @pytest.fixture
 def lean_calls(monkeypatch):
     """Counts the lean path's whole-stack calls."""
-    kernels = numba_cpu.lean_path()
-    calls = []
-    forward_stack = kernels.forward_stack
-
-    def spy(*args):
-        calls.append(args[0])
-        return forward_stack(*args)
-    monkeypatch.setattr(kernels, "forward_stack", spy)
-    return calls
+    return spy_calls(monkeypatch, numba_cpu.lean_path(), "forward_stack")
 
 
 def full_path(module, *args):
     """``module(*args)`` under no_grad by the full path (the lean one switched off)."""
-    original = inference.forward
-    inference.forward = lambda *a: None
-    try:
-        with torch.no_grad():
-            return module(*args)
-    finally:
-        inference.forward = original
+    return without(inference, "forward", run, module, *args)
 
 
 def assert_bitwise(got, expected):

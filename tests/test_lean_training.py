@@ -15,7 +15,8 @@ import fastrnn
 from fastrnn import training
 from fastrnn.kernels import numba_cpu
 
-from _support import TOL, flatten, nan_filled_buffers, pair, seed_of
+from _support import (TOL, flatten, nan_filled_buffers, pair, seed_of, spy_calls,
+                      without)
 
 
 @pytest.fixture(autouse=True)
@@ -26,25 +27,12 @@ def nan_filled(monkeypatch):
 @pytest.fixture
 def lean_calls(monkeypatch):
     """Counts the lean training path's whole-stack forward calls."""
-    kernels = numba_cpu.lean_training()
-    calls = []
-    forward = kernels.forward
-
-    def spy(*args):
-        calls.append(args[0])
-        return forward(*args)
-    monkeypatch.setattr(kernels, "forward", spy)
-    return calls
+    return spy_calls(monkeypatch, numba_cpu.lean_training(), "forward")
 
 
 def full_path(fn, *args):
     """``fn(*args)`` with the lean training path switched off."""
-    original = training.forward
-    training.forward = lambda *a: None
-    try:
-        return fn(*args)
-    finally:
-        training.forward = original
+    return without(training, "forward", fn, *args)
 
 
 CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with hx
@@ -246,11 +234,7 @@ def test_not_taken_where_the_full_path_runs(lean_calls, monkeypatch):
     mod(x)
     auto(x[:2])
     assert len(lean_calls) == 2
-    inference_calls = []
-    kernels = numba_cpu.lean_path()
-    forward_stack = kernels.forward_stack
-    monkeypatch.setattr(kernels, "forward_stack",
-                        lambda *a: inference_calls.append(1) or forward_stack(*a))
+    inference_calls = spy_calls(monkeypatch, numba_cpu.lean_path(), "forward_stack")
     for p in mod.parameters():
         p.requires_grad_(False)
     out = mod(x.detach())[0]  # nothing requires a gradient: the lean inference path
