@@ -179,8 +179,12 @@ def lean_call(module, input, hx):
 def forward(module, input, hx):
     """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
     not apply."""
-    if (call := lean_call(module, input, hx)) is None:
-        return None
+    call = lean_call(module, input, hx)
+    return None if call is None else run(call)
+
+
+def run(call):
+    """The lean path's ``module(input, hx)`` of :func:`lean_call`'s ``call``."""
     entry, shape, x, h0, c0 = call
     steps, batch = shape.steps, shape.batch
     if shape.batch_first:

@@ -114,8 +114,7 @@ class _Recurrent(_Backend, nn.RNNBase):
 
     def _case(self, weight, input):
         """(cell, device, dtype, proj_size, step) for the choice; a dense input of one time step
-        eagerly is a cell step (``backends.AUTO_ORDER_STEP``: numba's streamed training measured
-        0.49-1.62x torch; without gradients the lean inference path runs, fastrnn.inference)."""
+        eagerly is a cell step (``backends.AUTO_ORDER_STEP``: numba streamed training 0.5-1.6x)."""
         step = (not torch.compiler.is_compiling() and isinstance(input, torch.Tensor)
                 and input.dim() in (2, 3)
                 and input.shape[1 if self.batch_first and input.dim() == 3 else 0] == 1)
@@ -153,8 +152,7 @@ class _Recurrent(_Backend, nn.RNNBase):
         return True
 
     def forward(self, input, hx=None):
-        lean = (training if torch.is_grad_enabled() else inference).forward(self, input, hx)
-        if lean:
+        if lean := (training if torch.is_grad_enabled() else inference).forward(self, input, hx):
             return lean  # a lean path (fastrnn.inference, fastrnn.training) took it
         unrolled = exporting()  # traced or exported: torch.nn's forward, else unrolled
         if unrolled and self._export_with_torch():

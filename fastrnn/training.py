@@ -139,7 +139,7 @@ def forward(module, input, hx):
     states = () if hx is None else tuple(hx) if isinstance(hx, (tuple, list)) else (hx,)
     if not (input.requires_grad or any(s.requires_grad for s in states)
             or any(w.requires_grad for w in entry.weights)):
-        return inference.forward(module, input, hx)
+        return inference.run(call)
     if _kernels(entry.name) is None or (shape.steps == 1 and backends.resolve(
             module.backend, *module._case(entry.weights[0], input), module.hidden_size)
             != entry.name):  # auto runs one step with a gradient on torch's (AUTO_ORDER_STEP)
