@@ -1,7 +1,8 @@
 """The modules' lean inference path: under ``torch.no_grad()`` or ``torch.inference_mode()``, a
 dense CPU input whose backend offers one (numba: :mod:`fastrnn.kernels.numba_cpu.inference`) runs
 the whole layer stack in one call, on weights prepared once per weight version (recurrent weights
-transposed, biases summed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`)
+transposed, biases summed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`;
+a call of a few rows reads the weight matrices in place)
 and a step plan made once per shape: no autograd Function, no checks beyond the input's and
 state's shapes. Same kernels, same buffers, same input projection as the
 full path (:func:`fastrnn.functional.stack`): bitwise the same results.
@@ -14,6 +15,7 @@ mode, an input or state of another dtype, device or shape than the module's.
 """
 from __future__ import annotations
 
+import math
 import operator
 import weakref
 from typing import NamedTuple, Optional
@@ -33,6 +35,7 @@ class _Prepared(NamedTuple):
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: object  # what the backend prepared (its lean path's stack), or None
     layer_weights: list  # the weights per layer and direction (functional.LayerWeights), or None
+    in_place: frozenset  # the indices of the weights a call that reads them in place reads so
     shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
 
 
@@ -57,14 +60,17 @@ _PREPARED = {}
 _SHAPES_KEPT = 16
 
 
-def _prepared(module, weights):
-    """The module's :class:`_Prepared` for its current ``weights``, remade when they changed
-    (other tensors, or :func:`fastrnn.weight_cache.matches` says so; for a backend without a
-    lean path nothing is derived from them: other tensors only)."""
+def _prepared(module, weights, rows):
+    """The module's :class:`_Prepared` for its current ``weights`` and a call of ``rows`` rows
+    (T*B), remade when they changed: other tensors, or :func:`fastrnn.weight_cache.matches` says
+    so, of every weight, or where the call reads the weights in place (the kernels' ``live``:
+    a few rows) of those it does not (the biases, summed when prepared). For a backend without a
+    lean path nothing is derived from them: other tensors only."""
     entry = _PREPARED.get(id(module))
     if (entry is not None and entry.module() is module and entry.backend == module.backend
             and all(map(operator.is_, weights, entry.weights))
-            and (entry.kernels is None or weight_cache.matches(entry.fingerprint, weights))):
+            and (entry.kernels is None or weight_cache.matches(
+                entry.fingerprint, weights, entry.in_place if entry.kernels.live(rows) else ()))):
         return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
@@ -88,7 +94,10 @@ def _prepared(module, weights):
             and all(map(operator.is_, weights, entry.weights)))
     entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
                       weight_cache.fingerprint(weights, entry.fingerprint if same else None)
-                      if kernels is not None else None, kernels, layers, per_layer_weights, entry.shapes if same else {})
+                      if kernels is not None else None, kernels, layers, per_layer_weights,
+                      frozenset(i for i, w in enumerate(weights)
+                                if w.dim() == 2 and w.is_contiguous()),
+                      entry.shapes if same else {})
     _PREPARED[id(module)] = entry
     return entry
 
@@ -155,7 +164,7 @@ def lean_call(module, input, hx):
             or (module.training and module.dropout > 0 and module.num_layers > 1)):
         return None
     module._update_flat_weights()
-    entry = _prepared(module, module._cell_params())
+    entry = _prepared(module, module._cell_params(), math.prod(input.shape[:-1]))
     dtype = entry.weights[0].dtype
     if entry.kernels is None or input.dtype != dtype:
         return None

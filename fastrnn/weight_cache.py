@@ -70,10 +70,11 @@ def fingerprint(weights, previous=None) -> Optional[Fingerprint]:
     return Fingerprint(stamp, copies, [(c.data_ptr(), c.nbytes) for c in copies])
 
 
-def matches(fingerprint, weights):
+def matches(fingerprint, weights, skip=()):
     """Whether ``weights`` (the tensors ``fingerprint`` was taken of) still have its versions,
     data pointers and contents (False where it has no copies, unless :data:`CHECK_CONTENTS` is
-    off)."""
+    off), the contents of those whose index is in ``skip`` not compared (what the caller reads
+    in place)."""
     if fingerprint is None or _stamp(weights) != fingerprint.stamp:
         return False
     if not CHECK_CONTENTS:
@@ -82,9 +83,12 @@ def matches(fingerprint, weights):
         return False
     memcmp = _MEMCMP
     if memcmp is None:
-        return all(torch.equal(w.detach().contiguous().view(torch.uint8), c.view(torch.uint8))
-                   for w, c in zip(weights, fingerprint.copies))
-    for weight, (address, size) in zip(weights, fingerprint.spans):
+        return all(i in skip or torch.equal(w.detach().contiguous().view(torch.uint8),
+                                            c.view(torch.uint8))
+                   for i, (w, c) in enumerate(zip(weights, fingerprint.copies)))
+    for i, (weight, (address, size)) in enumerate(zip(weights, fingerprint.spans)):
+        if i in skip:
+            continue
         if not weight.is_contiguous():
             weight = weight.detach().contiguous()
         if memcmp(weight.data_ptr(), address, size):

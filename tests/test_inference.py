@@ -97,15 +97,18 @@ def run(mod, *args):
         return mod(*args)
 
 
+@pytest.mark.parametrize("live", [True, False], ids=["few_rows", "more_rows"])
 @pytest.mark.parametrize("change", ["in_place", "data", "optimizer", "load_state_dict",
                                     "double", "functional_call", "through_data", "numpy",
                                     "sgd_by_hand", "soft_update"])
-def test_prepared_weights_follow_the_module(change, lean_calls):
+def test_prepared_weights_follow_the_module(change, live, lean_calls):
     """Remade after any change: those a version counter or data pointer shows, and writes through
-    ``.data`` or a numpy view, which only the contents show (one element is enough)."""
+    ``.data`` or a numpy view, which only the contents show (one element is enough); or, for a
+    call of a few rows (``launch.live``), read in place."""
     torch.manual_seed(0)
     ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
-    x = torch.randn(3, 2, 5)
+    x = torch.randn(3 if live else 5, 2, 5)
+    assert numba_cpu.launch.live(x.shape[0] * x.shape[1]) == live
     before = run(mod, x)
     assert_bitwise(run(mod, x), before)  # seen unchanged: the contents copied, then compared
     assert inference._PREPARED[id(mod)].fingerprint.copies is not None
@@ -160,7 +163,8 @@ def test_contents_check_off(monkeypatch, lean_calls):
     monkeypatch.setattr(weight_cache, "CHECK_CONTENTS", False)
     torch.manual_seed(0)
     ref, mod = pair("gru", "numba", torch.float32, input_size=5, hidden_size=4)
-    x = torch.randn(3, 2, 5)
+    x = torch.randn(5, 2, 5)
+    assert not numba_cpu.launch.live(10)  # a call of a few rows would read W_hh in place
     before = run(mod, x)
     assert_bitwise(run(mod, x), before)
     entry = inference._PREPARED[id(mod)]
@@ -177,6 +181,38 @@ def test_contents_check_off(monkeypatch, lean_calls):
     for g, e in zip(flatten(run(mod, x)), flatten(run(ref, x)), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
     assert inference._PREPARED[id(mod)] is not entry and len(lean_calls) == 4
+
+
+def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
+    """A call of at most ``launch.LIVE_MAX_ROWS`` rows reads the weight matrices in place: a write
+    to them through ``.data`` is seen without remaking the prepared weights; a write to a bias
+    (summed when prepared) remakes them, and so does a longer call after a write to a matrix (it
+    reads W_hh transposed: every weight's contents compared)."""
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
+    rows = numba_cpu.launch.LIVE_MAX_ROWS
+    few, more = torch.randn(rows, 1, 5), torch.randn(rows + 1, 1, 5)
+
+    def check(x, same):
+        got = run(mod, x)
+        assert (inference._PREPARED[id(mod)] is entry) == same
+        ref.load_state_dict(mod.state_dict())
+        for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
+            torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+    run(mod, few)
+    run(mod, more)  # the weights seen unchanged: their contents copied
+    entry = inference._PREPARED[id(mod)]
+    assert entry.fingerprint.copies is not None
+    mod.weight_hh_l0.data[5, 2] += 1
+    mod.weight_ih_l1.data[0, 0] -= 1
+    check(few, True)
+    check(more, False)
+    run(mod, more)
+    entry = inference._PREPARED[id(mod)]
+    mod.bias_hh_l1.data[3] += 1
+    check(few, False)
+    assert len(lean_calls) == 6
 
 
 def test_backend_switch_and_inference_tensor_weights(lean_calls):

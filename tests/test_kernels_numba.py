@@ -68,14 +68,17 @@ def threading(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["blas", "microkernel", "panels"])
+@pytest.fixture(params=["blas", "live", "microkernel", "panels"])
 def matmul(request, monkeypatch):
-    """The recurrent matmul through BLAS gemm (where torch exports it, at every batch size), the
-    Numba micro-kernel on unpacked weights, or its panel kernels (forced either way: which one a
-    CPU gets depends on its vectors; both run on any x86-64 CPU)."""
-    if request.param == "blas" and not numba_matmul.USE_BLAS:
+    """The recurrent matmul through BLAS gemm (where torch exports it, at every batch size) on
+    W_hh^T, or on the weights as given (``live``: read in place, as calls of a few rows; here at
+    every size), the Numba micro-kernel on unpacked weights, or its panel kernels (forced either
+    way: which one a CPU gets depends on its vectors; both run on any x86-64 CPU)."""
+    blas = request.param in ("blas", "live")
+    if blas and not numba_matmul.USE_BLAS:
         pytest.skip("torch exports no BLAS gemm here")
-    monkeypatch.setattr(numba_matmul, "USE_BLAS", request.param == "blas")
+    monkeypatch.setattr(numba_matmul, "USE_BLAS", blas)
+    monkeypatch.setattr(launch, "LIVE_MAX_ROWS", float("inf") if request.param == "live" else 0)
     monkeypatch.setattr(numba_matmul, "USE_PANELS", request.param == "panels")
     monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)  # the tests' short sequences too
     monkeypatch.setattr(launch, "MICROKERNEL_MAX_ROWS", 0)
@@ -530,5 +533,9 @@ def test_step_matmul_choice(threads, panels, monkeypatch):
     monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0)
     split = plan(2 * most, 64)  # loop threads of `most` rows each (one with threads=1)
     assert split.gemm == (0 if threads == 2 else gemm)
+    few = plan(2, 64, steps=launch.LIVE_MAX_ROWS // 2)  # a call of a few rows
+    assert few.live == numba_matmul.USE_BLAS
+    assert not few.panels and few.nthreads == 1 and few.gemm == gemm
+    assert not plan(1, 64, steps=launch.LIVE_MAX_ROWS + 1).live
     monkeypatch.setattr(numba_matmul, "USE_BLAS", False)
-    assert plan(64, 64).gemm == 0
+    assert plan(64, 64).gemm == 0 and not plan(1, 64, steps=1).live

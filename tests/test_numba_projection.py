@@ -21,9 +21,11 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol
 
 @pytest.fixture(autouse=True)
 def forced(monkeypatch):
-    """Panel kernels on whatever CPU; NaN-filled buffers."""
+    """Panel kernels on whatever CPU, at any number of rows (test_rule: not for a few); NaN-filled
+    buffers."""
     nan_filled_buffers(monkeypatch)
     monkeypatch.setattr(matmul, "USE_PANELS", True)
+    monkeypatch.setattr(launch, "LIVE_MAX_ROWS", 0)
 
 
 def with_threads(n, fn):
@@ -63,6 +65,12 @@ def test_not_contiguous_input():
 def test_rule(monkeypatch):
     x, w = torch.randn(10, 4), torch.randn(8, 4)
     assert numba_cpu.project(x, w) is not None
+    monkeypatch.setattr(launch, "LIVE_MAX_ROWS", 8)
+    monkeypatch.setattr(matmul, "USE_BLAS", True)
+    assert numba_cpu.project(x, w) is not None
+    assert numba_cpu.project(x[:8], w) is None  # a few rows: torch.mm, W_ih read in place
+    monkeypatch.setattr(matmul, "USE_BLAS", False)
+    assert numba_cpu.project(x[:8], w) is not None  # (the gemm's call: where torch exports it)
     monkeypatch.setattr(matmul, "USE_PANELS", False)
     assert numba_cpu.project(x, w) is None  # torch.mm then
 

@@ -110,8 +110,9 @@ def transposed(tensor):
 class Prepared(NamedTuple):
     """One layer and direction's weights as the forward loop reads them (numpy, one dtype):
     bias (G*H,) added to each row of xg (zeros without bias), b_hn (H,) or (0,), w_cell (K, H) or
-    (0, 0), w_t = W_hh^T (P, G*H) and wr_t = W_hr^T (H, P) or (0, 0), aligned copies, and w_p:
-    w_t packed for the panel kernels (:func:`.matmul.panels`)."""
+    (0, 0), w_t = W_hh^T (P, G*H) and wr_t = W_hr^T (H, P) or (0, 0), aligned copies (for a call
+    whose plan reads the weights in place, ``live``: W_hh (G*H, P) and W_hr (P, H) themselves), and
+    w_p: w_t packed for the panel kernels (:func:`.matmul.panels`)."""
 
     bias: np.ndarray
     b_hn: np.ndarray
@@ -121,18 +122,20 @@ class Prepared(NamedTuple):
     w_p: np.ndarray
 
 
-def prepare(cell, w_hh, b_hn, w_hr, bias, w_cell, panels=True):
+def prepare(cell, w_hh, b_hn, w_hr, bias, w_cell, panels=True, live=False):
     """The :class:`Prepared` weights of :func:`.launch.recurrence_forward`'s arguments (tensors);
-    w_p has no panels unless ``panels`` (the call's step matmul runs in the micro-kernels)."""
+    w_p has no panels unless ``panels`` (the call's step matmul runs in the micro-kernels); with
+    ``live`` (the plan's), W_hh and W_hr as given."""
     spec = cells.spec(cell)
     dtype = NUMPY_DTYPES[w_hh.dtype]
     hidden = w_hh.shape[0] // spec.gates
     empty = _empty((0, 0), dtype)
     # (K, N) for the matmul; MKL's gemm reading W_hh in place with transa='T' measured 1.7x slower
     # per step (B=8, H=128) than this one copy per call.
-    w_t = transposed(w_hh)
+    w_t = array(w_hh) if live else transposed(w_hh)
     return Prepared(
         array(bias) if bias is not None else np.zeros(w_hh.shape[0], dtype),
         array(b_hn) if b_hn is not None else np.zeros(hidden if spec.has_b_hn else 0, dtype),
         array(w_cell) if w_cell is not None else empty, w_t,
-        transposed(w_hr) if w_hr is not None else empty, matmul.panels(w_t, panels))
+        (array if live else transposed)(w_hr) if w_hr is not None else empty,
+        matmul.panels(w_t, panels and not live))

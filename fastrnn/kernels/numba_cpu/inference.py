@@ -17,27 +17,40 @@ from fastrnn import cells
 from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection, team
 from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
+# Whether a call of ``rows`` rows (T*B) reads the weight matrices in place (nothing derived from
+# them: fastrnn.inference checks the contents of the others only).
+live = launch.live
+
 
 class _Stack:
-    """A module's layers prepared for the lean path (:func:`prepare_stack`), the arguments of its
-    calls per shape and thread setting, and per layer and direction its recurrent weights packed
-    in panels (``panels``) and its input weights as :mod:`.projection` reads them
-    (``projections``), each made by the first call that needs them."""
+    """A module's layers prepared for the lean path (:func:`prepare_stack`). Per layer and
+    direction: ``weights`` the tensors as given, ``inputs`` W_ih (G*H, I) as numpy (read in
+    place), ``live`` the :class:`.buffers.Prepared` of a call that reads its weights in place
+    (:func:`.launch.live`: W_hh, W_hr as given) and, each made by the first call that needs them,
+    the one of the other calls (:meth:`layers`: W_hh^T, W_hr^T), W_hh^T packed in panels
+    (``panels``) and W_ih as :mod:`.projection` reads it (``projections``); ``calls`` the
+    arguments of its calls per shape and thread setting."""
 
-    __slots__ = ("cell", "layers", "calls", "panels", "projections")
+    __slots__ = ("cell", "weights", "inputs", "live", "prepared", "calls", "panels",
+                 "projections")
 
-    def __init__(self, cell, layers):
-        self.cell, self.layers, self.calls = cell, layers, {}
-        self.panels = self.projections = None
+    def __init__(self, cell, weights):
+        self.cell, self.weights, self.calls = cell, weights, {}
+        self.inputs = [buffers.array(w[0]) for w in weights]
+        self.live = [buffers.prepare(cell, *w[1:], False, True) for w in weights]
+        self.prepared = self.panels = self.projections = None
+
+    def layers(self):
+        """Per layer and direction the :class:`.buffers.Prepared` with W_hh^T and W_hr^T."""
+        if self.prepared is None:
+            self.prepared = [buffers.prepare(self.cell, *w[1:], False) for w in self.weights]
+        return self.prepared
 
 
 def prepare_stack(cell, weights):
     """The :class:`_Stack` of ``weights``: per layer and direction ``(w_ih, w_hh, b_hn, w_hr,
-    bias, w_cell)`` tensors as given to :func:`.launch.recurrence_forward` (w_ih (G*H, I)), each
-    prepared as ``(w_ih numpy, buffers.Prepared)``, without panels."""
-    return _Stack(cell, [(buffers.array(w_ih),
-                          buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell, False))
-                         for w_ih, w_hh, b_hn, w_hr, bias, w_cell in weights])
+    bias, w_cell)`` tensors as given to :func:`.launch.recurrence_forward` (w_ih (G*H, I))."""
+    return _Stack(cell, weights)
 
 
 # Up to this many bytes a call's states and output are one allocation (a kept state then keeps at
@@ -122,18 +135,20 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
     call = stack.calls.get(key)
     if call is None:
         spec = cells.spec(stack.cell)
-        proj, width = stack.layers[0][1].w_t.shape
+        width, proj = stack.live[0].w_t.shape
         hidden = width // spec.gates
         layout = _layout(spec, proj, hidden, steps, batch, num_layers, directions, dtype.itemsize)
-        # Panels where the plan says so, as the full path (bitwise its results)
-        w_ps = [prepared.w_p for _, prepared in stack.layers]  # none
+        # The weights and panels the plan says, as the full path (bitwise its results)
+        live = layout.plans[0].live
+        layers = stack.live if live else stack.layers()
+        w_ps = [prepared.w_p for prepared in layers]  # none
         if layout.plans[0].panels:
             if stack.panels is None:
-                stack.panels = [matmul.panels(prepared.w_t) for _, prepared in stack.layers]
+                stack.panels = [matmul.panels(prepared.w_t) for prepared in layers]
             w_ps = stack.panels
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
-                 prepared.w_cell, prepared.w_t, w_p, prepared.wr_t, proj != hidden)
-                for (_, prepared), w_p in zip(stack.layers, w_ps)]
+                 prepared.w_cell, prepared.w_t, w_p, live, prepared.wr_t, proj != hidden)
+                for prepared, w_p in zip(layers, w_ps)]
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
         direct = tuple(plan.nthreads == 1 and not (plan.gemm and plan.blas_threads)
@@ -150,7 +165,7 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     dtype, layers = x.dtype, num_layers * directions
     layout, args, free, gemm, direct, empty = _call(stack, steps, batch, num_layers, directions,
                                                     dtype)
-    n_rows, proj = steps * batch, stack.layers[0][1].w_t.shape[0]
+    n_rows, proj = steps * batch, stack.live[0].w_t.shape[1]
     if layout.one_buffer:
         ys = states = buffers.alloc((layout.states + directions * layout.y_size,), dtype)
         start = layout.states
@@ -170,8 +185,8 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            code, packed, bias, b_hn, w_cell, w_t, w_p, wr_t, has_proj = args[k]
-            w_ih = stack.layers[k][0]
+            code, packed, bias, b_hn, w_cell, w_t, w_p, live, wr_t, has_proj = args[k]
+            w_ih = stack.inputs[k]
             if layer < num_layers - 1:
                 y = inner[k]
             else:
@@ -179,10 +194,10 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                 y = ys[offset:offset + n_rows * proj].reshape(n_rows, proj)
             h, c = h_n[k], empty if c_n is None else c_n[k]
             x_start = layer_input if gemm else empty  # what _layer_start projects
-            if projection.applies():  # the panel kernels project, as the full path's
+            if projection.applies(n_rows):  # the panel kernels project, as the full path's
                 if stack.projections is None:
                     stack.projections = [projection.packed(torch.from_numpy(w))
-                                         for w, _ in stack.layers]
+                                         for w in stack.inputs]
                 projection.run(xg, layer_input, *stack.projections[k])
                 x_start = empty
             elif not gemm:  # no BLAS: torch projects
@@ -191,9 +206,9 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
             _layer_start(gemm, x_start, w_ih, xg, empty if h0 is None else h0[k],
                          empty if c0 is None else c0[k], h, c)
             plan = layout.plans[direction]
-            loop_args = (code, packed, xg, bias, b_hn, w_cell, h, c, w_t, w_p, wr_t, has_proj, y,
-                         y if packed else empty, empty, acc, m, plan.order, plan.offsets,
-                         plan.sizes)
+            loop_args = (code, packed, xg, bias, b_hn, w_cell, h, c, w_t, w_p, live, wr_t,
+                         has_proj, y, y if packed else empty, empty, acc, m, plan.order,
+                         plan.offsets, plan.sizes)
             if direct[direction]:
                 _forward_thread(0, 1, plan.group, plan.gemm, team.new_counter(False), *loop_args)
             else:

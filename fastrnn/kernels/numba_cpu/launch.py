@@ -53,6 +53,11 @@ BLAS_PARALLEL_MIN_STEP_WORK = 4_000_000
 MICROKERNEL_MAX_ROWS = 8
 PANELS_MAX_ROWS = 1 << 30
 PANELS_MIN_STEPS = 16
+# A call of at most LIVE_MAX_ROWS rows in all (T*B: streaming, one step of a few rows) reads its
+# weights in place, through the BLAS gemm (W_ih, W_hh and W_hr as given, transposed by the call:
+# torch.mm(x, w.t())'s own call): nothing derived from them, so the lean paths need not check that
+# copies still match the weights (fastrnn.weight_cache), a pass over twice their bytes. :func:`live`.
+LIVE_MAX_ROWS = 8
 # Rows dealt to a thread at a time (the matmul micro-kernel handles 4 rows per pass).
 ROW_GROUP = 4
 
@@ -80,6 +85,7 @@ class _Plan(NamedTuple):
     gemm: int
     panels: bool
     split: bool = False  # the column split: each step's matmul columns over the nthreads threads
+    live: bool = False  # the weights read in place (:func:`live`): W_hh, W_hr not transposed
 
 
 def _run(loop, plan, *args):
@@ -155,6 +161,13 @@ def _plan_steps(sizes, batch, reverse):
     return ok, order.astype(np.int64, copy=False), offsets.astype(np.int64, copy=False)
 
 
+def live(rows):
+    """Whether a call of ``rows`` rows in all (T*B) reads its weights in place: the input
+    projection (torch.mm's call), the step matmul and LSTM's projection through the BLAS gemm
+    (LIVE_MAX_ROWS; where torch exports one)."""
+    return matmul.USE_BLAS and rows <= LIVE_MAX_ROWS
+
+
 def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=False):
     """The :class:`_Plan` of a call whose recurrent weights W_hh are (``width``, ``proj``) = (G*H,
     P) of ``itemsize`` bytes (the step matmul: G*H*P multiply-adds per row); ``inference``: no
@@ -171,6 +184,12 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
     row_work = width * proj
     rows = int(offsets[-1] + sizes[-1]) if len(sizes) else 0
     gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
+    # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
+    keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
+                            or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
+    if live(rows):
+        return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm, False,
+                     live=True)
     panels = matmul.USE_PANELS and len(sizes) >= PANELS_MIN_STEPS
     most = PANELS_MAX_ROWS if panels else MICROKERNEL_MAX_ROWS
     kernels = -(-batch // threads) <= most  # split rows: the micro-kernels, no BLAS call
@@ -190,9 +209,6 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
                                      else SPLIT_MIN_STEP_WORK_TRAINING)):
         group = ROW_GROUP if batch >= ROW_GROUP * parts else max(1, -(-batch // parts))
         return _Plan(order, offsets, sizes, parts, group, 1, rows, 0, True, True)
-    # MKL's global thread count is torch's: leave it (0) on one thread or where BLAS threads pay.
-    keep = threads == 1 or (row_work * itemsize >= BLAS_PARALLEL_MIN_WEIGHT_BYTES
-                            or batch * row_work >= BLAS_PARALLEL_MIN_STEP_WORK)
     if batch <= most and (threads == 1 or not keep or panels):
         gemm = 0
     return _Plan(order, offsets, sizes, 1, max(1, batch), 0 if keep else 1, rows, gemm,
@@ -253,7 +269,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
                              w_cell, not save)
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
                                  buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell,
-                                                 plan.panels),
+                                                 plan.panels, plan.live),
                                  h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
                                  save)
     return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
@@ -266,7 +282,7 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
     the arrays the cell's ``SPEC.saved`` names when ``save``, else ()."""
     spec = cells.spec(cell)
     dtype = xg.dtype
-    proj, width = prepared.w_t.shape
+    proj, width = prepared.w_t.shape[::-1] if plan.live else prepared.w_t.shape
     hidden = width // spec.gates
     n_rows, batch = xg.shape[0], len(h0) if h0 is not None else int(plan.sizes[0])
     has_proj = prepared.wr_t.size > 0
@@ -291,7 +307,7 @@ def run_forward(cell, plan, xg, prepared, h0, c0, save):
         c[...] = 0 if c0 is None else c0
     _run(_forward_thread, plan, team.new_counter(plan.split), CODES[cell], save or spec.gates_in_y,
          xg, prepared.bias, prepared.b_hn, prepared.w_cell, h, c, prepared.w_t, prepared.w_p,
-         prepared.wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
+         plan.live, prepared.wr_t, has_proj, y, gates, c_all, acc, m, *plan[:3])
     kept = {"gates": gates, "c": c_all}
     return y, h, c, tuple(kept[name] for name in spec.saved) if save else ()
 

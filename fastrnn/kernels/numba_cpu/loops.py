@@ -144,7 +144,8 @@ def _borrowed(typingctx, arrays):
 # Forward: xg (N, G*H), bias (G*H,), b_hn (H,) or (0,) where the cell has none, w_cell (K, H) the
 # cell's own per-unit weights or (0, 0) (``SPEC.cell_weights``; backward too); h (B, P) and c
 # (B, H) or (0, 0) the states, updated in place; w_t (P, G*H) and wr_t (H, P) the transposed
-# weights; y (N, P). Each step runs the matmul into the row's gate row ``a[r]`` (``row_blocks``
+# weights, or with ``live`` W_hh (G*H, P) and W_hr (P, H) themselves, read in place by the BLAS
+# gemm (a call of a few rows: nothing derived from the weights, :func:`.launch.live`); y (N, P). Each step runs the matmul into the row's gate row ``a[r]`` (``row_blocks``
 # blocks of H), then the row step. With ``packed`` the gate rows are the packed rows of ``gates``
 # (N, ·): kept for backward (training), or y itself for cells whose gate row is their output (the
 # RNNs: activated in place); else they are the per-row scratch ``acc`` (B, ·). ``c_all`` (N, H)
@@ -167,7 +168,8 @@ def _borrowed(typingctx, arrays):
 
 @njit(**_JIT)
 def _forward_thread(tid, nthreads, group, gemm, counter, code, packed, xg, bias, b_hn, w_cell, h,
-                    c, w_t, w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+                    c, w_t, w_p, live, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets,
+                    sizes):
     _prefer_wide_vectors()
     xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m = _borrowed((
         xg, bias, b_hn, w_cell, h, c, y, gates, c_all, acc, m))
@@ -184,7 +186,8 @@ def _forward_thread(tid, nthreads, group, gemm, counter, code, packed, xg, bias,
             arrivals += nthreads
             barrier(counter, arrivals)
         else:
-            _matmul_rows(a, base, h, 0, w_t, w_p, tid, nthreads, group, rows, gemm, True)
+            _matmul_rows(a, base, h, 0, w_t, w_p, tid, nthreads, group, rows, gemm, True, 0, 1,
+                         live)
         for g in range(tid * group, rows, nthreads * group):  # this thread's row groups
             for b in range(g, min(g + group, rows)):
                 q = off + b
@@ -196,7 +199,8 @@ def _forward_thread(tid, nthreads, group, gemm, counter, code, packed, xg, bias,
                     for k in range(h.shape[1]):
                         h[b, k] = y[q, k]
         if has_proj:
-            _matmul_rows(y, off, m, 0, wr_t, w_p[:0], tid, nthreads, group, rows, gemm, True)
+            _matmul_rows(y, off, m, 0, wr_t, w_p[:0], tid, nthreads, group, rows, gemm, True, 0,
+                         1, live)
             for g in range(tid * group, rows, nthreads * group):
                 for b in range(g, min(g + group, rows)):
                     for k in range(h.shape[1]):
@@ -211,14 +215,15 @@ def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
     """What a layer's forward loop needs first, in one small compiled call (the lean inference
     path; the loop itself stays the one :func:`_forward_thread`): h (B, P) and c (B, H) or (0, 0)
     set from h0 and c0 ((0, 0): zeros) and, where x has rows, xg = x @ w_ih^T (x (N, I), w_ih
-    (G*H, I)) through the BLAS ``gemm``: the very call torch.mm makes, so bitwise its xg."""
+    (G*H, I), read in place) through the BLAS ``gemm``: the very call torch.mm makes, so bitwise
+    its xg."""
     for b in range(h.shape[0]):
         for k in range(h.shape[1]):
             h[b, k] = h0[b, k] if h0.shape[0] else 0
         for u in range(c.shape[1]):
             c[b, u] = c0[b, u] if c0.shape[0] else 0
     if x.shape[0]:
-        matmul._gemm_nt(gemm, xg, x, w_ih)
+        matmul._gemm_rows(gemm, xg, 0, x, 0, x.shape[0], w_ih, True, True)
 
 
 @njit(**_JIT)
@@ -276,10 +281,10 @@ _forward_in_team, _backward_in_team = map(team.in_team, (_forward_thread, _backw
 
 @njit(**_JIT)
 def _forward_team(nthreads, group, gemm, counter, code, packed, xg, bias, b_hn, w_cell, h, c, w_t,
-                  w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
+                  w_p, live, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets, sizes):
     _forward_in_team(code, (nthreads, group, gemm, counter, packed, xg, bias, b_hn, w_cell, h, c,
-                            w_t, w_p, wr_t, has_proj, y, gates, c_all, acc, m, order, offsets,
-                            sizes))
+                            w_t, w_p, live, wr_t, has_proj, y, gates, c_all, acc, m, order,
+                            offsets, sizes))
 
 
 @njit(**_JIT)

@@ -116,33 +116,24 @@ def _on_stack(typingctx, value, dtype):
 
 
 @njit(**_JIT)
-def _gemm_rows(gemm, acc, ai, a, bi, nrows, w, overwrite):
-    """acc[ai:ai+nrows, :N] (+)= a[bi:bi+nrows, :K] @ w (w: (K, N); ``overwrite``: =, acc is not
-    read) through the Fortran gemm at address ``gemm``: column-major, so it computes
-    acc^T += w^T a^T with no transposes. The by-reference scalars live on the stack (a heap
-    allocation per step cost 0.1 µs each)."""
-    k_total, n_total = w.shape
-    trans = _on_stack(78, np.uint8)  # 'N'
-    _call_gemm(gemm, trans, trans, _on_stack(n_total, np.int32), _on_stack(nrows, np.int32),
+def _gemm_rows(gemm, acc, ai, a, bi, nrows, w, overwrite, transposed=False):
+    """acc[ai:ai+nrows, :N] (+)= a[bi:bi+nrows, :K] @ w (``overwrite``: =, acc is not read)
+    through the Fortran gemm at address ``gemm``; w: (K, N), or with ``transposed`` (N, K), read
+    as w^T in place: the very call torch.mm(a, w.t()) makes, so bitwise its result. Column-major,
+    so it computes acc^T += w^T a^T with no copies. The by-reference scalars live on the stack (a
+    heap allocation per step cost 0.1 µs each)."""
+    if transposed:
+        n_total, k_total = w.shape
+    else:
+        k_total, n_total = w.shape
+    _call_gemm(gemm, _on_stack(84 if transposed else 78, np.uint8),  # 'T' / 'N'
+               _on_stack(78, np.uint8), _on_stack(n_total, np.int32), _on_stack(nrows, np.int32),
                _on_stack(k_total, np.int32), _on_stack(1, w.dtype), np.int64(w.ctypes.data),
-               _on_stack(n_total, np.int32),
+               _on_stack(w.shape[1], np.int32),
                np.int64(a.ctypes.data) + np.int64(bi * a.strides[0]),
                _on_stack(a.shape[1], np.int32), _on_stack(0 if overwrite else 1, w.dtype),
                np.int64(acc.ctypes.data) + np.int64(ai * acc.strides[0]),
                _on_stack(acc.shape[1], np.int32))
-
-
-@njit(**_JIT)
-def _gemm_nt(gemm, out, a, w):
-    """out = a @ w^T (a: (M, K), w: (N, K), out: (M, N), C-contiguous) through the Fortran gemm at
-    address ``gemm``: the very call torch.mm(a, w.t()) makes (w read transposed in place), so the
-    result is bitwise torch's."""
-    n_total, k_total = w.shape
-    _call_gemm(gemm, _on_stack(84, np.uint8), _on_stack(78, np.uint8),  # 'T', 'N'
-               _on_stack(n_total, np.int32), _on_stack(a.shape[0], np.int32),
-               _on_stack(k_total, np.int32), _on_stack(1, w.dtype), np.int64(w.ctypes.data),
-               _on_stack(k_total, np.int32), np.int64(a.ctypes.data), _on_stack(k_total, np.int32),
-               _on_stack(0, w.dtype), np.int64(out.ctypes.data), _on_stack(n_total, np.int32))
 
 
 # --------------------------------------------------------------------------- matmul micro-kernels
@@ -205,22 +196,23 @@ def _rows1(acc, ai, a, bi, w, j0, j1):
 
 @njit(**_JIT)
 def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, gemm, overwrite,
-                 part=0, parts=1):
+                 part=0, parts=1, transposed=False):
     """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
     ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N), or ``=``
     when ``overwrite`` (acc's old values are not read); with ``parts`` > 1 (micro-kernels only),
     only the columns of part ``part`` of ``parts``: its share of the panels, in order, and the
     last part also the columns past them. Each element's sum is the same whatever the split.
 
-    ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group), or 0 for the
-    Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
+    ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group; with
+    ``transposed`` w is given as w^T (N, K), read in place), or 0 for the Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
     the loops below for the columns past its last panel, column-tiled so one (K, tile) slice of w
     stays in cache across all the thread's row groups."""
     if gemm != 0:
         g0 = tid * group
         while g0 < rows:
             g1 = min(g0 + group, rows)
-            _gemm_rows(gemm, acc, acc_base + g0, a, a_base + g0, g1 - g0, w, overwrite)
+            _gemm_rows(gemm, acc, acc_base + g0, a, a_base + g0, g1 - g0, w, overwrite,
+                       transposed)
             g0 += nthreads * group
         return
     k_total, n_total = w.shape

@@ -26,9 +26,10 @@ from fastrnn.kernels.numba_cpu.jit import _JIT
 BLOCK_ROWS = 128  # a multiple of 4 (the 4-row kernel's blocks must not depend on the split)
 
 
-def applies():
-    """Whether projections run here (else torch.mm / BLAS)."""
-    return matmul.USE_PANELS
+def applies(rows):
+    """Whether the projection of ``rows`` rows runs here (else torch.mm / BLAS, as for every call
+    that reads its weights in place: :func:`.launch.live`)."""
+    return matmul.USE_PANELS and not launch.live(rows)
 
 
 def packed(w_ih):
@@ -80,7 +81,7 @@ def run(xg, x, w_t, w_p):
 def project(x, w_ih):
     """``x @ w_ih.t()`` (x (N, I), w_ih (G*H, I) CPU tensors of one float dtype, no gradient
     recorded) as a new tensor, or None where :func:`applies` says torch.mm."""
-    if not applies():
+    if not applies(x.shape[0]):
         return None
     w_t, w_p = _packed_weights(w_ih)
     xg = buffers.alloc((x.shape[0], w_t.shape[1]), w_t.dtype)

@@ -21,7 +21,7 @@ _PLANS = {}
 def _plans(stack, steps, batch, directions, itemsize):
     """Per direction the :class:`.launch._Plan` of a training call of a shape, made once per shape
     and thread setting (for every stack: a plan does not depend on the weights' values)."""
-    proj, width = stack.layers[0][1].w_t.shape
+    width, proj = stack.live[0].w_t.shape
     key = (width, proj, steps, batch, directions, itemsize, *inference._settings())
     plans = _PLANS.get(key)
     if plans is None:
@@ -45,14 +45,14 @@ def forward(stack, weights, x, steps, batch, h0, c0, num_layers, directions):
     cell saves (``SPEC.saved``), in one list."""
     plans = _plans(stack, steps, batch, directions, x.element_size())
     if plans[0].panels and stack.panels is None:
-        stack.panels = [matmul.panels(prepared.w_t) for _, prepared in stack.layers]
+        stack.panels = [matmul.panels(prepared.w_t) for prepared in stack.layers()]
     h_n, c_n, tape, layer_input = [], [], [], x
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             k = layer * directions + direction
-            prepared = stack.layers[k][1]
             plan = plans[direction]
+            prepared = stack.live[k] if plan.live else stack.layers()[k]
             if plan.panels:
                 prepared = prepared._replace(w_p=stack.panels[k])
             xg = torch.mm(layer_input, weights[k].w_ih.t())
