@@ -18,7 +18,7 @@ from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.cells import scalar
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops, team
+from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops, team, vectors
 from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
@@ -261,6 +261,23 @@ def test_panel_vector_width_follows_the_target_cpu():
     assert jit.panel_vector_bytes("+sse2,-avx2", None, wide=True) == 0
     assert numba_matmul.USE_PANELS == (jit.PANEL_VECTOR_BYTES > 0)
     assert numba_matmul.PANEL_BYTES == 2 * (jit.PANEL_VECTOR_BYTES or 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n,k", [(1, 1), (7, 5), (13, 33), (64, 48)])
+def test_dot_row(dtype, n, k, generator):
+    """One row's product with a weight as given (N, K), the live plans' single-row matmul: N not
+    a multiple of 4, K not of the vector lanes; = and +=; no other row of acc written."""
+    a, w = torch.randn(3, k, dtype=dtype, generator=generator), \
+        torch.randn(n, k, dtype=dtype, generator=generator)
+    acc = torch.randn(3, n, dtype=dtype, generator=generator)
+    before = acc.clone()
+    vectors._dot_row(acc.numpy(), 1, a.numpy(), 2, w.numpy(), True)
+    assert_close(acc[1], a[2] @ w.t(), dtype, "overwrite")
+    assert torch.equal(acc[::2], before[::2])
+    vectors._dot_row(acc.numpy(), 1, a.numpy(), 0, w.numpy(), False)
+    assert_close(acc[1], a[2] @ w.t() + a[0] @ w.t(), dtype, "accumulate")
+    assert torch.equal(acc[::2], before[::2])
 
 
 def test_avx2_panel_kernel_keeps_its_block_in_registers(tmp_path):

@@ -63,16 +63,25 @@ def test_not_contiguous_input():
 
 
 def test_rule(monkeypatch):
+    """The panel kernels where they apply (not for a call of a few rows, launch.live); else
+    W_ih read in place by torch.mm's gemm call (bitwise torch.mm), a single row by dot products;
+    None (torch.mm) where torch exports no gemm."""
     x, w = torch.randn(10, 4), torch.randn(8, 4)
-    assert numba_cpu.project(x, w) is not None
+    panels, run = [], projection.run
+    monkeypatch.setattr(projection, "run", lambda *a: panels.append(1) or run(*a))
+    assert numba_cpu.project(x, w) is not None and len(panels) == 1
     monkeypatch.setattr(launch, "LIVE_MAX_ROWS", 8)
     monkeypatch.setattr(matmul, "USE_BLAS", True)
-    assert numba_cpu.project(x, w) is not None
-    assert numba_cpu.project(x[:8], w) is None  # a few rows: torch.mm, W_ih read in place
-    monkeypatch.setattr(matmul, "USE_BLAS", False)
-    assert numba_cpu.project(x[:8], w) is not None  # (the gemm's call: where torch exports it)
+    assert numba_cpu.project(x, w) is not None and len(panels) == 2
+    assert torch.equal(numba_cpu.project(x[:8], w), x[:8] @ w.t()) and len(panels) == 2
+    torch.testing.assert_close(numba_cpu.project(x[:1], w), x[:1] @ w.t(),
+                               **TOLERANCE[torch.float32])
     monkeypatch.setattr(matmul, "USE_PANELS", False)
+    assert torch.equal(numba_cpu.project(x, w), x @ w.t()) and len(panels) == 2
+    monkeypatch.setattr(matmul, "USE_BLAS", False)
     assert numba_cpu.project(x, w) is None  # torch.mm then
+    monkeypatch.setattr(matmul, "USE_PANELS", True)
+    assert numba_cpu.project(x[:8], w) is not None and len(panels) == 3
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "through_data", "numpy"])

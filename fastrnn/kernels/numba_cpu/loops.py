@@ -215,15 +215,15 @@ def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
     """What a layer's forward loop needs first, in one small compiled call (the lean inference
     path; the loop itself stays the one :func:`_forward_thread`): h (B, P) and c (B, H) or (0, 0)
     set from h0 and c0 ((0, 0): zeros) and, where x has rows, xg = x @ w_ih^T (x (N, I), w_ih
-    (G*H, I), read in place) through the BLAS ``gemm``: the very call torch.mm makes, so bitwise
-    its xg."""
+    (G*H, I), read in place) by :func:`.matmul._project_in_place`, as the full path's
+    :func:`.projection.project`."""
     for b in range(h.shape[0]):
         for k in range(h.shape[1]):
             h[b, k] = h0[b, k] if h0.shape[0] else 0
         for u in range(c.shape[1]):
             c[b, u] = c0[b, u] if c0.shape[0] else 0
     if x.shape[0]:
-        matmul._gemm_rows(gemm, xg, 0, x, 0, x.shape[0], w_ih, True, True)
+        matmul._project_in_place(gemm, xg, x, w_ih)
 
 
 @njit(**_JIT)

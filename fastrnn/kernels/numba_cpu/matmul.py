@@ -15,8 +15,9 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from fastrnn.kernels.numba_cpu import jit, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT, PANEL_VECTOR_BYTES, _prefer_wide_vectors
-from fastrnn.kernels.numba_cpu.vectors import VECTOR_BYTES, _panel_row, _panel_rows4
+from fastrnn.kernels.numba_cpu.vectors import VECTOR_BYTES, _dot_row, _panel_row, _panel_rows4
 
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
 # stream through it.
@@ -204,9 +205,14 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
     last part also the columns past them. Each element's sum is the same whatever the split.
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group; with
-    ``transposed`` w is given as w^T (N, K), read in place), or 0 for the Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
+    ``transposed`` w is given as w^T (N, K), read in place, and a single row goes to
+    :func:`.vectors._dot_row` instead), or 0 for the Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
     the loops below for the columns past its last panel, column-tiled so one (K, tile) slice of w
     stays in cache across all the thread's row groups."""
+    if transposed and rows == 1:
+        if tid == 0:
+            _dot_row(acc, acc_base, a, a_base, w, overwrite)
+        return
     if gemm != 0:
         g0 = tid * group
         while g0 < rows:
@@ -255,6 +261,21 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
                 b += 1
             g0 += nthreads * group
 
+
+
+@njit(**_JIT)
+def _project_in_place(gemm, xg, x, w_ih):
+    """xg = x @ w_ih^T with w_ih (G*H, I) read in place (a call of a few rows,
+    :func:`.launch.live`), as :func:`_matmul_rows` with ``transposed``: one row by
+    :func:`.vectors._dot_row`, more by the gemm at address ``gemm`` (torch.mm's own call)."""
+    if x.shape[0] == 1:
+        _dot_row(xg, 0, x, 0, w_ih, True)
+    else:
+        _gemm_rows(gemm, xg, 0, x, 0, x.shape[0], w_ih, True, True)
+
+
+# Its cache entries keyed also by the file it compiles in (as the loops': .loops._INLINED)
+_project_in_place._cache = jit.KeyedCache(_project_in_place.py_func, (str(vectors.__file__),))
 
 
 def panels(w, use=True):

@@ -1,8 +1,9 @@
 """A layer's input projection ``xg = x W_ih^T`` without gradients, in the panel kernels
-(:mod:`.vectors`) on CPUs that run them (:data:`.matmul.USE_PANELS`); torch.mm (MKL) elsewhere
-and wherever a gradient is recorded. The lean inference path (:mod:`.inference`) and the full
-path's no-gradient routes (:func:`project`) both run it, on W_ih packed once per weight version,
-so both give the same bits.
+(:mod:`.vectors`) on CPUs that run them (:data:`.matmul.USE_PANELS`) but for calls of a few rows
+(:func:`.launch.live`: W_ih read in place); torch.mm's gemm call (MKL) elsewhere, a single row in
+:func:`.vectors._dot_row`; torch.mm wherever a gradient is recorded. The lean inference path
+(:mod:`.inference`) and the full path's no-gradient routes (:func:`project`) both run it, the
+panel kernels on W_ih packed once per weight version, so both give the same bits.
 
 W_ih^T is packed in panels; x's rows go in blocks of :data:`BLOCK_ROWS` (a block of x stays in
 cache while every panel passes over it), blocks dealt round-robin over torch's threads. Each
@@ -80,12 +81,20 @@ def run(xg, x, w_t, w_p):
 
 def project(x, w_ih):
     """``x @ w_ih.t()`` (x (N, I), w_ih (G*H, I) CPU tensors of one float dtype, no gradient
-    recorded) as a new tensor, or None where :func:`applies` says torch.mm."""
-    if not applies(x.shape[0]):
+    recorded) as a new tensor, as the lean path makes it: here where :func:`applies`, else by
+    :func:`.matmul._project_in_place` (W_ih read in place; torch.mm's own gemm call but for a
+    single row); None where torch exports no gemm (torch.mm then)."""
+    if applies(x.shape[0]):
+        w_t, w_p = _packed_weights(w_ih)
+        xg = buffers.alloc((x.shape[0], w_t.shape[1]), w_t.dtype)
+        run(xg, buffers.array(x), w_t, w_p)
+        return torch.from_numpy(xg)
+    gemm = matmul._gemm_address(w_ih.dtype)
+    if not gemm:
         return None
-    w_t, w_p = _packed_weights(w_ih)
-    xg = buffers.alloc((x.shape[0], w_t.shape[1]), w_t.dtype)
-    run(xg, buffers.array(x), w_t, w_p)
+    w = buffers.array(w_ih)
+    xg = buffers.alloc((x.shape[0], w.shape[0]), w.dtype)
+    matmul._project_in_place(gemm, xg, buffers.array(x), w)
     return torch.from_numpy(xg)
 
 
