@@ -165,3 +165,19 @@ def without(owner, name, fn, *args):
         return fn(*args)
     finally:
         setattr(owner, name, original)
+
+
+# The lean paths' parity cases (tests/test_inference.py, tests/test_lean_training.py).
+LEAN_CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with hx
+    ("rnn_tanh", 1, False, False, (7, 3, 5), False),
+    ("rnn_relu", 2, True, True, (3, 6, 5), True),
+    ("lstm", 1, False, False, (6, 1, 5), True),
+    ("lstm", 2, True, False, (5, 4, 5), False),
+    ("lstm", 3, False, True, (2, 9, 5), True),
+    ("lstm_proj", 2, True, False, (4, 3, 5), True),
+    ("gru", 1, True, False, (8, 2, 5), True),
+    ("gru", 2, False, False, (1, 1, 5), True),
+    ("lstm", 2, True, False, (6, 5), True),  # unbatched
+    ("gru", 1, False, True, (4, 5), False),  # unbatched, batch_first
+    ("rnn_tanh", 1, False, False, (3, 2, 5), True),
+]

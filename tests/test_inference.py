@@ -18,9 +18,8 @@ from fastrnn import inference, weight_cache
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
 
-from _support import (TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of, spy_calls,
-                      without)
-
+from _support import (LEAN_CASES, TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of,
+                      spy_calls, without)
 
 
 @pytest.fixture(autouse=True)
@@ -45,20 +44,6 @@ def assert_bitwise(got, expected):
         assert torch.equal(g, e), (g - e).abs().max()
 
 
-CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with hx
-    ("rnn_tanh", 1, False, False, (7, 3, 5), False),
-    ("rnn_relu", 2, True, True, (3, 6, 5), True),
-    ("lstm", 1, False, False, (6, 1, 5), True),
-    ("lstm", 2, True, False, (5, 4, 5), False),
-    ("lstm", 3, False, True, (2, 9, 5), True),
-    ("lstm_proj", 2, True, False, (4, 3, 5), True),
-    ("gru", 1, True, False, (8, 2, 5), True),
-    ("gru", 2, False, False, (1, 1, 5), False),
-    ("lstm", 2, True, False, (6, 5), True),  # unbatched
-    ("gru", 1, False, True, (4, 5), False),  # unbatched, batch_first
-]
-
-
 def make_hx(variant, mod, x, batch_first, dtype, generator):
     layers = mod.num_layers * (2 if mod.bidirectional else 1)
     batch = () if x.dim() == 2 else (x.shape[0 if batch_first else 1],)
@@ -70,7 +55,7 @@ def make_hx(variant, mod, x, batch_first, dtype, generator):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", LEAN_CASES, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_lean_equals_full_path_and_torch(case, dtype, mode, lean_calls):
     variant, layers, bidirectional, batch_first, shape, with_hx = case
@@ -213,6 +198,25 @@ def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
     mod.bias_hh_l1.data[3] += 1
     check(few, False)
     assert len(lean_calls) == 6
+
+
+def test_the_in_place_rule_is_followed_after_a_cached_call(monkeypatch, lean_calls):
+    """A call's layout is kept per shape and settings, LIVE_MAX_ROWS among them: made for a call
+    that read W_hh transposed, it is not reused once such a call reads the weights in place (and
+    its matrices' contents are no longer compared)."""
+    torch.manual_seed(0)
+    ref, mod = pair("gru", "numba", torch.float32, input_size=5, hidden_size=4)
+    x = torch.randn(2, 1, 5)
+    monkeypatch.setattr(numba_cpu.launch, "LIVE_MAX_ROWS", 0)
+    run(mod, x)
+    run(mod, x)
+    monkeypatch.setattr(numba_cpu.launch, "LIVE_MAX_ROWS", 2)
+    mod.weight_hh_l0.data[1, 1] += 1
+    got = run(mod, x)
+    ref.load_state_dict(mod.state_dict())
+    for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+    assert len(lean_calls) == 3
 
 
 def test_backend_switch_and_inference_tensor_weights(lean_calls):
@@ -417,7 +421,7 @@ def test_final_state_does_not_keep_the_output_alive(packed):
 
 
 def test_variants_cover_the_numba_cells():
-    assert {v for v, *_ in CASES} == set(VARIANTS)
+    assert {v for v, *_ in LEAN_CASES} == set(VARIANTS)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

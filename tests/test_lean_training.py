@@ -15,7 +15,7 @@ import fastrnn
 from fastrnn import training
 from fastrnn.kernels import numba_cpu
 
-from _support import (TOL, flatten, nan_filled_buffers, pair, seed_of, spy_calls,
+from _support import (LEAN_CASES, TOL, flatten, nan_filled_buffers, pair, seed_of, spy_calls,
                       without)
 
 
@@ -33,21 +33,6 @@ def lean_calls(monkeypatch):
 def full_path(fn, *args):
     """``fn(*args)`` with the lean training path switched off."""
     return without(training, "forward", fn, *args)
-
-
-CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with hx
-    ("rnn_tanh", 1, False, False, (7, 3, 5), False),
-    ("rnn_relu", 2, True, True, (3, 6, 5), True),
-    ("lstm", 1, False, False, (6, 1, 5), True),
-    ("lstm", 2, True, False, (5, 4, 5), False),
-    ("lstm", 3, False, True, (2, 9, 5), True),
-    ("lstm_proj", 2, True, False, (4, 3, 5), True),
-    ("gru", 1, True, False, (8, 2, 5), True),
-    ("gru", 2, False, False, (1, 1, 5), True),
-    ("lstm", 2, True, False, (6, 5), True),  # unbatched
-    ("gru", 1, False, True, (4, 5), False),  # unbatched, batch_first
-    ("rnn_tanh", 1, False, False, (3, 2, 5), True),
-]
 
 
 def inputs(variant, mod, shape, batch_first, with_hx, dtype, seed):
@@ -89,7 +74,7 @@ def assert_bitwise(got, expected):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("case", LEAN_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_lean_equals_full_path_and_torch(case, dtype, lean_calls):
     variant, layers, bidirectional, batch_first, shape, with_hx = case
     seed = seed_of(case, dtype)

@@ -87,7 +87,7 @@ def _settings():
             launch.PARALLEL_MIN_BATCH, launch.PARALLEL_MIN_WORK,
             launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK,
             launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
-            launch.SPLIT_MIN_STEP_WORK,
+            launch.SPLIT_MIN_STEP_WORK, launch.LIVE_MAX_ROWS,
             GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
 
 
