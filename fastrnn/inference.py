@@ -35,7 +35,7 @@ class _Prepared(NamedTuple):
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: object  # what the backend prepared (its lean path's stack), or None
     layer_weights: list  # the weights per layer and direction (functional.LayerWeights), or None
-    in_place: frozenset  # the indices of the weights a call that reads them in place reads so
+    in_place: frozenset  # indices of the weights a live call reads in place (2-D, contiguous)
     shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
 
 

@@ -144,12 +144,13 @@ def _borrowed(typingctx, arrays):
 # Forward: xg (N, G*H), bias (G*H,), b_hn (H,) or (0,) where the cell has none, w_cell (K, H) the
 # cell's own per-unit weights or (0, 0) (``SPEC.cell_weights``; backward too); h (B, P) and c
 # (B, H) or (0, 0) the states, updated in place; w_t (P, G*H) and wr_t (H, P) the transposed
-# weights, or with ``live`` W_hh (G*H, P) and W_hr (P, H) themselves, read in place by the BLAS
-# gemm (a call of a few rows: nothing derived from the weights, :func:`.launch.live`); y (N, P). Each step runs the matmul into the row's gate row ``a[r]`` (``row_blocks``
-# blocks of H), then the row step. With ``packed`` the gate rows are the packed rows of ``gates``
-# (N, ·): kept for backward (training), or y itself for cells whose gate row is their output (the
-# RNNs: activated in place); else they are the per-row scratch ``acc`` (B, ·). ``c_all`` (N, H)
-# receives the cell state after each step where it is kept, else it is (0, 0).
+# weights, or with ``live`` W_hh (G*H, P) and W_hr (P, H) themselves, read in place (a call of a
+# few rows: nothing derived from the weights, :func:`.launch.live`); y (N, P). Each step runs the
+# matmul into the row's gate row ``a[r]`` (``row_blocks`` blocks of H), then the row step. With
+# ``packed`` the gate rows are the packed rows of ``gates`` (N, ·): kept for backward (training),
+# or y itself for cells whose gate row is their output (the RNNs: activated in place); else they
+# are the per-row scratch ``acc`` (B, ·). ``c_all`` (N, H) receives the cell state after each
+# step where it is kept, else it is (0, 0).
 #
 # Backward: ``prev`` (N,) is the packed row of each row's previous state in processing order, or
 # -1 - b when it is the initial state h0[b] / c0[b]; ``dh``/``dc`` (B, ·) carry the gradient

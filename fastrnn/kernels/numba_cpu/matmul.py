@@ -206,9 +206,10 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group; with
     ``transposed`` w is given as w^T (N, K), read in place, and a single row goes to
-    :func:`.vectors._dot_row` instead), or 0 for the Numba micro-kernels: the panel kernels over ``w_p`` (:func:`panels` of w; zero panels: none),
-    the loops below for the columns past its last panel, column-tiled so one (K, tile) slice of w
-    stays in cache across all the thread's row groups."""
+    :func:`.vectors._dot_row` instead), or 0 for the Numba micro-kernels: the panel kernels over
+    ``w_p`` (:func:`panels` of w; zero panels: none), the loops below for the columns past its
+    last panel, column-tiled so one (K, tile) slice of w stays in cache across all the thread's
+    row groups."""
     if transposed and rows == 1:
         if tid == 0:
             _dot_row(acc, acc_base, a, a_base, w, overwrite)

@@ -120,8 +120,10 @@ def _vsum(typingctx, x):
 def _dot_row(acc, ai, a, bi, w, overwrite):
     """acc[ai, :N] (+)= a[bi, :K] @ w^T with w (N, K) as given: each element a dot product of rows
     (four of w at a time, each sum in vector lanes, then :func:`_vsum`; the last K % lanes terms
-    added one by one). One row reads each weight once, as the gemm would, with no call's cost
-    (LSTM H=256, W (1024, 256) float32: 14.7 µs against MKL's gemm 22.0 on the AMD EPYC Zen 4)."""
+    added one by one; so, unlike the panel kernels' sums, they depend on the vector width, as a
+    BLAS's do: the same bits on one machine). One row reads each weight once, as the gemm would,
+    with no call's cost (LSTM H=256, W (1024, 256) float32: 14.7 µs against MKL's gemm 22.0 on
+    the AMD EPYC Zen 4)."""
     _prefer_wide_vectors()
     n_total, k_total = w.shape
     lanes = VECTOR_BYTES // w.itemsize
