@@ -286,8 +286,11 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
     "no-panels": (1, {"matmul.USE_PANELS": False}),  # the micro-kernel on unpacked weights
     "panels": (1, {"launch.PANELS_MIN_STEPS": 1}),  # panel kernels (where the CPU uses them)
     # the input projection in the panel kernels (forced on any CPU), on 1 and 2 threads
-    "projection": (1, {"matmul.USE_PANELS": True}),
-    "projection-threads": (2, {"projection.BLOCK_ROWS": 4, "matmul.USE_PANELS": True}),
+    "projection": (1, {"matmul.USE_PANELS": True, "projection.MAX_ROWS": 1 << 62}),
+    "projection-threads": (2, {"projection.BLOCK_ROWS": 4, "matmul.USE_PANELS": True,
+                               "projection.MAX_ROWS": 1 << 62}),
+    # many rows where MKL runs on an Intel CPU: the gemm projects (forced on any CPU)
+    "projection-gemm": (1, {"projection.MAX_ROWS": 0}),
 }
 
 
@@ -335,12 +338,13 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         assert all((p.gemm != 0) == blas for p in plans)
         panels = route == "panels" and matmul.USE_PANELS
         stacks = layers * (1 + bidirectional)
-        assert len(projected) == (2 * stacks if matmul.USE_PANELS else 0)
-        assert (mod_stack(mod).projections is not None) == matmul.USE_PANELS
+        projects = matmul.USE_PANELS and route != "projection-gemm"  # the panel kernels project
+        assert len(projected) == (2 * stacks if projects else 0)
+        assert (mod_stack(mod).projections is not None) == projects
         assert all(p.panels == panels for p in plans)
         assert (mod_stack(mod).panels is not None) == panels  # packed only once a call needs it
         expected = full_path(mod, *args)
-        assert len(projected) == (3 * stacks if matmul.USE_PANELS else 0)
+        assert len(projected) == (3 * stacks if projects else 0)
     finally:
         torch.set_num_threads(previous)
     assert len(lean_calls) == 2

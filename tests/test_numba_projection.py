@@ -16,15 +16,17 @@ from fastrnn.kernels.numba_cpu import launch, matmul, projection
 
 from _support import nan_filled_buffers, seed_of
 
+MAX_ROWS = projection.MAX_ROWS  # the default (the fixture below moves it)
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
 @pytest.fixture(autouse=True)
 def forced(monkeypatch):
-    """Panel kernels on whatever CPU, at any number of rows (test_rule: not for a few); NaN-filled
-    buffers."""
+    """Panel kernels on whatever CPU, at any number of rows (test_rule: not for a few, nor for
+    many where MKL runs on an Intel CPU); NaN-filled buffers."""
     nan_filled_buffers(monkeypatch)
     monkeypatch.setattr(matmul, "USE_PANELS", True)
+    monkeypatch.setattr(projection, "MAX_ROWS", 1 << 62)
     monkeypatch.setattr(launch, "LIVE_MAX_ROWS", 0)
 
 
@@ -63,9 +65,9 @@ def test_not_contiguous_input():
 
 
 def test_rule(monkeypatch):
-    """The panel kernels where they apply (not for a call of a few rows, launch.live); else
-    W_ih read in place by torch.mm's gemm call (bitwise torch.mm), a single row by dot products;
-    None (torch.mm) where torch exports no gemm."""
+    """The panel kernels where they apply (not for a call of a few rows, launch.live, nor of
+    more than projection.MAX_ROWS); else W_ih read in place by torch.mm's gemm call (bitwise
+    torch.mm), a single row by dot products; None (torch.mm) where torch exports no gemm."""
     x, w = torch.randn(10, 4), torch.randn(8, 4)
     panels, run = [], projection.run
     monkeypatch.setattr(projection, "run", lambda *a: panels.append(1) or run(*a))
@@ -82,6 +84,26 @@ def test_rule(monkeypatch):
     assert numba_cpu.project(x, w) is None  # torch.mm then
     monkeypatch.setattr(matmul, "USE_PANELS", True)
     assert numba_cpu.project(x[:8], w) is not None and len(panels) == 3
+    monkeypatch.setattr(matmul, "USE_BLAS", True)
+    monkeypatch.setattr(projection, "MAX_ROWS", 9)  # beyond it the gemm (MKL on an Intel CPU)
+    assert torch.equal(numba_cpu.project(x, w), x @ w.t()) and len(panels) == 3
+    assert numba_cpu.project(x[:9], w) is not None and len(panels) == 4
+
+
+def test_many_rows_go_to_mkl_on_intel_cpus_only():
+    """The panel kernels project any number of rows but where the BLAS is MKL on an Intel CPU
+    (tuned for it): there beyond 16 rows the gemm does. The vendor as /proc/cpuinfo has it."""
+    vendor = matmul._cpu_vendor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            listed = [line.split(":", 1)[1].strip() for line in cpuinfo
+                      if line.startswith("vendor_id")]
+    except OSError:
+        listed = []
+    assert vendor == (listed[0] if listed else None)
+    intel = vendor == "GenuineIntel" and matmul._MKL_SET_THREADS_LOCAL is not None
+    assert matmul.MKL_ON_INTEL == intel
+    assert (MAX_ROWS == 16) == intel and MAX_ROWS >= 16
 
 
 @pytest.mark.parametrize("change", ["in_place", "data", "through_data", "numpy"])

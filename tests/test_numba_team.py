@@ -43,6 +43,7 @@ def split_everywhere(monkeypatch, split=True):
     (``split``) or the row split at every batch size."""
     monkeypatch.setattr(matmul, "USE_PANELS", True)
     monkeypatch.setattr(projection, "BLOCK_ROWS", 4)
+    monkeypatch.setattr(projection, "MAX_ROWS", 1 << 62)
     monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)
     monkeypatch.setattr(launch, "SPLIT_MIN_STEP_WORK", 0)
     monkeypatch.setattr(launch, "SPLIT_MIN_STEP_WORK_TRAINING", 0)

@@ -87,7 +87,7 @@ def _settings():
             launch.PARALLEL_MIN_BATCH, launch.PARALLEL_MIN_WORK,
             launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK,
             launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
-            launch.SPLIT_MIN_STEP_WORK, launch.LIVE_MAX_ROWS,
+            launch.SPLIT_MIN_STEP_WORK, launch.LIVE_MAX_ROWS, projection.MAX_ROWS,
             GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
 
 
@@ -115,18 +115,26 @@ def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
 
 class _Call(NamedTuple):
     """A stack's calls of one shape: the :class:`_Layout`, per layer and direction the arguments
-    of :func:`.loops._forward_thread` that do not change between calls (``args``), the free
-    scratch groups (``free``: taken and given back by each call; two threads calling at once
-    take two), the projection's BLAS gemm (0: none, torch projects) and per direction whether
-    its loop runs on the calling thread alone, with no thread-local BLAS setting (``direct``:
-    called without :func:`.launch._run`); ``empty`` the (0, 0) array of unused arguments."""
+    of :func:`.loops._forward_thread` that do not change between calls (``args``) and W_ih as
+    :mod:`.projection` packs it where the panel kernels project (``projections``, else None), the
+    free scratch groups (``free``: taken and given back by each call; two threads calling at once
+    take two), how the input is projected (``project``: the BLAS gemm for :func:`.loops.
+    _layer_start`, or :data:`PANELS`, or :data:`TORCH` where there is no BLAS) and per direction
+    whether its loop runs on the calling thread alone, with no thread-local BLAS setting
+    (``direct``: called without :func:`.launch._run`); ``empty`` the (0, 0) array of unused
+    arguments; ``h_size`` the elements of h_n."""
 
     layout: _Layout
     args: list
+    projections: list
     free: list
-    gemm: int
+    project: int
     direct: tuple
     empty: np.ndarray
+    h_size: int
+
+
+PANELS, TORCH = -1, 0  # _Call.project besides a gemm address
 
 
 def _call(stack, steps, batch, num_layers, directions, dtype):
@@ -149,12 +157,19 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
                  prepared.w_cell, prepared.w_t, w_p, live, prepared.wr_t, proj != hidden)
                 for prepared, w_p in zip(layers, w_ps)]
+        projections, project = None, matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
+        if projection.applies(steps * batch):  # the panel kernels project, as the full path's
+            if stack.projections is None:
+                stack.projections = [projection.packed(torch.from_numpy(w))
+                                     for w in stack.inputs]
+            projections, project = stack.projections, PANELS
         if len(stack.calls) >= CALLS_KEPT:
             stack.calls.clear()
         direct = tuple(plan.nthreads == 1 and not (plan.gemm and plan.blas_threads)
                        for plan in layout.plans)
-        call = stack.calls[key] = _Call(layout, args, [], matmul._gemm_address(
-            buffers.TORCH_DTYPES[dtype]), direct, buffers._empty((0, 0), dtype))
+        call = stack.calls[key] = _Call(layout, args, projections, [], project or TORCH, direct,
+                                        buffers._empty((0, 0), dtype),
+                                        num_layers * directions * batch * proj)
     return call
 
 
@@ -162,50 +177,43 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     """The forward of :func:`prepare_stack`'s ``stack``. x (T*B, I) C-contiguous numpy; h0 (L*D,
     B, P), c0 (L*D, B, H) numpy (None: zeros; c0 None also for cells without a cell state).
     Returns numpy ``(y (T*B, D*P), h_n (L*D, B, P), c_n (L*D, B, H) or None)``."""
-    dtype, layers = x.dtype, num_layers * directions
-    layout, args, free, gemm, direct, empty = _call(stack, steps, batch, num_layers, directions,
-                                                    dtype)
-    n_rows, proj = steps * batch, stack.live[0].w_t.shape[1]
+    dtype = x.dtype
+    layout, args, projections, free, project, direct, empty, h_size = _call(
+        stack, steps, batch, num_layers, directions, dtype)
+    n_y, plans = layout.y_size, layout.plans
     if layout.one_buffer:
-        ys = states = buffers.alloc((layout.states + directions * layout.y_size,), dtype)
+        ys = states = buffers.alloc((layout.states + directions * n_y,), dtype)
         start = layout.states
     else:
         states = buffers.alloc((layout.states,), dtype)
-        ys, start = buffers.alloc((directions * layout.y_size,), dtype), 0
-    h_n = states[:layers * batch * proj].reshape(layers, batch, proj)
-    c_n = (states[h_n.size:layout.states].reshape(layers, batch, -1)
-           if layout.states > h_n.size else None)
-    try:
-        scratch = free.pop()
-    except IndexError:
-        scratch = buffers.alloc_group(layout.scratch, dtype)
-    acc, m, xg, *inner = scratch
-    layer_input = x
+        ys, start = buffers.alloc((directions * n_y,), dtype), 0
+    h_n = states[:h_size].reshape(num_layers * directions, batch, -1)
+    c_n = (states[h_size:layout.states].reshape(num_layers * directions, batch, -1)
+           if layout.states > h_size else None)
+    acc, m, xg, *inner = free.pop() if free else buffers.alloc_group(layout.scratch, dtype)
+    n_rows, last = steps * batch, num_layers - 1
+    layer_input, k = x, 0
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
-            k = layer * directions + direction
             code, packed, bias, b_hn, w_cell, w_t, w_p, live, wr_t, has_proj = args[k]
-            w_ih = stack.inputs[k]
-            if layer < num_layers - 1:
+            if layer < last:
                 y = inner[k]
             else:
-                offset = start + direction * layout.y_size
-                y = ys[offset:offset + n_rows * proj].reshape(n_rows, proj)
-            h, c = h_n[k], empty if c_n is None else c_n[k]
-            x_start = layer_input if gemm else empty  # what _layer_start projects
-            if projection.applies(n_rows):  # the panel kernels project, as the full path's
-                if stack.projections is None:
-                    stack.projections = [projection.packed(torch.from_numpy(w))
-                                         for w in stack.inputs]
-                projection.run(xg, layer_input, *stack.projections[k])
-                x_start = empty
-            elif not gemm:  # no BLAS: torch projects
+                offset = start + direction * n_y
+                y = ys[offset:offset + n_rows * h_n.shape[2]].reshape(n_rows, -1)
+            h, c, w_ih = h_n[k], empty if c_n is None else c_n[k], stack.inputs[k]
+            x_start = empty  # what _layer_start projects (by the BLAS gemm in ``project``)
+            if project == PANELS:
+                projection.run(xg, layer_input, *projections[k])
+            elif project == TORCH:
                 torch.mm(torch.from_numpy(layer_input), torch.from_numpy(w_ih).t(),
                          out=torch.from_numpy(xg))
-            _layer_start(gemm, x_start, w_ih, xg, empty if h0 is None else h0[k],
+            else:
+                x_start = layer_input
+            _layer_start(project, x_start, w_ih, xg, empty if h0 is None else h0[k],
                          empty if c0 is None else c0[k], h, c)
-            plan = layout.plans[direction]
+            plan = plans[direction]
             loop_args = (code, packed, xg, bias, b_hn, w_cell, h, c, w_t, w_p, live, wr_t,
                          has_proj, y, y if packed else empty, empty, acc, m, plan.order,
                          plan.offsets, plan.sizes)
@@ -214,7 +222,8 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
             else:
                 launch._run(_forward_thread, plan, team.new_counter(plan.split), *loop_args)
             outputs.append(y)
+            k += 1
         layer_input = np.concatenate(outputs, 1) if directions == 2 else outputs[0]
     if layout.keep_scratch:
-        free.append(scratch)
+        free.append([acc, m, xg, *inner])
     return layer_input, h_n, c_n

@@ -1,6 +1,7 @@
 """A layer's input projection ``xg = x W_ih^T`` without gradients, in the panel kernels
 (:mod:`.vectors`) on CPUs that run them (:data:`.matmul.USE_PANELS`) but for calls of a few rows
-(:func:`.launch.live`: W_ih read in place); torch.mm's gemm call (MKL) elsewhere, a single row in
+(:func:`.launch.live`: W_ih read in place) and, with MKL on an Intel CPU, calls of many rows
+(:data:`MAX_ROWS`); torch.mm's gemm call (MKL) elsewhere, a single row in
 :func:`.vectors._dot_row`; torch.mm wherever a gradient is recorded. The lean inference path
 (:mod:`.inference`) and the full path's no-gradient routes (:func:`project`) both run it, the
 panel kernels on W_ih packed once per weight version, so both give the same bits.
@@ -25,12 +26,18 @@ from fastrnn.kernels.numba_cpu import buffers, jit, launch, matmul, team, vector
 from fastrnn.kernels.numba_cpu.jit import _JIT
 
 BLOCK_ROWS = 128  # a multiple of 4 (the 4-row kernel's blocks must not depend on the split)
+# Up to this many rows the panel kernels project, beyond it the BLAS gemm; no limit unless the BLAS
+# is MKL on an Intel CPU (matmul.MKL_ON_INTEL). There (Intel Xeon, family 6 model 167, AVX-512)
+# MKL's gemm called directly took, against the panel kernels, I=32-512, G*H=128-2048: from 64
+# rows 0.82-0.99 of their time on 1 thread, 0.53-1.34 on 2 (below 1 in 17 of 20); 16 rows
+# 0.78-1.40 (above 1 from I=128).
+MAX_ROWS = 16 if matmul.MKL_ON_INTEL else 1 << 62
 
 
 def applies(rows):
     """Whether the projection of ``rows`` rows runs here (else torch.mm / BLAS, as for every call
-    that reads its weights in place: :func:`.launch.live`)."""
-    return matmul.USE_PANELS and not launch.live(rows)
+    that reads its weights in place: :func:`.launch.live`, and beyond :data:`MAX_ROWS`)."""
+    return matmul.USE_PANELS and not launch.live(rows) and rows <= MAX_ROWS
 
 
 def packed(w_ih):
