@@ -1,17 +1,19 @@
 """The modules' lean inference path: under ``torch.no_grad()`` or ``torch.inference_mode()``, a
 dense CPU input whose backend offers one (numba: :mod:`fastrnn.kernels.numba_cpu.inference`) runs
 the whole layer stack in one call, on weights prepared once per weight version (recurrent weights
-transposed, biases summed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`;
-a call of a few rows reads the weight matrices in place)
-and a step plan made once per shape: no autograd Function, no checks beyond the input's and
-state's shapes. Same kernels, same buffers, same input projection as the
+transposed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`; the biases
+summed again by each call; a call of a few rows reads every weight in place, and then only
+their data pointers are looked at) and a step plan made once per shape: no autograd Function, no
+checks beyond the input's and state's shapes (a state the last call returned, given back, is
+read through the array kept with it). Same kernels, same buffers, same input projection as the
 full path (:func:`fastrnn.functional.stack`): bitwise the same results.
 
 A call that records a gradient takes the lean training path (:mod:`fastrnn.training`, on the same
 prepared weights) where this one would apply. Anything else takes the full path, which also raises
 torch.nn's errors: packed input, long input (an input projection above
-``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), autocast, tracing, export, torch.compile, torch.func transforms, inter-layer dropout in training
-mode, an input or state of another dtype, device or shape than the module's.
+``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), autocast, tracing, export,
+torch.compile, torch.func transforms, inter-layer dropout in training mode, an input or state of
+another dtype, device or shape than the module's.
 """
 from __future__ import annotations
 
@@ -35,8 +37,13 @@ class _Prepared(NamedTuple):
     kernels: object  # the backend's lean path functions, or None: the backend has none
     layers: object  # what the backend prepared (its lean path's stack), or None
     layer_weights: list  # the weights per layer and direction (functional.LayerWeights), or None
-    in_place: frozenset  # indices of the weights a live call reads in place (2-D, contiguous)
+    in_place: frozenset  # indices of the weights a live call reads in place (contiguous ones)
+    summed: frozenset  # ... every call reads in place (the contiguous biases: summed each call)
+    pointers: list  # the weights' data pointers when prepared
     shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
+    # the final states the last call returned: (tensor, its data pointer, the kernels' numpy
+    # array); given back as the next call's initial states (streaming), no new view is made
+    last: list
 
 
 class _Shape(NamedTuple):
@@ -60,17 +67,34 @@ _PREPARED = {}
 _SHAPES_KEPT = 16
 
 
+def _serves(entry, module, weights, rows):
+    """Whether ``entry`` serves a call of ``rows`` rows (T*B) of ``module`` on ``weights``: made
+    for these tensors and, where a lean path derived something from them, each of those the call
+    does not read in place (``entry.summed``; where the kernels' ``live`` says so, a few rows:
+    ``entry.in_place``) unchanged by :func:`fastrnn.weight_cache.matches`, each it reads in place
+    still where it was and contiguous (``w.data = w.data.t()`` keeps the pointer). A call that
+    reads every weight in place looks at nothing else: no version counter (an optimizer's step
+    between streamed calls, inference tensors), no copy."""
+    if (entry is None or entry.module() is not module or entry.backend != module.backend
+            or not all(map(operator.is_, weights, entry.weights))):
+        return False
+    if entry.kernels is None:
+        return True
+    skip = entry.in_place if entry.kernels.live(rows) else entry.summed
+    if len(skip) == len(weights):
+        return (all(map(torch.Tensor.is_contiguous, weights))
+                and list(map(torch.Tensor.data_ptr, weights)) == entry.pointers)
+    return (all(weights[i].is_contiguous() for i in skip)
+            and all(weights[i].data_ptr() == entry.pointers[i] for i in skip)
+            and weight_cache.matches(entry.fingerprint, weights, skip))
+
+
 def _prepared(module, weights, rows):
     """The module's :class:`_Prepared` for its current ``weights`` and a call of ``rows`` rows
-    (T*B), remade when they changed: other tensors, or :func:`fastrnn.weight_cache.matches` says
-    so, of every weight, or where the call reads the weights in place (the kernels' ``live``:
-    a few rows) of those it does not (the biases, summed when prepared). For a backend without a
-    lean path nothing is derived from them: other tensors only."""
+    (T*B), remade unless it still serves them (:func:`_serves`). For a backend without a lean
+    path nothing is derived from them: other tensors only."""
     entry = _PREPARED.get(id(module))
-    if (entry is not None and entry.module() is module and entry.backend == module.backend
-            and all(map(operator.is_, weights, entry.weights))
-            and (entry.kernels is None or weight_cache.matches(
-                entry.fingerprint, weights, entry.in_place if entry.kernels.live(rows) else ()))):
+    if _serves(entry, module, weights, rows):
         return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
@@ -85,19 +109,24 @@ def _prepared(module, weights, rows):
         with torch.no_grad():
             for w in per_layer_weights:
                 bias, b_hn = functional.projection_bias(cell, w.b_ih, w.b_hh)
-                per_layer.append((w.w_ih, w.w_hh, b_hn, w.w_hr, bias, w.w_cell))
+                per_layer.append((w.w_ih, w.w_hh, b_hn, w.w_hr, bias, w.w_cell, w.b_ih,
+                                  w.b_hh))
         layers = kernels.prepare_stack(cell, per_layer)
     if id(module) not in _PREPARED:
         weakref.finalize(module, _PREPARED.pop, id(module), None)
     # the shapes depend on the module's configuration only: kept when only weights changed
     same = (entry is not None and entry.module() is module and entry.backend == module.backend
             and all(map(operator.is_, weights, entry.weights)))
+    stride = len(weights) // len(per_layer_weights) if per_layer_weights else 1
+    biases = {i for i in range(len(weights)) if module.bias and i % stride in (2, 3)}
+    summed = frozenset(i for i in biases if weights[i].is_contiguous())
     entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
                       weight_cache.fingerprint(weights, entry.fingerprint if same else None)
                       if kernels is not None else None, kernels, layers, per_layer_weights,
-                      frozenset(i for i, w in enumerate(weights)
-                                if w.dim() == 2 and w.is_contiguous()),
-                      entry.shapes if same else {})
+                      summed | {i for i, w in enumerate(weights)
+                                if w.dim() == 2 and w.is_contiguous()}, summed,
+                      list(map(torch.Tensor.data_ptr, weights)), entry.shapes if same else {},
+                      [])
     _PREPARED[id(module)] = entry
     return entry
 
@@ -135,16 +164,21 @@ def _numpy(tensor):
         return None
 
 
-def _state_arrays(hx, shape, dtype):
+def _state_arrays(hx, shape, dtype, last):
     """Numpy views (L*D, B, ·) of the initial states ``hx`` (a tensor, or for cells with a cell
     state a pair) if each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``, else
-    None."""
+    None. A state that is one of ``last`` (:attr:`_Prepared.last`), still where it was, of that
+    shape and contiguous, gives its kept array."""
     expected = shape.states
     states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
     if len(states) != len(expected):
         return None
     out = []
-    for state, size in zip(states, expected):
+    for i, (state, size) in enumerate(zip(states, expected)):
+        if (i < len(last) and state is last[i][0] and state.shape == size
+                and state.data_ptr() == last[i][1] and state.is_contiguous()):
+            out.append(last[i][2])
+            continue
         if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
                 or state.shape != size or (array := _numpy(state)) is None):
             return None
@@ -179,7 +213,7 @@ def lean_call(module, input, hx):
         return None
     h0 = c0 = None
     if hx is not None:
-        if (arrays := _state_arrays(hx, shape, dtype)) is None:
+        if (arrays := _state_arrays(hx, shape, dtype, entry.last)) is None:
             return None
         h0, c0 = arrays if len(arrays) == 2 else (arrays[0], None)
     return entry, shape, x, h0, c0
@@ -201,9 +235,13 @@ def run(call):
     y, h_n, c_n = entry.kernels.forward_stack(
         entry.layers, np.ascontiguousarray(x).reshape(steps * batch, shape.features),
         steps, batch, h0, c0, shape.num_layers, shape.directions)
+    arrays = (h_n,) if c_n is None else (h_n, c_n)
     y, h_n, c_n = shaped(shape, y, h_n, c_n)
-    out, h_n = torch.from_numpy(y), torch.from_numpy(h_n)
-    return (out, h_n) if c_n is None else (out, (h_n, torch.from_numpy(c_n)))
+    states = [torch.from_numpy(h_n)] if c_n is None else [torch.from_numpy(h_n),
+                                                          torch.from_numpy(c_n)]
+    entry.last[:] = [(t, t.data_ptr(), a) for t, a in zip(states, arrays)]
+    out = torch.from_numpy(y)
+    return (out, states[0]) if c_n is None else (out, tuple(states))
 
 
 def shaped(shape, y, h_n, c_n):

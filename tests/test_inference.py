@@ -89,14 +89,14 @@ def run(mod, *args):
 def test_prepared_weights_follow_the_module(change, live, lean_calls):
     """Remade after any change: those a version counter or data pointer shows, and writes through
     ``.data`` or a numpy view, which only the contents show (one element is enough); or, for a
-    call of a few rows (``launch.live``), read in place."""
+    call of a few rows (``launch.live``), read in place (then no copy is taken)."""
     torch.manual_seed(0)
     ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
     x = torch.randn(3 if live else 5, 2, 5)
     assert numba_cpu.launch.live(x.shape[0] * x.shape[1]) == live
     before = run(mod, x)
     assert_bitwise(run(mod, x), before)  # seen unchanged: the contents copied, then compared
-    assert inference._PREPARED[id(mod)].fingerprint.copies is not None
+    assert (inference._PREPARED[id(mod)].fingerprint.copies is None) == live
     if change == "in_place":
         with torch.no_grad():
             mod.weight_hh_l1.mul_(0.5)
@@ -169,10 +169,12 @@ def test_contents_check_off(monkeypatch, lean_calls):
 
 
 def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
-    """A call of at most ``launch.LIVE_MAX_ROWS`` rows reads the weight matrices in place: a write
-    to them through ``.data`` is seen without remaking the prepared weights; a write to a bias
-    (summed when prepared) remakes them, and so does a longer call after a write to a matrix (it
-    reads W_hh transposed: every weight's contents compared)."""
+    """A call of at most ``launch.LIVE_MAX_ROWS`` rows reads every weight in place: a write to a
+    matrix through ``.data``, an optimizer's step, is seen without remaking the prepared weights
+    (no version counter, no copy looked at); a longer call after a write to a matrix remakes them
+    (it reads W_hh transposed: the matrices' contents compared), not after a write to a bias
+    (every call sums the biases again) nor, for a few rows, after ``w.data = w.data.t()``
+    (the same pointer: its views would be stale)."""
     torch.manual_seed(0)
     ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
     rows = numba_cpu.launch.LIVE_MAX_ROWS
@@ -196,8 +198,51 @@ def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
     run(mod, more)
     entry = inference._PREPARED[id(mod)]
     mod.bias_hh_l1.data[3] += 1
-    check(few, False)
-    assert len(lean_calls) == 6
+    check(few, True)
+    check(more, True)
+    for p in mod.parameters():
+        p.grad = torch.ones_like(p)
+    torch.optim.SGD(mod.parameters(), lr=0.1).step()
+    check(few, True)
+    square = fastrnn.RNN(4, 4, backend="numba")  # W_hh (4, 4): transposed in place
+    ref = torch.nn.RNN(4, 4)
+    mod, x = square, torch.randn(2, 1, 4)
+    run(mod, x)
+    entry = inference._PREPARED[id(mod)]
+    mod.weight_hh_l0.data = mod.weight_hh_l0.data.t()
+    check(x, False)
+    assert len(lean_calls) == 10
+
+
+def test_streamed_calls_read_the_state_given_back(lean_calls):
+    """Calls of one step, each given the state the previous call returned (read through the arrays
+    kept with it, no new view), equal one call over all the steps; a returned state changed in
+    place or replaced through ``.data`` is read as it is then, as a new tensor would (also where
+    the states are unbatched: (L, H))."""
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
+    x = torch.randn(6, 2, 5)
+    state, ys = None, []
+    for t in range(6):
+        y, state = run(mod, x[t:t + 1], state)
+        ys.append(y)
+    for g, e in zip(flatten((torch.cat(ys), state)), flatten(run(ref, x)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+    def fresh(s):
+        return tuple(t.clone() for t in s)
+
+    step = x[:1]
+    h, c = state
+    with torch.no_grad():
+        h[1].zero_()
+    assert_bitwise(run(mod, step, (h, c)), run(mod, step, fresh((h, c))))
+    _, state = run(mod, step, (h, c))
+    state[1].data = torch.ones_like(state[1])
+    assert_bitwise(run(mod, step, state), run(mod, step, fresh(state)))
+    _, (h, c) = run(mod, x[0, 0][None], (h[:, 0], c[:, 0]))  # unbatched: (L, H) states
+    assert_bitwise(run(mod, x[0, 1][None], (h, c)), run(mod, x[0, 1][None], fresh((h, c))))
+    assert len(lean_calls) == 14
 
 
 def test_the_in_place_rule_is_followed_after_a_cached_call(monkeypatch, lean_calls):

@@ -203,6 +203,36 @@ def test_checkpoint_and_optimizer_steps(lean_calls):
     assert_bitwise(got, full_path(train, full))
 
 
+def test_streamed_training_reads_the_weights_as_they_are(lean_calls):
+    """Calls of a few rows (``launch.live``: every weight read in place, the biases summed each
+    call) between SGD steps and a write to a bias through ``.data``: the full path's weights and
+    outputs, bit for bit."""
+    torch.manual_seed(5)
+    _, lean = pair("gru", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
+    full = fastrnn.GRU(5, 4, num_layers=2, backend="numba")
+    full.load_state_dict(lean.state_dict())
+    xs = torch.randn(5, 1, 2, 5)
+    assert numba_cpu.launch.live(2)
+
+    def train(mod):
+        optimizer = torch.optim.SGD(mod.parameters(), lr=0.5)
+        outs, state = [], None
+        for step, x in enumerate(xs):
+            optimizer.zero_grad()
+            out, state = mod(x, state)
+            state = state.detach()
+            out.square().sum().backward()
+            optimizer.step()
+            if step == 2:
+                mod.bias_hh_l1.data[9] += 1  # the n part: b_hn
+                mod.bias_ih_l0.data[0] -= 1
+            outs.append(out.detach())
+        return outs + list(mod.parameters())
+    got = train(lean)
+    assert len(lean_calls) == 5
+    assert_bitwise(got, full_path(train, full))
+
+
 def test_not_taken_where_the_full_path_runs(lean_calls, monkeypatch):
     torch.manual_seed(5)
     _, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2,

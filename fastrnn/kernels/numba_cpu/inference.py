@@ -15,7 +15,7 @@ import torch
 
 from fastrnn import cells
 from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection, team
-from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
+from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start, _sum_bias
 
 # Whether a call of ``rows`` rows (T*B) reads the weight matrices in place (nothing derived from
 # them: fastrnn.inference checks the contents of the others only).
@@ -25,31 +25,48 @@ live = launch.live
 class _Stack:
     """A module's layers prepared for the lean path (:func:`prepare_stack`). Per layer and
     direction: ``weights`` the tensors as given, ``inputs`` W_ih (G*H, I) as numpy (read in
-    place), ``live`` the :class:`.buffers.Prepared` of a call that reads its weights in place
+    place), ``biases`` the arguments of :func:`.loops._sum_bias` but the bias (b_ih, b_hh as
+    numpy, read in place, or (0,) without biases; the count summed), ``live`` the
+    :class:`.buffers.Prepared` of a call that reads its weights in place
     (:func:`.launch.live`: W_hh, W_hr as given) and, each made by the first call that needs them,
     the one of the other calls (:meth:`layers`: W_hh^T, W_hr^T), W_hh^T packed in panels
     (``panels``) and W_ih as :mod:`.projection` reads it (``projections``); ``calls`` the
     arguments of its calls per shape and thread setting."""
 
-    __slots__ = ("cell", "weights", "inputs", "live", "prepared", "calls", "panels",
+    __slots__ = ("cell", "weights", "inputs", "biases", "live", "prepared", "calls", "panels",
                  "projections")
 
     def __init__(self, cell, weights):
+        spec = cells.spec(cell)
         self.cell, self.weights, self.calls = cell, weights, {}
         self.inputs = [buffers.array(w[0]) for w in weights]
-        self.live = [buffers.prepare(cell, *w[1:], False, True) for w in weights]
+        self.biases = []
+        for w_ih, _, _, _, _, _, b_ih, b_hh in weights:
+            empty = buffers._empty((0,), buffers.NUMPY_DTYPES[w_ih.dtype])
+            width = w_ih.shape[0]
+            self.biases.append((empty, empty, 0) if b_ih is None else (
+                buffers.array(b_ih), buffers.array(b_hh),
+                width - (width // spec.gates if spec.has_b_hn else 0)))
+        self.live = [buffers.prepare(cell, *w[1:6], False, True) for w in weights]
         self.prepared = self.panels = self.projections = None
 
     def layers(self):
         """Per layer and direction the :class:`.buffers.Prepared` with W_hh^T and W_hr^T."""
         if self.prepared is None:
-            self.prepared = [buffers.prepare(self.cell, *w[1:], False) for w in self.weights]
+            self.prepared = [buffers.prepare(self.cell, *w[1:6], False) for w in self.weights]
         return self.prepared
+
+    def sum_bias(self, k, prepared):
+        """Layer and direction ``k``'s bias summed into ``prepared.bias`` from the biases as they
+        are now (:func:`.loops._sum_bias`)."""
+        _sum_bias(*self.biases[k][:2], prepared.bias, self.biases[k][2])
 
 
 def prepare_stack(cell, weights):
     """The :class:`_Stack` of ``weights``: per layer and direction ``(w_ih, w_hh, b_hn, w_hr,
-    bias, w_cell)`` tensors as given to :func:`.launch.recurrence_forward` (w_ih (G*H, I))."""
+    bias, w_cell, b_ih, b_hh)`` tensors, the first six as given to
+    :func:`.launch.recurrence_forward` (w_ih (G*H, I)); bias b_ih + b_hh (their sum when
+    prepared: each call sums them again, the lean paths check no copy of them)."""
     return _Stack(cell, weights)
 
 
@@ -211,8 +228,9 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                          out=torch.from_numpy(xg))
             else:
                 x_start = layer_input
+            b_ih, b_hh, summed = stack.biases[k]
             _layer_start(project, x_start, w_ih, xg, empty if h0 is None else h0[k],
-                         empty if c0 is None else c0[k], h, c)
+                         empty if c0 is None else c0[k], h, c, b_ih, b_hh, bias, summed)
             plan = plans[direction]
             loop_args = (code, packed, xg, bias, b_hn, w_cell, h, c, w_t, w_p, live, wr_t,
                          has_proj, y, y if packed else empty, empty, acc, m, plan.order,

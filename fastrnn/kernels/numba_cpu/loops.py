@@ -212,12 +212,24 @@ def _forward_thread(tid, nthreads, group, gemm, counter, code, packed, xg, bias,
 
 
 @njit(**_JIT)
-def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c):
+def _sum_bias(b_ih, b_hh, bias, summed):
+    """bias (G*H,) = b_ih + b_hh in its first ``summed`` elements, b_ih + 0 beyond (GRU: b_hh's
+    n part is b_hn), as :func:`fastrnn.functional.projection_bias` adds them (bitwise); nothing
+    where b_ih is (0,) (no biases: bias stays zeros). The lean paths run it each call, reading
+    the biases in place."""
+    zero = b_ih.dtype.type(0)
+    for j in range(b_ih.shape[0]):
+        bias[j] = b_ih[j] + (b_hh[j] if j < summed else zero)
+
+
+@njit(**_JIT)
+def _layer_start(gemm, x, w_ih, xg, h0, c0, h, c, b_ih, b_hh, bias, summed):
     """What a layer's forward loop needs first, in one small compiled call (the lean inference
-    path; the loop itself stays the one :func:`_forward_thread`): h (B, P) and c (B, H) or (0, 0)
-    set from h0 and c0 ((0, 0): zeros) and, where x has rows, xg = x @ w_ih^T (x (N, I), w_ih
-    (G*H, I), read in place) by :func:`.matmul._project_in_place`, as the full path's
-    :func:`.projection.project`."""
+    path; the loop itself stays the one :func:`_forward_thread`): the bias by :func:`_sum_bias`,
+    h (B, P) and c (B, H) or (0, 0) set from h0 and c0 ((0, 0): zeros) and, where x has rows,
+    xg = x @ w_ih^T (x (N, I), w_ih (G*H, I), read in place) by
+    :func:`.matmul._project_in_place`, as the full path's :func:`.projection.project`."""
+    _sum_bias(b_ih, b_hh, bias, summed)
     for b in range(h.shape[0]):
         for k in range(h.shape[1]):
             h[b, k] = h0[b, k] if h0.shape[0] else 0

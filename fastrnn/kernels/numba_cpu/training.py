@@ -53,6 +53,7 @@ def forward(stack, weights, x, steps, batch, h0, c0, num_layers, directions):
             k = layer * directions + direction
             plan = plans[direction]
             prepared = stack.live[k] if plan.live else stack.layers()[k]
+            stack.sum_bias(k, prepared)
             if plan.panels:
                 prepared = prepared._replace(w_p=stack.panels[k])
             xg = torch.mm(layer_input, weights[k].w_ih.t())
