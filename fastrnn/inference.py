@@ -6,7 +6,9 @@ summed again by each call; a call of a few rows reads every weight in place, and
 their data pointers are looked at) and a step plan made once per shape: no autograd Function, no
 checks beyond the input's and state's shapes (a state the last call returned, given back, is
 read through the array kept with it). Same kernels, same buffers, same input projection as the
-full path (:func:`fastrnn.functional.stack`): bitwise the same results.
+full path (:func:`fastrnn.functional.stack`): bitwise the same results. Where the backend runs a
+shape's whole call compiled (numba: a few rows, the loops on the calling thread), a contiguous
+input and states are passed by address and the outputs allocated here (:func:`_express`).
 
 A call that records a gradient takes the lean training path (:mod:`fastrnn.training`, on the same
 prepared weights) where this one would apply. Anything else takes the full path, which also raises
@@ -59,6 +61,8 @@ class _Shape(NamedTuple):
     states: tuple
     num_layers: int
     directions: int
+    y: tuple  # the output's shape as the module returns it
+    flat: bool  # a contiguous input's rows in (T*B) order: not batch_first, or T or B is 1
 
 
 # id(module) -> _Prepared, dropped when the module dies (a dict keyed by id: a WeakKeyDictionary
@@ -118,16 +122,22 @@ def _prepared(module, weights, rows):
             and all(map(operator.is_, weights, entry.weights)))
     stride = len(weights) // len(per_layer_weights) if per_layer_weights else 1
     biases = {i for i in range(len(weights)) if module.bias and i % stride in (2, 3)}
-    summed = frozenset(i for i in biases if weights[i].is_contiguous())
+    summed = frozenset(i for i in biases if _in_place(weights[i]))
     entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
                       weight_cache.fingerprint(weights, entry.fingerprint if same else None)
                       if kernels is not None else None, kernels, layers, per_layer_weights,
                       summed | {i for i, w in enumerate(weights)
-                                if w.dim() == 2 and w.is_contiguous()}, summed,
+                                if w.dim() == 2 and _in_place(w)}, summed,
                       list(map(torch.Tensor.data_ptr, weights)), entry.shapes if same else {},
                       [])
     _PREPARED[id(module)] = entry
     return entry
+
+
+def _in_place(weight):
+    """Whether the kernels read ``weight`` in place (a numpy view of it: contiguous, without its
+    negative bit set)."""
+    return weight.is_contiguous() and not weight.is_neg()
 
 
 def _shape(module, shape):
@@ -150,8 +160,11 @@ def _shape(module, shape):
     states = ((layers, batch, module.proj_size or hidden), (layers, batch, hidden))
     if not batched:
         states = tuple(s[::2] for s in states)
+    width = directions * (module.proj_size or hidden)
+    y = (((batch, steps) if batch_first else (steps, batch)) if batched else (steps,)) + (width,)
     return _Shape(steps, batch, features, batched, batch_first,
-                  states if spec.has_c else states[:1], module.num_layers, directions)
+                  states if spec.has_c else states[:1], module.num_layers, directions, y,
+                  not batch_first or steps == 1 or batch == 1)
 
 
 def _numpy(tensor):
@@ -185,11 +198,9 @@ def _state_arrays(hx, shape, dtype, last):
     return out
 
 
-def lean_call(module, input, hx):
-    """``(entry, shape, x, h0, c0)`` of a call ``module(input, hx)`` the lean paths take (this
-    module's and :mod:`fastrnn.training`'s): the module's :class:`_Prepared`, the input's
-    :class:`_Shape`, numpy views of the input and the initial states as given (None: zeros; c0
-    None also for cells without a cell state); None where they do not apply."""
+def _found(module, input):
+    """``(entry, shape)`` of a call ``module(input, ·)`` the lean paths take: the module's
+    :class:`_Prepared` and the input's :class:`_Shape`; None where they do not apply."""
     if (type(input) is not torch.Tensor or not input.is_cpu
             or torch.jit.is_tracing() or torch.compiler.is_compiling()
             or torch.compiler.is_exporting() or torch._C._are_functorch_transforms_active()
@@ -198,8 +209,7 @@ def lean_call(module, input, hx):
         return None
     module._update_flat_weights()
     entry = _prepared(module, module._cell_params(), math.prod(input.shape[:-1]))
-    dtype = entry.weights[0].dtype
-    if entry.kernels is None or input.dtype != dtype:
+    if entry.kernels is None or input.dtype != entry.weights[0].dtype:
         return None
     key = (input.shape, module.batch_first)
     try:
@@ -208,11 +218,24 @@ def lean_call(module, input, hx):
         if len(entry.shapes) >= _SHAPES_KEPT:
             entry.shapes.clear()
         shape = entry.shapes[key] = _shape(module, input.shape)
-    if shape is None or (x := _numpy(input)) is None:
+    return None if shape is None else (entry, shape)
+
+
+def lean_call(module, input, hx):
+    """``(entry, shape, x, h0, c0)`` of a call ``module(input, hx)`` the lean paths take (this
+    module's and :mod:`fastrnn.training`'s): :func:`_found`'s, numpy views of the input and the
+    initial states as given (None: zeros; c0 None also for cells without a cell state); None where
+    they do not apply."""
+    found = _found(module, input)
+    if found is None or (x := _numpy(input)) is None:
         return None
+    return _with_states(*found, x, hx)
+
+
+def _with_states(entry, shape, x, hx):
     h0 = c0 = None
     if hx is not None:
-        if (arrays := _state_arrays(hx, shape, dtype, entry.last)) is None:
+        if (arrays := _state_arrays(hx, shape, entry.weights[0].dtype, entry.last)) is None:
             return None
         h0, c0 = arrays if len(arrays) == 2 else (arrays[0], None)
     return entry, shape, x, h0, c0
@@ -221,8 +244,62 @@ def lean_call(module, input, hx):
 def forward(module, input, hx):
     """``module(input, hx)`` by the lean path (call it with gradients off), or None where it does
     not apply."""
-    call = lean_call(module, input, hx)
-    return None if call is None else run(call)
+    if (found := _found(module, input)) is None:
+        return None
+    entry, shape = found
+    if shape.flat and (out := _express(entry, shape, input, hx)) is not None:
+        return out
+    if (x := _numpy(input)) is None or (call := _with_states(entry, shape, x, hx)) is None:
+        return None
+    return run(call)
+
+
+def _state_addresses(hx, shape, dtype, last):
+    """The addresses of the initial states ``hx`` (as :func:`_state_arrays` takes them), each a
+    contiguous CPU tensor of ``dtype`` and its shape in ``shape.states`` (one of ``last`` still
+    where it was), else None."""
+    expected = shape.states
+    states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
+    if len(states) != len(expected):
+        return None
+    out = []
+    for i, (state, size) in enumerate(zip(states, expected)):
+        if i < len(last) and state is last[i][0]:
+            if state.shape == size and state.data_ptr() == last[i][1] and state.is_contiguous():
+                out.append(last[i][1])
+                continue
+        if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
+                or state.shape != size or not state.is_contiguous() or state.is_neg()):
+            return None
+        out.append(state.data_ptr())
+    return out
+
+
+def _express(entry, shape, input, hx):
+    """``module(input, hx)`` by one compiled call of the backend (its ``express``), or None where
+    it has none for this shape (then :func:`run`) or the input or a state is not a contiguous
+    tensor of the module's dtype."""
+    express = entry.kernels.express(entry.layers, shape.steps, shape.batch, shape.num_layers,
+                                    shape.directions, (dtype := _NUMPY[entry.weights[0].dtype]))
+    if express is None or not input.is_contiguous() or input.is_neg():
+        return None
+    h0 = c0 = 0
+    if hx is not None:
+        if (addresses := _state_addresses(hx, shape, input.dtype, entry.last)) is None:
+            return None
+        h0, c0 = addresses if len(addresses) == 2 else (addresses[0], 0)
+    y, h_n = np.empty(shape.y, dtype), np.empty(shape.states[0], dtype)
+    c_n = np.empty(shape.states[1], dtype) if len(shape.states) == 2 else None
+    entry.kernels.forward_express(express, input.data_ptr(), h0, c0, y, h_n, c_n)
+    arrays = (h_n,) if c_n is None else (h_n, c_n)
+    states = [torch.from_numpy(a) for a in arrays]
+    entry.last[:] = [(t, t.data_ptr(), a if shape.batched else a[:, None])
+                     for t, a in zip(states, arrays)]
+    out = torch.from_numpy(y)
+    return (out, states[0]) if c_n is None else (out, tuple(states))
+
+
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def run(call):

@@ -145,9 +145,10 @@ def nan_filled_buffers(monkeypatch):
     monkeypatch.setattr(buffers, "alloc", nan_filled)
 
 
-def spy_calls(monkeypatch, owner, name):
-    """A list that gets the first argument of every call of ``owner.name`` (still called)."""
-    calls, original = [], getattr(owner, name)
+def spy_calls(monkeypatch, owner, name, calls=None):
+    """A list (``calls``, or a new one) that gets the first argument of every call of
+    ``owner.name`` (still called)."""
+    calls, original = [] if calls is None else calls, getattr(owner, name)
 
     def spy(*args):
         calls.append(args[0])

@@ -29,8 +29,11 @@ def nan_filled(monkeypatch):
 
 @pytest.fixture
 def lean_calls(monkeypatch):
-    """Counts the lean path's whole-stack calls."""
-    return spy_calls(monkeypatch, numba_cpu.lean_path(), "forward_stack")
+    """Counts the lean path's whole-stack calls (forward_stack's, and forward_express's: one
+    compiled call)."""
+    lean = numba_cpu.lean_path()
+    return spy_calls(monkeypatch, lean, "forward_stack", spy_calls(monkeypatch, lean,
+                                                                   "forward_express"))
 
 
 def full_path(module, *args):

@@ -71,7 +71,8 @@ def load():
     global _LAUNCH
     if _LAUNCH is None:
         launch = importlib.import_module(__name__ + ".launch")
-        importlib.import_module(__name__ + ".projection")  # its kernel's cache guarded too
+        for name in ("projection", "express"):  # their kernels' caches guarded too
+            importlib.import_module(f"{__name__}.{name}")
         from fastrnn.kernels.numba_cpu import jit
         jit.guard_caches([m for name, m in list(sys.modules.items())
                           if name.startswith(__name__ + ".") and m is not None])

@@ -78,15 +78,16 @@ def _aligned_start(a):
 def owned(tensor):
     """A C-contiguous, aligned numpy array owning a copy of ``tensor`` (a state the loop updates
     in place)."""
-    a = tensor.detach().numpy()
+    a = tensor.detach().resolve_neg().numpy()
     out = alloc(a.shape, a.dtype)
     out[...] = a
     return out
 
 
 def array(tensor):
-    """A C-contiguous numpy view (zero copy when already contiguous) of a CPU tensor."""
-    return tensor.detach().contiguous().numpy()
+    """A C-contiguous numpy view (zero copy when already contiguous and without its negative bit
+    set, which numpy cannot show) of a CPU tensor."""
+    return tensor.detach().resolve_neg().contiguous().numpy()
 
 
 def transposed(tensor):

@@ -272,7 +272,7 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     y, h, c, saved = run_forward(cell, plan, buffers.array(xg),
                                  buffers.prepare(cell, w_hh, b_hn, w_hr, bias, w_cell,
                                                  plan.panels, plan.live),
-                                 h0.detach().numpy(), None if c0 is None else c0.detach().numpy(),
+                                 buffers.array(h0), None if c0 is None else buffers.array(c0),
                                  save)
     return (torch.from_numpy(y), torch.from_numpy(h), None if c0 is None else torch.from_numpy(c),
             tuple(map(torch.from_numpy, saved)))
