@@ -41,6 +41,7 @@ class _Prepared(NamedTuple):
     layer_weights: list  # the weights per layer and direction (functional.LayerWeights), or None
     in_place: frozenset  # indices of the weights a live call reads in place (contiguous ones)
     summed: frozenset  # ... every call reads in place (the contiguous biases: summed each call)
+    inputs: frozenset  # ... and W_ih, a call whose input projection reads it in place
     pointers: list  # the weights' data pointers when prepared
     shapes: dict  # (input shape, batch_first) -> its _Shape, or None where the lean path declines
     # the final states the last call returned: (tensor, its data pointer, the kernels' numpy
@@ -74,8 +75,9 @@ _SHAPES_KEPT = 16
 def _serves(entry, module, weights, rows):
     """Whether ``entry`` serves a call of ``rows`` rows (T*B) of ``module`` on ``weights``: made
     for these tensors and, where a lean path derived something from them, each of those the call
-    does not read in place (``entry.summed``; where the kernels' ``live`` says so, a few rows:
-    ``entry.in_place``) unchanged by :func:`fastrnn.weight_cache.matches`, each it reads in place
+    does not read in place (``entry.summed``; ``entry.inputs`` where the kernels'
+    ``projects_in_place`` says so; where their ``live`` says so, a few rows: ``entry.in_place``)
+    unchanged by :func:`fastrnn.weight_cache.matches`, each it reads in place
     still where it was and contiguous (``w.data = w.data.t()`` keeps the pointer). A call that
     reads every weight in place looks at nothing else: no version counter (an optimizer's step
     between streamed calls, inference tensors), no copy."""
@@ -84,7 +86,9 @@ def _serves(entry, module, weights, rows):
         return False
     if entry.kernels is None:
         return True
-    skip = entry.in_place if entry.kernels.live(rows) else entry.summed
+    kernels = entry.kernels
+    skip = (entry.in_place if kernels.live(rows) else
+            entry.inputs if kernels.projects_in_place(rows) else entry.summed)
     if len(skip) == len(weights):
         return (all(map(torch.Tensor.is_contiguous, weights))
                 and list(map(torch.Tensor.data_ptr, weights)) == entry.pointers)
@@ -123,11 +127,12 @@ def _prepared(module, weights, rows):
     stride = len(weights) // len(per_layer_weights) if per_layer_weights else 1
     biases = {i for i in range(len(weights)) if module.bias and i % stride in (2, 3)}
     summed = frozenset(i for i in biases if _in_place(weights[i]))
+    inputs = summed | {i for i in range(0, len(weights), stride) if _in_place(weights[i])}
     entry = _Prepared(weakref.ref(module), module.backend, name, list(weights),
                       weight_cache.fingerprint(weights, entry.fingerprint if same else None)
                       if kernels is not None else None, kernels, layers, per_layer_weights,
                       summed | {i for i, w in enumerate(weights)
-                                if w.dim() == 2 and _in_place(w)}, summed,
+                                if w.dim() == 2 and _in_place(w)}, summed, inputs,
                       list(map(torch.Tensor.data_ptr, weights)), entry.shapes if same else {},
                       [])
     _PREPARED[id(module)] = entry

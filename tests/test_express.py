@@ -1,6 +1,7 @@
 """The numba lean path's one compiled call (``numba_cpu.inference.forward_express``): a call of a
-few rows (weights read in place) runs the whole stack in one compiled call, bitwise the
-``forward_stack`` route and the full path, close to torch.nn, for every cell and stack shape; the
+few rows (weights read in place), or of more whose loops and projection run on the calling
+thread, runs the whole stack in one compiled call, bitwise the ``forward_stack`` route and the
+full path, close to torch.nn, for every cell, stack shape and route; the
 calls it must not take (a loop BLAS call needing a thread-local setting, an input or state it
 cannot read by address) take ``forward_stack`` or the full path, with the same results and
 errors."""
@@ -109,6 +110,55 @@ def test_one_call_equals_the_stack_route_full_path_and_torch(case, dtype, routes
     assert_bitwise(got, full_path(mod, *args))
     for g, e in zip(flatten(got), flatten(run(ref, *args)), strict=True):
         torch.testing.assert_close(g, e, **TOL[dtype])
+
+
+ROUTES = {  # the calls of more rows it takes, on 1 thread: name -> settings to patch
+    # the panel kernels project (forced on any CPU), the step in the micro-kernels (T < 16)
+    "panels-projection": {"projection.MAX_ROWS": 1 << 62, "matmul.USE_PANELS": True},
+    # the gemm projects (MKL on an Intel CPU from 17 rows; forced on any CPU)
+    "gemm-projection": {"projection.MAX_ROWS": 0},
+    # the step matmul in the panel kernels (T >= 16), and through the gemm
+    "panels-step": {"launch.PANELS_MIN_STEPS": 1, "matmul.USE_PANELS": True},
+    "gemm-step": {"launch.MICROKERNEL_MAX_ROWS": 0, "launch.PANELS_MAX_ROWS": 0},
+}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+@pytest.mark.parametrize("case", [("lstm_proj", 2, True, False, True, (4, 3, 5), True),
+                                  ("gru", 2, False, True, True, (3, 4, 5), False),
+                                  ("rnn_relu", 1, True, False, False, (10, 2, 5), True)],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_more_rows(route, case, routes, threads, monkeypatch):
+    """Calls of more rows (the weights prepared: W_hh transposed, maybe packed) whose loops and
+    projection run on the calling thread are one compiled call too, on each route: bitwise the
+    forward_stack route and the full path under the same settings."""
+    from fastrnn.kernels.numba_cpu import launch, matmul, projection
+    if not matmul.USE_BLAS and "gemm" in route:
+        pytest.skip("torch exports no BLAS gemm here")
+    threads(1)
+    modules = {"launch": launch, "matmul": matmul, "projection": projection}
+    for name, value in ROUTES[route].items():
+        module, attr = name.split(".")
+        monkeypatch.setattr(modules[module], attr, value)
+    variant, layers, bidirectional, batch_first, bias, shape, with_hx = case
+    generator = torch.Generator().manual_seed(seed_of(case, route))
+    torch.manual_seed(seed_of(case, route))
+    ref, mod = pair(variant, "numba", torch.float32, input_size=5, hidden_size=12,
+                    num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                    bias=bias)
+    x = torch.randn(shape, generator=generator)
+    args = (x, states(mod, x, torch.float32, generator)) if with_hx else (x,)
+    got = run(mod, *args)
+    flat = not batch_first or 1 in shape[:2]
+    assert len(routes["express"]) == flat
+    plans = next(iter(inference._PREPARED[id(mod)].layers.calls.values())).layout.plans
+    assert not plans[0].live
+    assert plans[0].panels == (route == "panels-step")
+    assert (plans[0].gemm != 0) == (route == "gemm-step")
+    assert_bitwise(got, by_stack(mod, *args))
+    assert_bitwise(got, full_path(mod, *args))
+    for g, e in zip(flatten(got), flatten(run(ref, *args)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "lstm_proj", "gru"])

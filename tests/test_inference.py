@@ -217,6 +217,39 @@ def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
     assert len(lean_calls) == 10
 
 
+def test_calls_projecting_on_w_ih_as_given_do_not_compare_it(monkeypatch, lean_calls):
+    """A call whose input projection reads W_ih in place (the BLAS gemm, as with MKL on an Intel
+    CPU from 17 rows; forced here) sees a write to W_ih through ``.data`` without comparing its
+    contents (the prepared weights kept); a call that projects on W_ih packed compares it (and
+    remakes them); a write to W_hh is seen by both (its transposed copy remade)."""
+    from fastrnn.kernels.numba_cpu import projection
+    if not numba_cpu.matmul.USE_BLAS:
+        pytest.skip("torch exports no BLAS gemm here: W_ih is always projected by torch.mm")
+    torch.manual_seed(0)
+    ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
+    x = torch.randn(5, 2, 5)
+
+    def check(packed, same):
+        monkeypatch.setattr(projection, "MAX_ROWS", 1 << 62 if packed else 0)
+        monkeypatch.setattr(numba_cpu.matmul, "USE_PANELS", packed)
+        got = run(mod, x)
+        assert (inference._PREPARED[id(mod)] is entry) == same
+        ref.load_state_dict(mod.state_dict())
+        for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
+            torch.testing.assert_close(g, e, **TOL[torch.float32])
+
+    run(mod, x)
+    run(mod, x)  # seen unchanged: the contents copied
+    entry = inference._PREPARED[id(mod)]
+    mod.weight_ih_l1.data[0, 0] += 1
+    check(packed=False, same=True)
+    check(packed=True, same=False)
+    entry = inference._PREPARED[id(mod)]
+    mod.weight_hh_l0.data[1, 1] -= 1
+    check(packed=False, same=False)
+    assert len(lean_calls) == 5
+
+
 def test_streamed_calls_read_the_state_given_back(lean_calls):
     """Calls of one step, each given the state the previous call returned (read through the arrays
     kept with it, no new view), equal one call over all the steps; a returned state changed in
@@ -351,8 +384,10 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
     """Each way the numba lean path can run (one thread; its loop's BLAS calls on a thread-local
     count; states and output in two allocations; scratch not kept; the loop on several threads;
     no BLAS) is bitwise the full path under the same settings, twice (the second call on the
-    first's scratch where it is kept), and close to torch.nn."""
+    first's scratch where it is kept), and close to torch.nn. The ways of forward_stack: a call
+    it would run as one compiled call runs here too (that one: tests/test_express.py)."""
     from fastrnn.kernels.numba_cpu import inference as lean, launch, matmul, projection
+    monkeypatch.setattr(lean, "express", lambda *args: None)
     threads, settings = ROUTES[route]
     if launch._CPUS < threads:
         pytest.skip(f"needs {threads} CPUs, this process may run on {launch._CPUS}")

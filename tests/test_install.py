@@ -306,7 +306,7 @@ def test_cache_entries_are_keyed_by_the_compile_settings_and_inlined_files():
     from numba import float32, types
     from numba.core.dispatcher import Dispatcher
 
-    from fastrnn.kernels.numba_cpu import buffers, express, jit, loops
+    from fastrnn.kernels.numba_cpu import buffers, express, jit, loops, projection
     ours = [value for module in (buffers, loops, express) for value in vars(module).values()
             if isinstance(value, Dispatcher) and jit._ours(value.py_func.__code__.co_filename)]
     assert buffers._aligned_start in ours and loops._forward_thread in ours
@@ -317,7 +317,7 @@ def test_cache_entries_are_keyed_by_the_compile_settings_and_inlined_files():
         assert isinstance(cache, jit.KeyedCache), dispatcher
         files = loops._INLINED if dispatcher in (
             loops._forward_thread, loops._layer_start, loops._backward_thread, loops._forward_team,
-            loops._backward_team) else (*loops._INLINED, loops.__file__) if (
+            loops._backward_team) else (*loops._INLINED, loops.__file__, projection.__file__) if (
                 dispatcher is express._express_forward) else ()
         key = cache._index_key(sig, dispatcher.targetctx.codegen())
         assert key[-1] == jit._digest((jit.__file__, *files)), dispatcher

@@ -16,7 +16,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, jit, loops
+from fastrnn.kernels.numba_cpu import buffers, jit, loops, matmul, projection
 from fastrnn.kernels.numba_cpu.jit import _JIT
 from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 
@@ -39,19 +39,27 @@ class Express(NamedTuple):
 # part 64-byte aligned: every operand of a BLAS call is in the scratch or given, as on
 # forward_stack, whose results depend on their alignment.
 (_H_STEPS, _H_BATCH, _H_FEATURES, _H_HIDDEN, _H_PROJ, _H_LAYERS, _H_DIRECTIONS, _H_WIDTH,
- _H_BIASES, _H_B_HN, _H_CELL_ROWS, _H_GATES_IN_Y, _H_PROJECT, _H_GROUP, _H_GEMM, _H_XG_OFF,
- _H_ACC_OFF, _H_ACC_ROWS, _H_ACC_COLS, _H_M_OFF, _H_M_ROWS, _H_M_COLS, _H_H_OFF, _H_C_OFF,
- _H_C_ROWS, _H_PLANS, _HEAD) = range(27)
-(_R_W_IH, _R_W_HH, _R_W_HR, _R_W_CELL, _R_B_IH, _R_B_HH, _R_SUMMED, _R_BIAS, _R_B_HN, _R_Y_OFF,
- _R_OUT_OFF, _ROW) = range(12)
+ _H_BIASES, _H_B_HN, _H_CELL_ROWS, _H_GATES_IN_Y, _H_LIVE, _H_PANEL, _H_BLOCK_ROWS, _H_PROJECT,
+ _H_GROUP, _H_GEMM, _H_XG_OFF, _H_ACC_OFF, _H_ACC_ROWS, _H_ACC_COLS, _H_M_OFF, _H_M_ROWS,
+ _H_M_COLS, _H_H_OFF, _H_C_OFF, _H_C_ROWS, _H_PLANS, _HEAD) = range(30)
+# Addresses of W_ih as given, and packed for the panel kernels (W_ih^T, its panels and their
+# count; where they project); of W_hh^T (W_hh where read in place), its panels and their count;
+# of W_hr^T (W_hr), w_cell, b_ih, b_hh; the count summed (.loops._sum_bias); addresses of the
+# summed bias and b_hn; offsets in the scratch of the y of the layer and direction and of its
+# layer's output ((T*B, D*P); -1: the call's output).
+(_R_W_IH, _R_IH_T, _R_IH_P, _R_IH_PANELS, _R_W_T, _R_W_P, _R_PANELS, _R_WR_T, _R_W_CELL,
+ _R_B_IH, _R_B_HH, _R_SUMMED, _R_BIAS, _R_B_HN, _R_Y_OFF, _R_OUT_OFF, _ROW) = range(17)
+PANELS = -1  # _H_PROJECT where the panel kernels project (else the gemm's address)
 
 
-def build(stack, layout, steps, batch, num_layers, directions, project, dtype):
-    """The :class:`Express` of a stack's live calls of one shape (``layout``, ``project``: as
-    :func:`.inference._call` made them)."""
-    spec, first = cells.spec(stack.cell), stack.live[0]
-    width, proj = first.w_t.shape
-    hidden, n = width // spec.gates, steps * batch
+def build(stack, layout, args, projections, project, steps, batch, num_layers, directions,
+          dtype):
+    """The :class:`Express` of a stack's calls of one shape: ``layout``, ``args`` (per layer and
+    direction the loop's weights), ``projections`` (W_ih packed, or None) and ``project`` (its
+    gemm's address, or :data:`PANELS`) as :func:`.inference._call` made them."""
+    spec = cells.spec(stack.cell)
+    (*_, w_t, _, live, _, _), width = args[0], stack.inputs[0].shape[0]
+    proj, hidden, n = w_t.shape[1 if live else 0], width // spec.gates, steps * batch
     align, used = 64 // dtype.itemsize, [0]
 
     def take(count):  # a 64-byte aligned part of the scratch: its offset
@@ -62,8 +70,9 @@ def build(stack, layout, steps, batch, num_layers, directions, project, dtype):
     (acc_rows, acc_cols), (m_rows, m_cols) = layout.scratch[:2]
     c_rows = batch if spec.has_c else 0
     head = [steps, batch, stack.inputs[0].shape[1], hidden, proj, num_layers, directions, width,
-            stack.biases[0][0].shape[0], first.b_hn.shape[0], first.w_cell.shape[0],
-            spec.gates_in_y, project, layout.plans[0].group, layout.plans[0].gemm,
+            stack.biases[0][0].shape[0], args[0][3].shape[0], args[0][4].shape[0],
+            spec.gates_in_y, live, matmul.PANEL_BYTES // dtype.itemsize, projection.BLOCK_ROWS,
+            project, layout.plans[0].group, layout.plans[0].gemm,
             take(n * width), take(acc_rows * acc_cols), acc_rows, acc_cols,
             take(m_rows * m_cols), m_rows, m_cols, take(batch * proj), take(c_rows * hidden),
             c_rows, _HEAD + num_layers * directions * _ROW]
@@ -73,11 +82,14 @@ def build(stack, layout, steps, batch, num_layers, directions, project, dtype):
                else None)
         for direction in range(directions):
             k = layer * directions + direction
-            live, (b_ih, b_hh, summed) = stack.live[k], stack.biases[k]
+            _, _, bias, b_hn, w_cell, w_t, w_p, _, wr_t, _ = args[k]
+            ih_t, ih_p = projections[k] if projections is not None else (w_cell, w_p[:0])
+            b_ih, b_hh, summed = stack.biases[k]
             y = take(n * proj)
-            rows += [stack.inputs[k].ctypes.data, live.w_t.ctypes.data, live.wr_t.ctypes.data,
-                     live.w_cell.ctypes.data, b_ih.ctypes.data, b_hh.ctypes.data, summed,
-                     live.bias.ctypes.data, live.b_hn.ctypes.data, y, y if out is None else out]
+            rows += [stack.inputs[k].ctypes.data, ih_t.ctypes.data, ih_p.ctypes.data,
+                     ih_p.shape[0], w_t.ctypes.data, w_p.ctypes.data, w_p.shape[0],
+                     wr_t.ctypes.data, w_cell.ctypes.data, b_ih.ctypes.data, b_hh.ctypes.data,
+                     summed, bias.ctypes.data, b_hn.ctypes.data, y, y if out is None else out]
     plans = [part for plan in layout.plans for part in plan[:3]]
     table = np.concatenate([np.array(head + rows, np.int64), *plans]).astype(np.int64)
     return Express(table, used[0], [], CODES[stack.cell], buffers._empty((0,), dtype))
@@ -127,9 +139,11 @@ def _view(typingctx, address, shape, like):
 
 
 @njit(inline="always", **_JIT)
-def _part(scratch, offset, rows, cols):
-    """The (rows, cols) part of ``scratch`` at ``offset``."""
-    return scratch[offset:offset + rows * cols].reshape(rows, cols)
+def _part(array, offset, rows, cols):
+    """The (rows, cols) view of C-contiguous ``array``'s elements from ``offset`` on (by
+    :func:`_view`: Numba's reshape keeps an environment that a load from the cache rebuilds by
+    importing Numba's array module, 0.05 s in a process's first call)."""
+    return _view(array.ctypes.data + offset * array.itemsize, (rows, cols), array)
 
 
 @njit(inline="always", **_JIT)
@@ -142,47 +156,56 @@ def _copy(dst, col, src):
 
 @njit(**_JIT)
 def _express_forward(code, table, x, h0, c0, scratch, y, h_n, c_n):
-    """:func:`forward_express` in one compiled call: per layer and direction
+    """:func:`forward_express` in one compiled call: per layer and direction the input projection
+    (:func:`.projection._project_thread` or the gemm of :func:`.loops._layer_start`),
     :func:`.loops._layer_start` and :func:`.loops._forward_thread` on the calling thread, as
     :func:`.inference.forward_stack` runs them (the states and y in the scratch, copied out), the
-    weights read in place from the addresses in ``table``."""
+    weights read from the addresses in ``table``."""
     steps, batch, hidden, proj = table[_H_STEPS], table[_H_BATCH], table[_H_HIDDEN], table[_H_PROJ]
     directions, width, n = table[_H_DIRECTIONS], table[_H_WIDTH], steps * batch
-    stack = table[_H_LAYERS] * directions
-    none = scratch[:0].reshape(0, 0)
+    stack, panel, project = table[_H_LAYERS] * directions, table[_H_PANEL], table[_H_PROJECT]
+    none = _part(scratch, 0, 0, 0)
     xg = _part(scratch, table[_H_XG_OFF], n, width)
     acc = _part(scratch, table[_H_ACC_OFF], table[_H_ACC_ROWS], table[_H_ACC_COLS])
     m = _part(scratch, table[_H_M_OFF], table[_H_M_ROWS], table[_H_M_COLS])
     c_rows = table[_H_C_ROWS]  # (B, H), or (0, 0) for cells without a cell state
     h = _part(scratch, table[_H_H_OFF], batch, proj)
     c = _part(scratch, table[_H_C_OFF], c_rows, hidden if c_rows else 0)
-    has_proj, packed, live = proj != hidden, table[_H_GATES_IN_Y] != 0, n > 0  # runtime bools
-    h_all, c_all = h_n.reshape(1, h_n.size), c_n.reshape(1, c_n.size)  # flat: copied at k
+    has_proj, packed, live = proj != hidden, table[_H_GATES_IN_Y] != 0, table[_H_LIVE] != 0
+    h_all, c_all = _part(h_n, 0, 1, h_n.size), _part(c_n, 0, 1, c_n.size)  # copied at k
     h0s = _view(h0, (stack if h0 else 0, batch, proj), scratch)
     c0s = _view(c0, (stack if c0 else 0, batch, hidden), scratch)
     layer_input = _view(x, (n, table[_H_FEATURES]), scratch)
-    out = y.reshape(n, directions * proj)
+    out = _part(y, 0, n, directions * proj)
     for k in range(stack):
-        r, d = _HEAD + k * _ROW, k % directions
-        w_ih = _view(table[r + _R_W_IH], (width, layer_input.shape[1]), scratch)
-        w_t = _view(table[r + _R_W_HH], (width, proj), scratch)
-        wr_t = _view(table[r + _R_W_HR], (proj if has_proj else 0, hidden if has_proj else 0),
-                     scratch)
+        r, d, features = _HEAD + k * _ROW, k % directions, layer_input.shape[1]
+        w_ih = _view(table[r + _R_W_IH], (width, features), scratch)
+        w_t = _view(table[r + _R_W_T], (width, proj) if live else (proj, width), scratch)
+        w_p = _view(table[r + _R_W_P], (table[r + _R_PANELS], proj, panel), scratch)
+        wr_t = _view(table[r + _R_WR_T], ((proj, hidden) if live else (hidden, proj)) if has_proj
+                     else (0, 0), scratch)
         w_cell = _view(table[r + _R_W_CELL], (table[_H_CELL_ROWS], hidden), scratch)
         b_ih = _view(table[r + _R_B_IH], (table[_H_BIASES],), scratch)
         b_hh = _view(table[r + _R_B_HH], (table[_H_BIASES],), scratch)
         bias = _view(table[r + _R_BIAS], (width,), scratch)
         b_hn = _view(table[r + _R_B_HN], (table[_H_B_HN],), scratch)
-        _layer_start(table[_H_PROJECT], layer_input, w_ih, xg, h0s[k] if h0 else none,
+        projected = layer_input  # what _layer_start projects by the gemm: none after the panels
+        if project == PANELS:
+            ih_t = _view(table[r + _R_IH_T], (features, width), scratch)
+            ih_p = _view(table[r + _R_IH_P], (table[r + _R_IH_PANELS], features, panel), scratch)
+            projection._project_thread(0, 1, table[_H_BLOCK_ROWS], 0, xg, layer_input, ih_t,
+                                       ih_p)
+            projected = _view(table[r + _R_W_IH], (0, features), scratch)
+        _layer_start(project, projected, w_ih, xg, h0s[k] if h0 else none,
                      c0s[k] if c0 else none, h, c, b_ih, b_hh, bias, table[r + _R_SUMMED])
         y_k = _part(scratch, table[r + _R_Y_OFF], n, proj)
         p = table[_H_PLANS] + d * 3 * steps
         _forward_thread(0, 1, table[_H_GROUP], table[_H_GEMM], table[:0], code, packed, xg,
-                        bias, b_hn, w_cell, h, c, w_t, scratch[:0].reshape(0, 1, 1), live, wr_t,
-                        has_proj, y_k, y_k if packed else none, none, acc, m, table[p:p + steps],
+                        bias, b_hn, w_cell, h, c, w_t, w_p, live, wr_t, has_proj, y_k,
+                        y_k if packed else none, none, acc, m, table[p:p + steps],
                         table[p + steps:p + 2 * steps], table[p + 2 * steps:p + 3 * steps])
-        _copy(h_all, k * h.size, h.reshape(1, h.size))
-        _copy(c_all, k * c.size, c.reshape(1, c.size))
+        _copy(h_all, k * h.size, _part(h, 0, 1, h.size))
+        _copy(c_all, k * c.size, _part(c, 0, 1, c.size))
         out_off = table[r + _R_OUT_OFF]
         layer_out = out if out_off < 0 else _part(scratch, out_off, n, directions * proj)
         if out_off != table[r + _R_Y_OFF]:  # the call's output, or both directions' ys joined
@@ -191,5 +214,6 @@ def _express_forward(code, table, x, h0, c0, scratch, y, h_n, c_n):
             layer_input = layer_out
 
 
-_express_forward._cache = jit.KeyedCache(_express_forward.py_func,
-                                         (*loops._INLINED, str(loops.__file__)))
+# Its cache entries keyed also by the files it compiles in (the loops' and the projection's)
+_express_forward._cache = jit.KeyedCache(_express_forward.py_func, (
+    *loops._INLINED, str(loops.__file__), str(projection.__file__)))

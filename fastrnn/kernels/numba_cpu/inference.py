@@ -25,6 +25,14 @@ from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start
 # Whether a call of ``rows`` rows (T*B) reads the weight matrices in place (nothing derived from
 # them: fastrnn.inference checks the contents of the others only).
 live = launch.live
+
+
+def projects_in_place(rows):
+    """Whether a call of ``rows`` rows projects its input on W_ih as given (the BLAS gemm, or
+    torch.mm where there is none), not on W_ih packed (:func:`.projection.applies`)."""
+    return not projection.applies(rows)
+
+
 # A stack's call of a shape that has one (:func:`express`) as one compiled call
 forward_express = one_call.forward_express
 
@@ -159,7 +167,7 @@ class _Call(NamedTuple):
     express: object  # its :class:`.express.Express`, or None: the call takes forward_stack
 
 
-PANELS, TORCH = -1, 0  # _Call.project besides a gemm address
+PANELS, TORCH = one_call.PANELS, 0  # _Call.project besides a gemm address
 
 
 def _call(stack, steps, batch, num_layers, directions, dtype):
@@ -192,14 +200,28 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
             stack.calls.clear()
         direct = tuple(plan.nthreads == 1 and not (plan.gemm and plan.blas_threads)
                        for plan in layout.plans)
-        # One compiled call for the whole stack where the weights are read in place and no BLAS
-        # call needs a thread-local setting (a single row calls none: streaming)
-        express = (one_call.build(stack, layout, steps, batch, num_layers, directions, project,
-                                  dtype) if live and (all(direct) or steps * batch == 1) else None)
+        express = None
+        if _express(layout, direct, project, steps * batch):
+            express = one_call.build(stack, layout, args, projections, project, steps, batch,
+                                     num_layers, directions, dtype)
         call = stack.calls[key] = _Call(layout, args, projections, [], project or TORCH, direct,
                                         buffers._empty((0, 0), dtype),
                                         num_layers * directions * batch * proj, express)
     return call
+
+
+def _express(layout, direct, project, rows):
+    """Whether a call of ``rows`` rows (T*B) with this layout, loops on the calling thread or not
+    (``direct``) and projection is one compiled call (:mod:`.express`): every loop and the
+    projection on the calling thread, none of their BLAS calls with a thread-local setting (a
+    single row calls none: streaming), no torch.mm (no BLAS), scratch kept (a few rows: the
+    Python between the compiled calls is what it saves)."""
+    if project == TORCH or not layout.keep_scratch:
+        return False
+    if project == PANELS and min(torch.get_num_threads(), launch._CPUS,
+                                 -(-rows // projection.BLOCK_ROWS)) > 1:
+        return False  # the projection on several threads (projection.run)
+    return all(direct) or (rows == 1 and layout.plans[0].live)
 
 
 def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
