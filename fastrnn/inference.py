@@ -181,11 +181,11 @@ def _numpy(tensor):
         return None
 
 
-def _state_arrays(hx, shape, dtype, last):
-    """Numpy views (L*D, B, ·) of the initial states ``hx`` (a tensor, or for cells with a cell
-    state a pair) if each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``, else
-    None. A state that is one of ``last`` (:attr:`_Prepared.last`), still where it was, of that
-    shape and contiguous, gives its kept array."""
+def _given_states(hx, shape, dtype, last):
+    """The initial states ``hx`` (a tensor, or for cells with a cell state a pair), each paired
+    with its entry of ``last`` (:attr:`_Prepared.last`: (tensor, address, array)) where it is the
+    state the last call returned, still where it was, of its shape and contiguous, else with
+    None; None unless each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``."""
     expected = shape.states
     states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
     if len(states) != len(expected):
@@ -194,12 +194,28 @@ def _state_arrays(hx, shape, dtype, last):
     for i, (state, size) in enumerate(zip(states, expected)):
         if (i < len(last) and state is last[i][0] and state.shape == size
                 and state.data_ptr() == last[i][1] and state.is_contiguous()):
-            out.append(last[i][2])
-            continue
-        if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
-                or state.shape != size or (array := _numpy(state)) is None):
+            out.append((state, last[i]))
+        elif (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
+                or state.shape != size):
             return None
-        out.append(array if shape.batched else array[:, None])
+        else:
+            out.append((state, None))
+    return out
+
+
+def _state_arrays(hx, shape, dtype, last):
+    """Numpy views (L*D, B, ·) of the initial states ``hx`` (:func:`_given_states`; one the last
+    call returned: its kept array), else None."""
+    if (given := _given_states(hx, shape, dtype, last)) is None:
+        return None
+    out = []
+    for state, kept in given:
+        if kept is not None:
+            out.append(kept[2])
+        elif (array := _numpy(state)) is None:
+            return None
+        else:
+            out.append(array if shape.batched else array[:, None])
     return out
 
 
@@ -260,23 +276,18 @@ def forward(module, input, hx):
 
 
 def _state_addresses(hx, shape, dtype, last):
-    """The addresses of the initial states ``hx`` (as :func:`_state_arrays` takes them), each a
-    contiguous CPU tensor of ``dtype`` and its shape in ``shape.states`` (one of ``last`` still
-    where it was), else None."""
-    expected = shape.states
-    states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
-    if len(states) != len(expected):
+    """The addresses of the initial states ``hx`` (:func:`_given_states`), each contiguous and
+    without its negative bit set, else None."""
+    if (given := _given_states(hx, shape, dtype, last)) is None:
         return None
     out = []
-    for i, (state, size) in enumerate(zip(states, expected)):
-        if i < len(last) and state is last[i][0]:
-            if state.shape == size and state.data_ptr() == last[i][1] and state.is_contiguous():
-                out.append(last[i][1])
-                continue
-        if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
-                or state.shape != size or not state.is_contiguous() or state.is_neg()):
+    for state, kept in given:
+        if kept is not None:
+            out.append(kept[1])
+        elif not state.is_contiguous() or state.is_neg():
             return None
-        out.append(state.data_ptr())
+        else:
+            out.append(state.data_ptr())
     return out
 
 

@@ -182,3 +182,32 @@ LEAN_CASES = [  # variant, layers, bidirectional, batch_first, shape of x, with 
     ("gru", 1, False, True, (4, 5), False),  # unbatched, batch_first
     ("rnn_tanh", 1, False, False, (3, 2, 5), True),
 ]
+
+
+def run_no_grad(module, *args):
+    """``module(*args)`` under torch.no_grad()."""
+    with torch.no_grad():
+        return module(*args)
+
+
+def full_path(module, *args):
+    """``module(*args)`` under no_grad by the full path (the lean one switched off)."""
+    from fastrnn import inference
+    return without(inference, "forward", run_no_grad, module, *args)
+
+
+def assert_bitwise(got, expected):
+    """Outputs and states (module results) equal bit for bit, of the same shapes and dtypes."""
+    for g, e in zip(flatten(got), flatten(expected), strict=True):
+        assert g.shape == e.shape and g.dtype == e.dtype
+        assert torch.equal(g, e), (g - e).abs().max()
+
+
+def streamed(module, x, call=run_no_grad):
+    """``(output, final state)`` of ``call(module, step, state)`` over the steps of ``x`` (T, ...),
+    one step per call, each given the state the previous returned."""
+    state, ys = None, []
+    for t in range(x.shape[0]):
+        y, state = call(module, x[t:t + 1], state)
+        ys.append(y)
+    return torch.cat(ys), state

@@ -17,7 +17,9 @@ import fastrnn
 from fastrnn import inference
 from fastrnn.kernels import numba_cpu
 
-from _support import TOL, flatten, nan_filled_buffers, pair, seed_of, spy_calls, without
+from _support import (TOL, assert_bitwise, flatten, full_path, nan_filled_buffers, pair,
+                      seed_of, spy_calls, streamed)
+from _support import run_no_grad as run
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +42,6 @@ def threads():
     torch.set_num_threads(previous)
 
 
-def run(mod, *args):
-    with torch.no_grad():
-        return mod(*args)
-
-
 def by_stack(mod, *args):
     """``mod(*args)`` without gradients on the lean path's forward_stack route."""
     lean = numba_cpu.lean_path()
@@ -54,16 +51,6 @@ def by_stack(mod, *args):
         return run(mod, *args)
     finally:
         lean.express = original
-
-
-def full_path(mod, *args):
-    return without(inference, "forward", run, mod, *args)
-
-
-def assert_bitwise(got, expected):
-    for g, e in zip(flatten(got), flatten(expected), strict=True):
-        assert g.shape == e.shape and g.dtype == e.dtype
-        assert torch.equal(g, e), (g - e).abs().max()
 
 
 def states(mod, x, dtype, generator):
@@ -180,11 +167,7 @@ def test_streamed_calls(cell, routes, threads):
         runs.append((torch.cat(ys), state))
     assert len(routes["express"]) == 7 and len(routes["stack"]) == 7
     assert_bitwise(*runs)
-    state, ys = None, []
-    for t in range(7):
-        y, state = run(mod, x[t:t + 1], state)
-        ys.append(y)
-    for g, e in zip(flatten((torch.cat(ys), state)), flatten(run(ref, x)), strict=True):
+    for g, e in zip(flatten(streamed(mod, x)), flatten(run(ref, x)), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 

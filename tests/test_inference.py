@@ -18,8 +18,9 @@ from fastrnn import inference, weight_cache
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
 
-from _support import (LEAN_CASES, TOL, VARIANTS, flatten, nan_filled_buffers, pair, seed_of,
-                      spy_calls, without)
+from _support import (LEAN_CASES, TOL, VARIANTS, assert_bitwise, flatten, full_path,
+                      nan_filled_buffers, pair, seed_of, spy_calls, streamed)
+from _support import run_no_grad as run
 
 
 @pytest.fixture(autouse=True)
@@ -34,17 +35,6 @@ def lean_calls(monkeypatch):
     lean = numba_cpu.lean_path()
     return spy_calls(monkeypatch, lean, "forward_stack", spy_calls(monkeypatch, lean,
                                                                    "forward_express"))
-
-
-def full_path(module, *args):
-    """``module(*args)`` under no_grad by the full path (the lean one switched off)."""
-    return without(inference, "forward", run, module, *args)
-
-
-def assert_bitwise(got, expected):
-    for g, e in zip(flatten(got), flatten(expected), strict=True):
-        assert g.shape == e.shape and g.dtype == e.dtype
-        assert torch.equal(g, e), (g - e).abs().max()
 
 
 def make_hx(variant, mod, x, batch_first, dtype, generator):
@@ -80,9 +70,14 @@ def test_lean_equals_full_path_and_torch(case, dtype, mode, lean_calls):
         torch.testing.assert_close(g, e, **TOL[dtype])
 
 
-def run(mod, *args):
-    with torch.no_grad():
-        return mod(*args)
+def assert_served(mod, ref, x, entry, same):
+    """``mod(x)`` without gradients on the prepared weights ``entry`` (``same``) or new ones,
+    close to torch.nn's on the module's weights."""
+    got = run(mod, x)
+    assert (inference._PREPARED[id(mod)] is entry) == same
+    ref.load_state_dict(mod.state_dict())
+    for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
+        torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("live", [True, False], ids=["few_rows", "more_rows"])
@@ -183,37 +178,30 @@ def test_calls_of_a_few_rows_read_the_weight_matrices_in_place(lean_calls):
     rows = numba_cpu.launch.LIVE_MAX_ROWS
     few, more = torch.randn(rows, 1, 5), torch.randn(rows + 1, 1, 5)
 
-    def check(x, same):
-        got = run(mod, x)
-        assert (inference._PREPARED[id(mod)] is entry) == same
-        ref.load_state_dict(mod.state_dict())
-        for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
-            torch.testing.assert_close(g, e, **TOL[torch.float32])
-
     run(mod, few)
     run(mod, more)  # the weights seen unchanged: their contents copied
     entry = inference._PREPARED[id(mod)]
     assert entry.fingerprint.copies is not None
     mod.weight_hh_l0.data[5, 2] += 1
     mod.weight_ih_l1.data[0, 0] -= 1
-    check(few, True)
-    check(more, False)
+    assert_served(mod, ref, few, entry, True)
+    assert_served(mod, ref, more, entry, False)
     run(mod, more)
     entry = inference._PREPARED[id(mod)]
     mod.bias_hh_l1.data[3] += 1
-    check(few, True)
-    check(more, True)
+    assert_served(mod, ref, few, entry, True)
+    assert_served(mod, ref, more, entry, True)
     for p in mod.parameters():
         p.grad = torch.ones_like(p)
     torch.optim.SGD(mod.parameters(), lr=0.1).step()
-    check(few, True)
+    assert_served(mod, ref, few, entry, True)
     square = fastrnn.RNN(4, 4, backend="numba")  # W_hh (4, 4): transposed in place
     ref = torch.nn.RNN(4, 4)
     mod, x = square, torch.randn(2, 1, 4)
     run(mod, x)
     entry = inference._PREPARED[id(mod)]
     mod.weight_hh_l0.data = mod.weight_hh_l0.data.t()
-    check(x, False)
+    assert_served(mod, ref, x, entry, False)
     assert len(lean_calls) == 10
 
 
@@ -232,11 +220,7 @@ def test_calls_projecting_on_w_ih_as_given_do_not_compare_it(monkeypatch, lean_c
     def check(packed, same):
         monkeypatch.setattr(projection, "MAX_ROWS", 1 << 62 if packed else 0)
         monkeypatch.setattr(numba_cpu.matmul, "USE_PANELS", packed)
-        got = run(mod, x)
-        assert (inference._PREPARED[id(mod)] is entry) == same
-        ref.load_state_dict(mod.state_dict())
-        for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
-            torch.testing.assert_close(g, e, **TOL[torch.float32])
+        assert_served(mod, ref, x, entry, same)
 
     run(mod, x)
     run(mod, x)  # seen unchanged: the contents copied
@@ -258,11 +242,8 @@ def test_streamed_calls_read_the_state_given_back(lean_calls):
     torch.manual_seed(0)
     ref, mod = pair("lstm", "numba", torch.float32, input_size=5, hidden_size=4, num_layers=2)
     x = torch.randn(6, 2, 5)
-    state, ys = None, []
-    for t in range(6):
-        y, state = run(mod, x[t:t + 1], state)
-        ys.append(y)
-    for g, e in zip(flatten((torch.cat(ys), state)), flatten(run(ref, x)), strict=True):
+    _, state = got = streamed(mod, x)
+    for g, e in zip(flatten(got), flatten(run(ref, x)), strict=True):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
     def fresh(s):
