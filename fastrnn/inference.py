@@ -292,9 +292,9 @@ def _state_addresses(hx, shape, dtype, last):
 
 
 def _express(entry, shape, input, hx):
-    """``module(input, hx)`` by one compiled call of the backend (its ``express``), or None where
-    it has none for this shape (then :func:`run`) or the input or a state is not a contiguous
-    tensor of the module's dtype."""
+    """``module(input, hx)`` by one compiled call of the backend (its ``express`` for the shape,
+    run by its ``forward_express``), or None where it has none for this shape or settings (then
+    :func:`run`) or the input or a state is not a contiguous tensor of the module's dtype."""
     express = entry.kernels.express(entry.layers, shape.steps, shape.batch, shape.num_layers,
                                     shape.directions, (dtype := _NUMPY[entry.weights[0].dtype]))
     if express is None or not input.is_contiguous() or input.is_neg():

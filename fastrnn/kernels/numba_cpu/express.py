@@ -1,11 +1,13 @@
 """The numba lean path's one compiled call (:func:`forward_express`): a whole stack of layers
-over a few rows (T*B at most :data:`.launch.LIVE_MAX_ROWS`: streaming, every weight read in place)
-whose loops run on the calling thread, as :func:`.inference.forward_stack` runs it (the same
-compiled calls in the same order: bitwise its results) but with no Python between them: the
-weights are found by their addresses in a table made once per shape (:func:`build`), the input
-and initial states by theirs, the outputs and the scratch passed in. Measured (Intel Xeon, 1
-thread, a streamed LSTM call, T=1 B=1, state carried): 17 µs against 23 at H=64, 79 against 89 at
-H=256 (the weights, 2 MiB, stream from L3 there)."""
+whose loops and input projections run on the calling thread with a small scratch (a few rows,
+T*B at most :data:`.launch.LIVE_MAX_ROWS`, every weight read in place: streaming; or more, on
+the prepared weights: a short sequence on one thread), as :func:`.inference.forward_stack` runs
+it (the same compiled calls in the same order: bitwise its results) but with no Python between
+them: the weights are found by their addresses in a table made once per shape (:func:`build`),
+the input and initial states by theirs, the outputs and the scratch passed in. Measured (Intel
+Xeon, 1 thread): a streamed LSTM call (T=1 B=1, state carried) 15-18 µs against 23 at H=64,
+79-83 against 87 at H=256 (the weights, 2 MiB, stream from L3 there); T=50 B=1 H=32 33 µs
+against 40."""
 from __future__ import annotations
 
 from typing import NamedTuple
