@@ -104,6 +104,31 @@ def test_numba_profile_splits_each_call(tmp_path):
         assert abs(ratio - torch_ms / numba_ms) <= 0.005 + 1.01 * rounding
 
 
+def test_stream_profile_splits_a_streamed_call(capsys):
+    """bench/stream_profile.py on tiny sizes: a row per cell and H, the compiled call (numba's one
+    compiled call: streamed calls take it) part of fastrnn's call, ×ORT its ratio."""
+    spec = importlib.util.spec_from_file_location("stream_profile",
+                                                  ROOT / "bench" / "stream_profile.py")
+    profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(profile)
+    threads = torch.get_num_threads()
+    try:
+        profile.main(["--hidden", "4,8", "--calls", "5", "--rounds", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| lstm", "| gru", "| rnn"))]
+    assert [(r[0].strip(), r[1].strip()) for r in rows] == [
+        (cell, h) for cell in ("lstm", "gru", "rnn") for h in ("4", "8")]
+    for row in rows:
+        ours, compiled, rest, torch_us = (float(v) for v in row[2:6])
+        assert 0 < compiled < ours and torch_us > 0
+        assert abs(ours - compiled - rest) <= 0.151  # each printed to one decimal
+        if row[6].strip() != "–":  # ONNX Runtime installed
+            ratio = float(row[7])  # of the unrounded times: printed ones are within 0.05
+            assert abs(ratio - float(row[6]) / ours) <= 0.006 + 0.051 * (1 + ratio) / ours
+
+
 def test_flops_counts_packed_rows():
     dense = grid.Case("lstm", 10, 4, 8, "inference")
     assert dense.flops() == 2 * 10 * 4 * 4 * 8 * 16
