@@ -204,6 +204,8 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         if _express(layout, direct, project, steps * batch):
             express = one_call.build(stack, layout, args, projections, project, steps, batch,
                                      num_layers, directions, dtype)
+            if express.scratch * dtype.itemsize > SCRATCH_KEEP_MAX_BYTES:
+                express = None  # its scratch (states and ys besides the layout's) not kept
         call = stack.calls[key] = _Call(layout, args, projections, [], project or TORCH, direct,
                                         buffers._empty((0, 0), dtype),
                                         num_layers * directions * batch * proj, express)
