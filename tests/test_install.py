@@ -306,19 +306,25 @@ def test_cache_entries_are_keyed_by_the_compile_settings_and_inlined_files():
     from numba import float32, types
     from numba.core.dispatcher import Dispatcher
 
-    from fastrnn.kernels.numba_cpu import buffers, express, jit, loops, projection
-    ours = [value for module in (buffers, loops, express) for value in vars(module).values()
+    from fastrnn.kernels.numba_cpu import (buffers, express, jit, loops, matmul, projection,
+                                           team, vectors)
+    ours = [value for module in (buffers, loops, express, matmul, projection)
+            for value in vars(module).values()
             if isinstance(value, Dispatcher) and jit._ours(value.py_func.__code__.co_filename)]
     assert buffers._aligned_start in ours and loops._forward_thread in ours
-    assert express._express_forward in ours
+    assert express._express_forward in ours and matmul._matmul_rows in ours
+    inlined = {loop: loops._INLINED for loop in (
+        loops._forward_thread, loops._layer_start, loops._backward_thread, loops._forward_team,
+        loops._backward_team)}
+    inlined[express._express_forward] = (*loops._INLINED, loops.__file__, projection.__file__)
+    inlined[matmul._matmul_rows] = inlined[matmul._project_in_place] = (vectors.__file__,)
+    inlined[projection._project_thread] = inlined[projection._project_team] = (
+        matmul.__file__, team.__file__, vectors.__file__)
     sig = (types.Array(float32, 1, "C"),)
     for dispatcher in ours:
         cache = dispatcher._cache._caches[0]
         assert isinstance(cache, jit.KeyedCache), dispatcher
-        files = loops._INLINED if dispatcher in (
-            loops._forward_thread, loops._layer_start, loops._backward_thread, loops._forward_team,
-            loops._backward_team) else (*loops._INLINED, loops.__file__, projection.__file__) if (
-                dispatcher is express._express_forward) else ()
+        files = tuple(map(str, inlined.get(dispatcher, ())))
         key = cache._index_key(sig, dispatcher.targetctx.codegen())
         assert key[-1] == jit._digest((jit.__file__, *files)), dispatcher
     assert jit._JIT["_nrt"] is False  # no runtime in our compiled code: see the warm test

@@ -280,30 +280,79 @@ def test_dot_row(dtype, n, k, generator):
     assert torch.equal(acc[::2], before[::2])
 
 
+_BLOCK_SCRIPT = r"""if True:
+    import re
+    import numpy as np
+    from fastrnn.kernels.numba_cpu import buffers, matmul, vectors
+    rng = np.random.default_rng(0)
+    rows = vectors.PANEL_ROWS
+    a, w = rng.standard_normal((rows, 48), np.float32), rng.standard_normal((48, 40), np.float32)
+    acc = np.zeros((rows, 40), np.float32)
+    matmul._matmul_rows(acc, 0, a, 0, w, matmul.panels(w), 0, 1, rows, rows, 0, True)
+    np.testing.assert_allclose(acc, a @ w, rtol=1e-5, atol=1e-5)
+    kernel = vectors._panel_rows
+    asm = kernel.inspect_asm(kernel.signatures[0]).split(".Lfunc_end0")[0]  # not the wrapper
+    spills = [l for l in asm.splitlines() if re.search(r"%[yz]mm.*\(%rsp\)|\(%rsp\).*%[yz]mm", l)]
+    print(rows, vectors.VECTOR_BYTES, "ymm" in asm, "zmm" in asm, len(spills))
+"""
+
+
 def test_avx2_panel_kernel_keeps_its_block_in_registers(tmp_path):
     """Compiled for an AVX2 CPU (forced: NUMBA_CPU_NAME=haswell and its features, a fresh cache),
-    the 4-row panel kernel runs on 32-byte vectors, ymm only, with no vector register spilled
-    to the stack (its 64-byte form spilled there: 5x slower), and computes the product."""
-    script = r"""if True:
-        import re
-        import numpy as np
-        from fastrnn.kernels.numba_cpu import buffers, jit, matmul, vectors
-        assert jit.PANEL_VECTOR_BYTES == 32 and matmul.USE_PANELS
-        rng = np.random.default_rng(0)
-        a, w = rng.standard_normal((4, 48), np.float32), rng.standard_normal((48, 32), np.float32)
-        panel, acc = matmul.panels(w)[0], np.zeros((4, 16), np.float32)
-        vectors._panel_rows4(acc, 0, a, 0, panel, 0, True)
-        np.testing.assert_allclose(acc, a @ w[:, :16], rtol=1e-5, atol=1e-5)
-        asm = vectors._panel_rows4.inspect_asm(vectors._panel_rows4.signatures[0])
-        asm = asm.split(".Lfunc_end0")[0]  # the kernel itself, not Python's wrapper after it
-        spills = [l for l in asm.splitlines() if re.search(r"%ymm.*\(%rsp\)|\(%rsp\).*%ymm", l)]
-        print("ymm" in asm, "zmm" in asm, len(spills))
-    """
+    the panel kernel holds a 4-row block on 32-byte vectors, ymm only, with no vector register
+    spilled to the stack (its 64-byte form spilled there: 5x slower), and computes the product
+    (a width of 40 columns: one panel of 16 and a padded one of 8 valid columns)."""
     env = dict(os.environ, NUMBA_CPU_NAME="haswell", NUMBA_CACHE_DIR=str(tmp_path),
                NUMBA_CPU_FEATURES="+avx,+avx2,+fma,+f16c,+bmi,+bmi2,+popcnt,+sse4.2")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    run = subprocess.run([sys.executable, "-c", _BLOCK_SCRIPT], capture_output=True, text=True,
+                         env=env)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["True", "False", "0"], run.stdout
+    assert run.stdout.split() == ["4", "32", "True", "False", "0"], run.stdout
+
+
+def test_avx512_panel_kernel_keeps_its_8_row_block_in_registers(tmp_path):
+    """On a CPU that gets 64-byte vectors (AVX-512, 32 vector registers), the panel kernel holds
+    an 8-row block (16 zmm accumulators) with no vector register spilled to the stack."""
+    if jit.PANEL_VECTOR_BYTES != 64:
+        pytest.skip(f"this CPU gets {jit.PANEL_VECTOR_BYTES}-byte panel vectors, not 64")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", _BLOCK_SCRIPT], capture_output=True, text=True,
+                         env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["8", "64", "False", "True", "0"], run.stdout
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_panel_kernels_blocks_and_a_padded_last_panel(dtype):
+    """The panel kernels' product for row counts that take every block (PANEL_ROWS, 4, single
+    rows) and widths that end in a padded panel (a few valid columns) or none at all: = and +=,
+    within the dtype's tolerance of numpy's, each row the same bits whatever its block (a row's
+    sum never depends on the split), and nothing written outside the rows and columns asked for
+    (masked stores)."""
+    rng = np.random.default_rng(3)
+    width = numba_matmul.PANEL_BYTES // np.dtype(dtype).itemsize
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    for rows, k, n in ((13, 33, width + 3), (9, 7, 2 * width), (5, 64, 1), (20, 130, width - 1)):
+        w = buffers.alloc((k, n), dtype)
+        w[...] = rng.standard_normal((k, n))
+        a = rng.standard_normal((rows + 2, k)).astype(dtype)
+        for overwrite in (True, False):
+            acc = rng.standard_normal((rows + 3, n)).astype(dtype)
+            before = acc.copy()
+            numba_matmul._matmul_rows(acc, 2, a, 1, w, numba_matmul.panels(w), 0, 1, rows, rows,
+                                      0, overwrite)
+            expected = a[1:rows + 1] @ w + (0 if overwrite else before[2:rows + 2])
+            np.testing.assert_allclose(acc[2:rows + 2], expected, rtol=rtol, atol=rtol * 10)
+            assert np.array_equal(acc[:2], before[:2]) and np.array_equal(acc[rows + 2:],
+                                                                           before[rows + 2:])
+            one = before[2:3].copy()  # row 0 alone: a single-row pass, another summation
+            by_four = before[2:6].copy()  # rows 0-3 as one 4-row block
+            numba_matmul._matmul_rows(by_four, 0, a, 1, w, numba_matmul.panels(w), 0, 1, 4, 4,
+                                      0, overwrite)
+            assert np.array_equal(by_four, acc[2:6]), (rows, k, n, overwrite)
+            numba_matmul._matmul_rows(one, 0, a, 1, w, numba_matmul.panels(w), 0, 1, 1, 1, 0,
+                                      overwrite)
+            np.testing.assert_allclose(one, acc[2:3], rtol=rtol, atol=rtol * 10)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

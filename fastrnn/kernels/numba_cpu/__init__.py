@@ -21,8 +21,8 @@ Implements the kernel contract of :mod:`fastrnn.kernels.reference` (:func:`recur
   (``vectors.py``), where that call would run on one thread (every batch size with the panel
   kernels, at most 8 rows a thread without: launch.py's thresholds, measured) or torch exports no
   BLAS: on CPUs with AVX-512 or AVX2 + FMA, W packed in panels of two 64- or 32-byte vectors
-  of columns, a 4-row x 2-vector block of the product kept in registers for the whole sum
-  (``jit.panel_vector_bytes``); elsewhere register-blocked
+  of columns, an 8-row (AVX-512) or 4-row (AVX2) x 2-vector block of the product kept in
+  registers for the whole sum (``jit.panel_vector_bytes``); elsewhere register-blocked
   loops LLVM vectorizes (4 rows x 4 k per pass), column-tiled so a weight tile stays in L2.
 * Gate math is fused after the matmul of each row group, as short loops that each write one
   array (so LLVM vectorizes them). Both dtypes use branch-free activations that vectorize (there

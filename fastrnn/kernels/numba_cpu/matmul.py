@@ -1,7 +1,7 @@
 """The recurrent matmul of one step from compiled code: the BLAS gemm torch exports (MKL on x86),
 called through its address, or Numba micro-kernels: on weights packed in column panels
 (:func:`panels`), explicit vectors (64 bytes with AVX-512, 32 with AVX2) held in registers
-across the whole sum; else (columns past the last full panel, CPUs without AVX2 + FMA) loops
+across the whole sum; else (weights not packed: CPUs without AVX2 + FMA, short calls) loops
 LLVM vectorizes."""
 from __future__ import annotations
 
@@ -17,18 +17,22 @@ from numba.extending import intrinsic
 
 from fastrnn.kernels.numba_cpu import jit, vectors
 from fastrnn.kernels.numba_cpu.jit import _JIT, PANEL_VECTOR_BYTES, _prefer_wide_vectors
-from fastrnn.kernels.numba_cpu.vectors import VECTOR_BYTES, _dot_row, _panel_row, _panel_rows4
+from fastrnn.kernels.numba_cpu.vectors import (PANEL_ROWS, VECTOR_BYTES, _dot_row, _panel_row,
+                                                _panel_rows, _vzeros)
 
 # Bytes of a weight column tile kept in L2 (2 MiB per core here) while all row groups of a thread
 # stream through it.
 WEIGHT_TILE_BYTES = 1 << 20
 # A panel: two vectors of weight columns (128 bytes with AVX-512: 32 float32 / 16 float64; 64
-# with AVX2), stored (K, panel) contiguously: the panel kernels keep a 4-row x 2-vector block of
-# the product in 8 registers for the whole K-long sum. Used where the CPU has AVX-512 or AVX2 +
-# FMA (jit.PANEL_VECTOR_BYTES). Measured on an AMD EPYC Zen 4, 1 thread, one step's (B x H) @
-# (H x 4H) against MKL's gemm call (bench/numba_profile.py --matmul): B=1 H=128 3.1 µs (MKL
-# 6.4), B=8 H=128 11.7 (20.3), B=8 H=512 178 (418), B=64 H=512 1382 (2036);
-# bench/results/panel-kernels-zen4.md.
+# with AVX2), stored (K, panel) contiguously: the panel kernels keep a block of the product,
+# vectors.PANEL_ROWS rows x 2 vectors, in registers for the whole K-long sum. Used where the CPU
+# has AVX-512 or AVX2 + FMA (jit.PANEL_VECTOR_BYTES). Measured on an AMD EPYC Zen 4, 1 thread,
+# 4-row blocks, one step's (B x H) @ (H x 4H) against MKL's gemm call (bench/numba_profile.py
+# --matmul): B=1 H=128 3.1 µs (MKL 6.4), B=8 H=128 11.7 (20.3), B=8 H=512 178 (418), B=64
+# H=512 1382 (2036); bench/results/panel-kernels-zen4.md. A width that is no multiple of the
+# panel's ends in a zero-padded panel, its product stored masked (LSTM H=200 B=20's backward
+# step, W_hh (800, 200), on an Intel Xeon family 6 model 167: 70 -> 51 µs with the 8-row blocks,
+# as fast as MKL's gemm; before, 8 of the 200 columns went through the loops below).
 PANEL_BYTES = 2 * VECTOR_BYTES
 
 
@@ -218,15 +222,15 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
     """For this thread's rows ``b < rows`` (groups of ``group`` dealt round-robin over
     ``nthreads``): ``acc[acc_base + b, :N] += a[a_base + b, :K] @ w`` with w: (K, N), or ``=``
     when ``overwrite`` (acc's old values are not read); with ``parts`` > 1 (micro-kernels only),
-    only the columns of part ``part`` of ``parts``: its share of the panels, in order, and the
-    last part also the columns past them. Each element's sum is the same whatever the split.
+    only the columns of part ``part`` of ``parts``: its share of the panels, in order (without
+    panels: all columns to the last part). Each element's sum is the same whatever the split.
 
     ``gemm``: address of a Fortran BLAS gemm of w's dtype (one call per row group; with
     ``transposed`` w is given as w^T (N, K), read in place, and a single row goes to
     :func:`.vectors._dot_row` instead), or 0 for the Numba micro-kernels: the panel kernels over
-    ``w_p`` (:func:`panels` of w; zero panels: none), the loops below for the columns past its
-    last panel, column-tiled so one (K, tile) slice of w stays in cache across all the thread's
-    row groups."""
+    ``w_p`` (:func:`panels` of w), blocks of :data:`.vectors.PANEL_ROWS` rows, then 4, then
+    single rows; where ``w_p`` has no panels, the loops below, column-tiled so one (K, tile)
+    slice of w stays in cache across all the thread's row groups."""
     if transposed and rows == 1:
         if tid == 0:
             _dot_row(acc, acc_base, a, a_base, w, overwrite)
@@ -240,22 +244,28 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
             g0 += nthreads * group
         return
     k_total, n_total = w.shape
-    count = w_p.shape[0]
+    count, width = w_p.shape[0], w_p.shape[2]
     for p in range(part * count // parts, (part + 1) * count // parts):
+        j = p * width
+        cols = min(width, n_total - j)
         g0 = tid * group
         while g0 < rows:
             g1 = min(g0 + group, rows)
             b = g0
+            while b + PANEL_ROWS <= g1:
+                _panel_rows(acc, acc_base + b, a, a_base + b, w_p[p], j, cols, overwrite,
+                            _vzeros(a, PANEL_ROWS))
+                b += PANEL_ROWS
             while b + 4 <= g1:
-                _panel_rows4(acc, acc_base + b, a, a_base + b, w_p[p], p * w_p.shape[2],
-                             overwrite)
+                _panel_rows(acc, acc_base + b, a, a_base + b, w_p[p], j, cols, overwrite,
+                            _vzeros(a, 4))
                 b += 4
             while b < g1:
-                _panel_row(acc, acc_base + b, a, a_base + b, w_p[p], p * w_p.shape[2], overwrite)
+                _panel_row(acc, acc_base + b, a, a_base + b, w_p[p], j, cols, overwrite)
                 b += 1
             g0 += nthreads * group
-    start = count * w_p.shape[2]  # the columns past the panels
-    if start == n_total or part != parts - 1:
+    start = count * width  # the columns past the panels (none with panels)
+    if start >= n_total or part != parts - 1:
         return
     if overwrite:
         g0 = tid * group
@@ -292,22 +302,27 @@ def _project_in_place(gemm, xg, x, w_ih):
         _gemm_rows(gemm, xg, 0, x, 0, x.shape[0], w_ih, True, True)
 
 
-# Its cache entries keyed also by the file it compiles in (as the loops': .loops._INLINED)
-_project_in_place._cache = jit.KeyedCache(_project_in_place.py_func, (str(vectors.__file__),))
+# Their cache entries keyed also by the file they compile in (as the loops': .loops._INLINED)
+for _fn in (_matmul_rows, _project_in_place):
+    _fn._cache = jit.KeyedCache(_fn.py_func, (str(vectors.__file__),))
 
 
 def panels(w, use=True):
-    """``w`` (K, N) numpy, packed for the panel kernels: (N // P, K, P), P columns of
-    :data:`PANEL_BYTES` each, 64-byte aligned; (0, K, P) unless ``use`` and the CPU has the
-    vectors for them (:data:`USE_PANELS`), or where N < P. The kernels read the columns past the
-    last panel from w."""
+    """``w`` (K, N) numpy, packed for the panel kernels: (ceil(N / P), K, P), P columns of
+    :data:`PANEL_BYTES` each, the last panel padded with zeros (the kernels write only its first
+    N % P columns), 64-byte aligned; (0, K, P) unless ``use`` and the CPU has the vectors for them
+    (:data:`USE_PANELS`): the loops then read w itself."""
     from fastrnn.kernels.numba_cpu import buffers
     k_total, n_total = w.shape
     width = PANEL_BYTES // w.itemsize
-    count = n_total // width if use and USE_PANELS else 0
+    count = -(-n_total // width) if use and USE_PANELS else 0
     out = buffers.alloc((count, k_total, width), w.dtype)
     if count:
-        out[...] = w[:, :count * width].reshape(k_total, count, width).transpose(1, 0, 2)
+        full = n_total // width
+        out[:full] = w[:, :full * width].reshape(k_total, full, width).transpose(1, 0, 2)
+        if full < count:
+            out[full] = 0
+            out[full, :, :n_total - full * width] = w[:, full * width:]
     return out
 
 
