@@ -563,6 +563,30 @@ def test_thread_plan_follows_the_thresholds_after_a_cached_call(monkeypatch):
     assert launch._schedule(sizes, False, 8, 4 * 16, 16, 4).nthreads == 2
 
 
+@pytest.mark.skipif(not TWO_THREADS, reason="needs torch.get_num_threads() >= 2 and 2 CPUs")
+@pytest.mark.parametrize("batch", [37, 44])
+def test_row_split_gives_the_bits_of_one_thread(batch, monkeypatch, generator):
+    """Rows dealt to two threads in groups of ROW_GROUP (the panel kernels' block) give one
+    thread's outputs and gradients bit for bit: a row's sum is the same in every block (batch
+    37: 8-row blocks, a 4-row block, a single row; 44: the last group 4 rows)."""
+    monkeypatch.setattr(numba_matmul, "USE_PANELS", True)
+    monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)
+    cell, inputs, sizes = make_inputs("lstm", torch.float32, steps=4, batch=batch, hidden=20,
+                                      packed=False, generator=generator)
+    results = []
+    for split in (False, True):
+        monkeypatch.setattr(launch, "PARALLEL_MIN_BATCH", 0 if split else float("inf"))
+        monkeypatch.setattr(launch, "PARALLEL_MIN_WORK", 0 if split else float("inf"))
+        plan = launch._schedule(sizes, False, batch, 4 * 20, 20, 4)
+        assert (plan.nthreads, plan.group, plan.gemm, plan.panels) == (
+            (2, launch.ROW_GROUP, 0, True) if split else (1, batch, 0, True))
+        outs = Recurrence.apply("numba", cell, sizes, False, *inputs)
+        wrt = [t for t in inputs if t is not None]
+        results.append(list(outs) + list(torch.autograd.grad(outs, wrt, [o * 0 + 1 for o in outs])))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
 @pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
 @pytest.mark.parametrize("panels", [True, False], ids=["panels", "no-panels"])
 @pytest.mark.parametrize("threads", [1, 2])
