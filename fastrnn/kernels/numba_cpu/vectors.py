@@ -143,6 +143,7 @@ def _vfma_rows(typingctx, a, bi, k, w0, w1, block):
 
 
 def _suffix(vector):
+    """The element type's suffix of LLVM's vector intrinsic names."""
     return "f32" if vector.element == ir.FloatType() else "f64"
 
 
