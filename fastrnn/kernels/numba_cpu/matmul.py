@@ -264,18 +264,17 @@ def _matmul_rows(acc, acc_base, a, a_base, w, w_p, tid, nthreads, group, rows, g
                 _panel_row(acc, acc_base + b, a, a_base + b, w_p[p], j, cols, overwrite)
                 b += 1
             g0 += nthreads * group
-    start = count * width  # the columns past the panels (none with panels)
-    if start >= n_total or part != parts - 1:
+    if count or part != parts - 1:  # the panels cover every column
         return
     if overwrite:
         g0 = tid * group
         while g0 < rows:
             for b in range(g0, min(g0 + group, rows)):
-                acc[acc_base + b, start:n_total] = 0
+                acc[acc_base + b, :n_total] = 0
             g0 += nthreads * group
     tile = WEIGHT_TILE_BYTES // max(1, k_total * w.itemsize)
     tile = max(64, tile - tile % 16)
-    for j0 in range(start, n_total, tile):
+    for j0 in range(0, n_total, tile):
         j1 = min(n_total, j0 + tile)
         g0 = tid * group
         while g0 < rows:
