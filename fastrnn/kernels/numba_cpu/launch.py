@@ -220,24 +220,17 @@ def _schedule(batch_sizes, reverse, batch, width, proj, itemsize, inference=Fals
                  panels and not gemm)
 
 
-def _weight_grad(d_pre, y, h0, plan, reverse, prev):
-    """``d_pre^T @ h_prev``: a weight gradient summed over all steps (fixed order, no atomics).
-
-    d_pre: (N, K) gradient of each row's pre-activations; h_prev (N, P): the state each row had
-    before its step, y's row of the previous step or h0. Dense input (every step B rows) reads y
-    in place (two GEMMs: the B first-processed rows against h0, the rest against y shifted one
-    step); packed input gathers h_prev (an (N, P) copy)."""
-    batch, n_rows = h0.shape[0], d_pre.shape[0]
-    sizes = plan.sizes
-    if len(sizes) and sizes[-1] == batch:  # dense: step t owns rows t*B … t*B+B-1
-        first, rest = (slice(n_rows - batch, n_rows), slice(0, n_rows - batch)) if reverse \
-            else (slice(0, batch), slice(batch, n_rows))
-        before = slice(batch, n_rows) if reverse else slice(0, n_rows - batch)
-        first = d_pre[first].t() @ h0
-        # one step (streaming): no rest (an empty addmm still costs 37 µs)
-        return torch.addmm(first, d_pre[rest].t(), y[before]) if n_rows > batch else first
+def _weight_grad(d_pre, y, h0, prev):
+    """``d_pre^T @ h_prev``: a weight gradient summed over all steps in one GEMM (fixed order, no
+    atomics). d_pre: (N, K) gradient of each row's pre-activations; h_prev (N, P): the state each
+    row had before its step (y's row of the previous step or h0's, gathered by ``prev``, the rows
+    of :func:`.loops._previous_rows`). One step (streaming) reads h0 in place. Gathered, not two
+    GEMMs on y in place (h0's rows, then an addmm of the others): LSTM T=50 B=8, Intel Xeon, 1
+    thread, H=512 5.4 against 8.3 ms (torch's addmm ran 1.5x its mm), H=128 0.35 against 0.39."""
+    if d_pre.shape[0] == h0.shape[0]:
+        return d_pre.t() @ h0
     y_a = buffers.array(y)
-    h_prev = buffers.alloc((n_rows, h0.shape[1]), y_a.dtype)
+    h_prev = buffers.alloc((prev.shape[0], h0.shape[1]), y_a.dtype)
     _gather_rows(y_a, buffers.array(h0), prev, h_prev)
     return d_pre.t() @ torch.from_numpy(h_prev)
 
@@ -373,7 +366,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
 
     def weight_grad(d_pre):
         """d_pre^T @ h_prev (h_prev (N, P): each row's state before its step)."""
-        return _weight_grad(d_pre, y, h0, plan, reverse, prev)
+        return _weight_grad(d_pre, y, h0, prev)
 
     d_b_hn = d_w_hr = None
     if scratch_grad:
