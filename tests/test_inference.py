@@ -418,25 +418,35 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         torch.testing.assert_close(g, e, **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("most", [None, 2 << 10], ids=["default", "2KiB"])
-def test_kept_calls_and_scratch_are_bounded(most, monkeypatch):
+@pytest.mark.parametrize("most, module_most", [(None, None), (2 << 10, None),
+                                               (2 << 10, 6 << 10)],
+                         ids=["default", "2KiB", "2KiB-module-6KiB"])
+def test_kept_calls_and_scratch_are_bounded(most, module_most, monkeypatch):
     """A module called on many shapes keeps at most CALLS_KEPT of them, each with at most
     SCRATCH_KEEP_MAX_BYTES of scratch, the one compiled call's included (with 2 KiB, some shapes
-    whose layout's scratch is kept would need more for it: they take forward_stack)."""
+    whose layout's scratch is kept would need more for it: they take forward_stack), and at most
+    MODULE_SCRATCH_MAX_BYTES in all (a shape beyond it drops those kept before)."""
     from fastrnn.kernels.numba_cpu import inference as lean
     if most is not None:
         monkeypatch.setattr(lean, "SCRATCH_KEEP_MAX_BYTES", most)
+    if module_most is not None:
+        monkeypatch.setattr(lean, "MODULE_SCRATCH_MAX_BYTES", module_most)
     mod = fastrnn.GRU(5, 8, backend="numba")
     for steps in range(1, lean.CALLS_KEPT + 5):
         run(mod, torch.randn(steps, 2, 5))
-    calls = mod_stack(mod).calls.values()
+    calls, total = mod_stack(mod).calls.values(), 0
     assert 0 < len(calls) <= lean.CALLS_KEPT
     for call in calls:
         kept = sum(a.nbytes for group in call.free for a in group)
         if call.express is not None:
             kept += sum(a.nbytes for a in call.express.free)
         assert kept <= lean.SCRATCH_KEEP_MAX_BYTES + 64 * len(call.layout.scratch)
-    if most is not None:
+        total += kept
+    assert 0 < total <= lean.MODULE_SCRATCH_MAX_BYTES + 64 * sum(
+        len(call.layout.scratch) for call in calls)
+    if module_most is not None:  # the budget, not the count, dropped shapes
+        assert len(calls) < lean.CALLS_KEPT
+    if most is not None and module_most is None:
         assert {call.express is None for call in calls if call.layout.keep_scratch} == {
             True, False}
 
