@@ -17,6 +17,12 @@ PROJECTION_CHUNK_BYTES = 8 << 20
 PROJECTION_CHUNK_MIN_BYTES = 32 << 20
 
 
+def chunk_steps(rows, width, itemsize):
+    """Steps per chunk of a long input's projection: ``rows`` the first step's rows, ``width``
+    the projection's columns (G*H)."""
+    return max(1, PROJECTION_CHUNK_BYTES // max(1, rows * width * itemsize))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """What one :class:`Recurrence` call worked out once, in forward, and backward reuses: the

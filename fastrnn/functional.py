@@ -77,8 +77,7 @@ def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse):
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
-    gates = weights.w_ih.shape[0]
-    steps = max(1, autograd.PROJECTION_CHUNK_BYTES // max(1, sizes[0] * gates * x.element_size()))
+    steps = autograd.chunk_steps(sizes[0], weights.w_ih.shape[0], x.element_size())
     starts = list(range(0, len(sizes), steps))
     y = x.new_empty(x.shape[0], h0.shape[1])
     h, c = h0, c0

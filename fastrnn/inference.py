@@ -6,16 +6,16 @@ summed again by each call; a call of a few rows reads every weight in place, and
 their data pointers are looked at) and a step plan made once per shape: no autograd Function, no
 checks beyond the input's and state's shapes (a state the last call returned, given back, is
 read through the array kept with it). Same kernels, same buffers, same input projection as the
-full path (:func:`fastrnn.functional.stack`): bitwise the same results. Where the backend runs a
-shape's whole call compiled (numba: a few rows, the loops on the calling thread), a contiguous
-input and states are passed by address and the outputs allocated here (:func:`_express`).
+full path (:func:`fastrnn.functional.stack`; a long input's projection in the same chunks of
+steps): bitwise the same results. Where the backend runs a shape's whole call compiled (numba: a
+few rows, the loops on the calling thread), a contiguous input and states are passed by address
+and the outputs allocated here (:func:`_express`).
 
 A call that records a gradient takes the lean training path (:mod:`fastrnn.training`, on the same
 prepared weights) where this one would apply. Anything else takes the full path, which also raises
-torch.nn's errors: packed input, long input (an input projection above
-``autograd.PROJECTION_CHUNK_MIN_BYTES``, projected in chunks), autocast, tracing, export,
-torch.compile, torch.func transforms, inter-layer dropout in training mode, an input or state of
-another dtype, device or shape than the module's.
+torch.nn's errors: packed input, autocast, tracing, export, torch.compile, torch.func transforms,
+inter-layer dropout in training mode, an input or state of another dtype, device or shape than the
+module's.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from fastrnn import autograd, backends, cells, functional, weight_cache
+from fastrnn import backends, cells, functional, weight_cache
 
 
 class _Prepared(NamedTuple):
@@ -155,10 +155,7 @@ def _shape(module, shape):
     steps, batch = (shape[1], shape[0]) if batch_first else (shape[0], shape[1] if batched else 1)
     features, hidden = shape[-1], module.hidden_size
     spec = cells.spec(module.cell)
-    weight = module._cell_params()[0]
-    if (steps == 0 or batch == 0 or features != module.input_size
-            or steps * batch * spec.gates * hidden * weight.element_size()
-            > autograd.PROJECTION_CHUNK_MIN_BYTES):  # a long input: projected in chunks of steps
+    if steps == 0 or batch == 0 or features != module.input_size:
         return None
     directions = 2 if module.bidirectional else 1
     layers = module.num_layers * directions

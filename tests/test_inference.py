@@ -14,7 +14,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
-from fastrnn import inference, weight_cache
+from fastrnn import autograd, inference, weight_cache
 from fastrnn.backends import BackendUnavailable
 from fastrnn.kernels import numba_cpu
 
@@ -353,6 +353,12 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
                                "projection.MAX_ROWS": 1 << 62}),
     # many rows where MKL runs on an Intel CPU: the gemm projects (forced on any CPU)
     "projection-gemm": (1, {"projection.MAX_ROWS": 0}),
+    # a long input (forced): projected in chunks of 1 step, of 3 steps (a shorter last one)
+    "chunked": (1, {"autograd.PROJECTION_CHUNK_MIN_BYTES": 0,
+                    "autograd.PROJECTION_CHUNK_BYTES": 1}),
+    "chunked-3": (1, {"autograd.PROJECTION_CHUNK_MIN_BYTES": 0,
+                      "autograd.PROJECTION_CHUNK_BYTES": 3,
+                      "autograd.chunk_steps": lambda rows, width, itemsize: 3}),
 }
 
 
@@ -372,7 +378,8 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
     threads, settings = ROUTES[route]
     if launch._CPUS < threads:
         pytest.skip(f"needs {threads} CPUs, this process may run on {launch._CPUS}")
-    modules = {"inference": lean, "launch": launch, "matmul": matmul, "projection": projection}
+    modules = {"inference": lean, "launch": launch, "matmul": matmul, "projection": projection,
+               "autograd": autograd}
     projected = []  # layers the projection kernel ran (lean and full path alike)
     project = projection.run
     monkeypatch.setattr(projection, "run", lambda *a: projected.append(1) or project(*a))
@@ -394,21 +401,27 @@ def test_lean_routes_equal_full_path(route, case, monkeypatch, lean_calls):
         got, again = run(mod, *args), run(mod, *args)
         call = next(iter(mod_stack(mod).calls.values()))
         plans = call.layout.plans
+        assert (call.layout.chunks is not None) == route.startswith("chunked")
         assert call.layout.one_buffer == (route != "outputs-apart")
         assert len(call.free) == (route != "scratch-not-kept")
         assert all(p.nthreads == (2 if route == "loop-threads" else 1) for p in plans)
         assert all(p.blas_threads == (threads == 2) for p in plans)  # never 2 x 2 threads
         blas = matmul.USE_BLAS and settings.get("launch.PANELS_MAX_ROWS") == 0
-        assert all((p.gemm != 0) == blas for p in plans)
+        assert all((p.gemm != 0) == (blas or p.live) for p in plans)  # live: a chunk of 1 step
         panels = route == "panels" and matmul.USE_PANELS
         stacks = layers * (1 + bidirectional)
-        projects = matmul.USE_PANELS and route != "projection-gemm"  # the panel kernels project
-        assert len(projected) == (2 * stacks if projects else 0)
-        assert (mod_stack(mod).projections is not None) == projects
+        # layers the panel kernels project a call (a long input: chunks of more than a few rows,
+        # as the full path's)
+        per_call = stacks if matmul.USE_PANELS and route != "projection-gemm" else 0
+        if call.layout.chunks:
+            per_call = layers * sum(c.project == lean.PANELS for parts in call.layout.chunks
+                                    for c in parts)
+        assert len(projected) == 2 * per_call
+        assert (mod_stack(mod).projections is not None) == (per_call > 0)
         assert all(p.panels == panels for p in plans)
         assert (mod_stack(mod).panels is not None) == panels  # packed only once a call needs it
         expected = full_path(mod, *args)
-        assert len(projected) == (3 * stacks if projects else 0)
+        assert len(projected) == 3 * per_call
     finally:
         torch.set_num_threads(previous)
     assert len(lean_calls) == 2

@@ -154,10 +154,12 @@ def test_long_sequence_stays_finite_and_matches(variant, backend):
 def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_per_chunk,
                                                             monkeypatch):
     """Inference with the input projection chunked (forced here on a small case) matches
-    torch.nn, in both directions, over packed ragged input, in every layer; training never
-    chunks (the autograd graph needs the whole projection)."""
+    torch.nn, in both directions, over packed ragged input (the full path) and dense input (the
+    lean path), in every layer; training never chunks (the autograd graph needs the whole
+    projection)."""
     require("numba", CELL_OF_VARIANT[variant], torch.float32)
     from fastrnn import functional
+    from fastrnn.kernels.numba_cpu import inference as lean
     ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
                                            "numba", T=5, B=3, I=4, H=6)
     gates = cells.GATES[CELL_OF_VARIANT[variant]]
@@ -167,9 +169,12 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     chunked = functional._chunked_layer
     monkeypatch.setattr(functional, "_chunked_layer",
                         lambda *args: calls.append(args[0]) or chunked(*args))
+    lean_chunked = lean._chunked
+    monkeypatch.setattr(lean, "_chunked",
+                        lambda *args: calls.append("lean") or lean_chunked(*args))
     with torch.no_grad():
         actual, expected = flatten(mod(*build(leaves))), flatten(ref(*build(leaves)))
-    assert len(calls) == 4  # 2 layers x 2 directions
+    assert calls == (["lean"] if fmt == "seq_first" else ["numba"]) * 4  # 2 layers x 2 directions
     assert_all_close(actual, expected, torch.float32, "chunked inference")
     mod(*build([t.requires_grad_(True) for t in leaves]))
     assert len(calls) == 4

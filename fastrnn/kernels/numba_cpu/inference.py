@@ -5,19 +5,22 @@ Per layer and direction: one small compiled call for the states and the input pr
 (:func:`.loops._layer_start`, through the very gemm call torch.mm makes; where the CPU runs the
 panel kernels, :func:`.projection.run` on W_ih packed once per weight version, as the full
 path's no-gradient routes), then the same compiled loop, on the same plan, as
-:func:`.launch.recurrence_forward`: bitwise the full path's results. A call of a few rows (weights
-read in place: streaming) whose loops run on the calling thread is one compiled call instead
-(:mod:`.express`: the same calls in the same order, the weights found by address, the
-states and output written by it: 17 µs against 23 for a streamed LSTM call at H=64, 1 thread,
-Intel Xeon)."""
+:func:`.launch.recurrence_forward`: bitwise the full path's results. A long input (a projection
+above ``autograd.PROJECTION_CHUNK_MIN_BYTES``) goes chunk by chunk of steps, as the full path's
+``functional._chunked_layer`` (:func:`_chunked`), on the weights prepared once (the full path
+prepares them per chunk: LSTM T=200 B=64 H=512, 1 thread, Intel Xeon, 0.36-0.38 against
+0.44 s). A call of a few rows (weights read in place: streaming) whose loops run on the calling
+thread is one compiled call instead (:mod:`.express`: the same calls in the same order, the
+weights found by address, the states and output written by it: 17 µs against 23 for a streamed
+LSTM call at H=64, 1 thread, Intel Xeon)."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from fastrnn import cells
+from fastrnn import autograd, cells
 from fastrnn.kernels.numba_cpu import buffers, launch, matmul, projection, team
 from fastrnn.kernels.numba_cpu import express as one_call
 from fastrnn.kernels.numba_cpu.loops import CODES, _forward_thread, _layer_start, _sum_bias
@@ -104,7 +107,9 @@ class _Layout(NamedTuple):
     h_n then c_n), ``y_size`` (the last layer's y per direction: (T*B, P) rows, padded to 64
     bytes), ``one_buffer`` (states and y in one allocation), ``scratch`` the shapes of the gate
     rows, m, xg and the y of each layer but the last, ``keep_scratch`` whether it is kept for the
-    next call; ``plans`` per direction."""
+    next call; ``plans`` per direction; ``chunks`` None, or for a long input (its projection
+    above ``autograd.PROJECTION_CHUNK_MIN_BYTES``) per direction its :class:`_Chunk` in
+    processing order (``plans`` then their first)."""
 
     states: int
     y_size: int
@@ -112,6 +117,18 @@ class _Layout(NamedTuple):
     scratch: list
     keep_scratch: bool
     plans: tuple
+    chunks: Optional[tuple]
+
+
+class _Chunk(NamedTuple):
+    """A long input's chunk of steps as the full path runs it (``functional._chunked_layer``):
+    its rows ``start`` to ``stop``, its plan (of its steps alone) and how its input is projected
+    (``project``: :data:`PANELS`, else the BLAS gemm's address, 0 where there is none)."""
+
+    start: int
+    stop: int
+    plan: object
+    project: int
 
 
 _LAYOUTS = {}
@@ -125,7 +142,8 @@ def _settings():
             launch.BLAS_PARALLEL_MIN_WEIGHT_BYTES, launch.BLAS_PARALLEL_MIN_STEP_WORK,
             launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
             launch.SPLIT_MIN_STEP_WORK, launch.LIVE_MAX_ROWS, projection.MAX_ROWS,
-            GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES)
+            GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES, autograd.PROJECTION_CHUNK_BYTES,
+            autograd.PROJECTION_CHUNK_MIN_BYTES)
 
 
 def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
@@ -136,18 +154,41 @@ def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
         stack, n_rows, width = num_layers * directions, steps * batch, spec.gates * hidden
         states = stack * batch * (proj + (hidden if spec.has_c else 0))
         y_size = -(-n_rows * proj * itemsize // 64) * 64 // itemsize
+        chunk = steps
+        if n_rows * width * itemsize > autograd.PROJECTION_CHUNK_MIN_BYTES:
+            chunk = autograd.chunk_steps(batch, width, itemsize)
         scratch = [(0, 0) if spec.gates_in_y else (batch, spec.row_blocks * hidden),
-                   (batch, hidden) if proj != hidden else (0, 0), (n_rows, width)]
-        plans = tuple(launch._schedule(np.full(steps, batch, np.int64), reverse, batch,
-                                       width, proj, itemsize, True)
-                      for reverse in (False, True)[:directions])
+                   (batch, hidden) if proj != hidden else (0, 0), (chunk * batch, width)]
         scratch += [(n_rows, proj)] * (stack - directions)
+        chunks = None if chunk == steps else tuple(
+            _chunks(steps, batch, chunk, reverse, width, proj, itemsize)
+            for reverse in (False, True)[:directions])
+        plans = tuple(parts[0].plan for parts in chunks) if chunks else tuple(
+            launch._schedule(np.full(steps, batch, np.int64), reverse, batch, width, proj,
+                             itemsize, True) for reverse in (False, True)[:directions])
         if len(_LAYOUTS) >= 256:
             _LAYOUTS.clear()
         layout = _LAYOUTS[key] = _Layout(
             states, y_size, (states + directions * y_size) * itemsize <= GROUP_MAX_BYTES, scratch,
-            sum(rows * cols for rows, cols in scratch) * itemsize <= SCRATCH_KEEP_MAX_BYTES, plans)
+            sum(rows * cols for rows, cols in scratch) * itemsize <= SCRATCH_KEEP_MAX_BYTES, plans,
+            chunks)
     return layout
+
+
+def _chunks(steps, batch, chunk, reverse, width, proj, itemsize):
+    """The :class:`_Chunk` of a long input's call in one direction, in processing order."""
+    gemm = matmul._gemm_address(torch.float32 if itemsize == 4 else torch.float64)
+    plans, out = {}, []
+    starts = range(0, steps, chunk)
+    for t0 in reversed(starts) if reverse else starts:
+        count = min(chunk, steps - t0)
+        if count not in plans:
+            plans[count] = launch._schedule(np.full(count, batch, np.int64), reverse, batch,
+                                            width, proj, itemsize, True)
+        rows = count * batch
+        out.append(_Chunk(t0 * batch, t0 * batch + rows, plans[count],
+                          PANELS if projection.applies(rows) else gemm))
+    return tuple(out)
 
 
 class _Call(NamedTuple):
@@ -188,16 +229,19 @@ def _call(stack, steps, batch, num_layers, directions, dtype):
         live = layout.plans[0].live
         layers = stack.live if live else stack.layers()
         w_ps = [prepared.w_p for prepared in layers]  # none
-        if layout.plans[0].panels:
+        chunks = [part for parts in layout.chunks or () for part in parts]
+        if any(plan.panels for plan in layout.plans + tuple(c.plan for c in chunks)):
             if stack.panels is None:
-                stack.panels = [matmul.panels(prepared.w_t) for prepared in layers]
-            w_ps = stack.panels
+                stack.panels = [matmul.panels(prepared.w_t) for prepared in stack.layers()]
+            if layout.plans[0].panels:
+                w_ps = stack.panels
         args = [(CODES[stack.cell], spec.gates_in_y, prepared.bias, prepared.b_hn,
                  prepared.w_cell, prepared.w_t, w_p, live, prepared.wr_t, proj != hidden)
                 for prepared, w_p in zip(layers, w_ps)]
         projections, project = None, matmul._gemm_address(buffers.TORCH_DTYPES[dtype])
-        if projection.applies(steps * batch):  # the panel kernels project, as the full path's
-            if stack.projections is None:
+        if (any(c.project == PANELS for c in chunks) if chunks
+                else projection.applies(steps * batch)):
+            if stack.projections is None:  # the panel kernels project, as the full path's
                 stack.projections = [projection.packed(torch.from_numpy(w))
                                      for w in stack.inputs]
             projections, project = stack.projections, PANELS
@@ -227,7 +271,7 @@ def _express(layout, direct, project, rows):
     projection on the calling thread, none of their BLAS calls with a thread-local setting (a
     single row calls none: streaming), no torch.mm (no BLAS), scratch kept (a few rows: the
     Python between the compiled calls is what it saves)."""
-    if project == TORCH or not layout.keep_scratch:
+    if project == TORCH or not layout.keep_scratch or layout.chunks:
         return False
     if project == PANELS and min(torch.get_num_threads(), launch._CPUS,
                                  -(-rows // projection.BLOCK_ROWS)) > 1:
@@ -265,6 +309,13 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
                 offset = start + direction * n_y
                 y = ys[offset:offset + n_rows * h_n.shape[2]].reshape(n_rows, -1)
             h, c, w_ih = h_n[k], empty if c_n is None else c_n[k], stack.inputs[k]
+            if layout.chunks:
+                _chunked(stack, k, layout.chunks[direction], layer_input, xg, y, h, c,
+                         empty if h0 is None else h0[k], empty if c0 is None else c0[k],
+                         args[k], projections, acc, m, empty)
+                outputs.append(y)
+                k += 1
+                continue
             x_start = empty  # what _layer_start projects (by the BLAS gemm in ``project``)
             if project == PANELS:
                 projection.run(xg, layer_input, *projections[k])
@@ -290,6 +341,35 @@ def forward_stack(stack, x, steps, batch, h0, c0, num_layers, directions):
     if layout.keep_scratch:
         free.append([acc, m, xg, *inner])
     return layer_input, h_n, c_n
+
+
+def _chunked(stack, k, chunks, x, xg, y, h, c, h0, c0, args, projections, acc, m, empty):
+    """Layer and direction ``k`` of a long input, chunk by chunk (``chunks``: its
+    :class:`_Chunk`, in processing order), as the full path runs it: each chunk's projection into
+    ``xg``'s first rows, then the loop over its steps, on its plan, from the states the chunk
+    before left in h and c. x (T*B, I), y (T*B, P); h0, c0 the initial states or (0, 0)."""
+    code, packed, bias, b_hn, w_cell, _, _, _, _, has_proj = args
+    w_ih, (b_ih, b_hh, summed) = stack.inputs[k], stack.biases[k]
+    for i, (start, stop, plan, project) in enumerate(chunks):
+        x_c, xg_c, y_c = x[start:stop], xg[:stop - start], y[start:stop]
+        if project == PANELS:
+            projection.run(xg_c, x_c, *projections[k])
+        elif project == TORCH:
+            torch.mm(torch.from_numpy(x_c), torch.from_numpy(w_ih).t(), out=torch.from_numpy(xg_c))
+        if i == 0:
+            _layer_start(project, x_c if project > 0 else empty, w_ih, xg_c, h0, c0, h, c, b_ih,
+                         b_hh, bias, summed)
+        elif project > 0:
+            matmul._project_in_place(project, xg_c, x_c, w_ih)
+        prepared = stack.live[k] if plan.live else stack.layers()[k]
+        loop_args = (code, packed, xg_c, bias, b_hn, w_cell, h, c, prepared.w_t,
+                     stack.panels[k] if plan.panels else prepared.w_p, plan.live, prepared.wr_t,
+                     has_proj, y_c, y_c if packed else empty, empty, acc, m, plan.order,
+                     plan.offsets, plan.sizes)
+        if plan.nthreads == 1 and not (plan.gemm and plan.blas_threads):
+            _forward_thread(0, 1, plan.group, plan.gemm, team.new_counter(False), *loop_args)
+        else:
+            launch._run(_forward_thread, plan, team.new_counter(plan.split), *loop_args)
 
 
 def express(stack, steps, batch, num_layers, directions, dtype):
