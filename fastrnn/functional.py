@@ -19,6 +19,7 @@ Shapes: L = num_layers, D = 2 if bidirectional else 1, H = hidden_size, P = proj
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -81,18 +82,22 @@ def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse):
     starts = list(range(0, len(sizes), steps))
     y = x.new_empty(x.shape[0], h0.shape[1])
     h, c = h0, c0
-    for t0 in reversed(starts) if reverse else starts:
-        t1 = min(t0 + steps, len(sizes))
-        r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
-        xg, bias, b_hn = input_projection(cell, x[r0:r1], weights.w_ih, weights.b_ih,
-                                          weights.b_hh, backend)
-        y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows], None if c is None else c[:rows],
-                                   weights.w_hh, b_hn, weights.w_hr, batch_sizes[t0:t1], reverse,
-                                   bias, weights.w_cell, how="inference")
-        y[r0:r1] = y_c
-        h = h_c if rows == h.shape[0] else torch.cat([h_c, h[rows:]])
-        if c is not None:
-            c = c_c if rows == c.shape[0] else torch.cat([c_c, c[rows:]])
+    bias, b_hn = projection_bias(cell, weights.b_ih, weights.b_hh)
+    # the same weight tensors every chunk: a backend may prepare them once (numba: transposed,
+    # packed in panels)
+    with getattr(backends.kernels(backend), "reusing_weights", contextlib.nullcontext)():
+        for t0 in reversed(starts) if reverse else starts:
+            t1 = min(t0 + steps, len(sizes))
+            r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
+            xg = input_projection(cell, x[r0:r1], weights.w_ih, None, None, backend)[0]
+            y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows],
+                                       None if c is None else c[:rows], weights.w_hh, b_hn,
+                                       weights.w_hr, batch_sizes[t0:t1], reverse, bias,
+                                       weights.w_cell, how="inference")
+            y[r0:r1] = y_c
+            h = h_c if rows == h.shape[0] else torch.cat([h_c, h[rows:]])
+            if c is not None:
+                c = c_c if rows == c.shape[0] else torch.cat([c_c, c[rows:]])
     return y, h, c
 
 

@@ -159,7 +159,7 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     projection)."""
     require("numba", CELL_OF_VARIANT[variant], torch.float32)
     from fastrnn import functional
-    from fastrnn.kernels.numba_cpu import inference as lean
+    from fastrnn.kernels.numba_cpu import buffers, inference as lean
     ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
                                            "numba", T=5, B=3, I=4, H=6)
     gates = cells.GATES[CELL_OF_VARIANT[variant]]
@@ -172,9 +172,13 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     lean_chunked = lean._chunked
     monkeypatch.setattr(lean, "_chunked",
                         lambda *args: calls.append("lean") or lean_chunked(*args))
+    prepared, prepare = [], buffers._prepare  # the full path: once per layer and direction
+    monkeypatch.setattr(buffers, "_prepare", lambda *args: prepared.append(1) or prepare(*args))
     with torch.no_grad():
         actual, expected = flatten(mod(*build(leaves))), flatten(ref(*build(leaves)))
     assert calls == (["lean"] if fmt == "seq_first" else ["numba"]) * 4  # 2 layers x 2 directions
+    if fmt != "seq_first":  # ... not per chunk (5 steps: none of them has 16 for the panels)
+        assert len(prepared) == 4
     assert_all_close(actual, expected, torch.float32, "chunked inference")
     mod(*build([t.requires_grad_(True) for t in leaves]))
     assert len(calls) == 4

@@ -80,6 +80,13 @@ def load():
     return _LAUNCH
 
 
+def reusing_weights():
+    """A context within which :func:`.launch.recurrence_forward` prepares the weights of the
+    same tensors once (a long input's chunks: ``functional._chunked_layer``)."""
+    load()
+    return importlib.import_module(__name__ + ".buffers").reusing_weights()
+
+
 def lean_path():
     """The functions of the lean inference path (:mod:`.inference`, used by
     :mod:`fastrnn.inference`), loading Numba first."""
