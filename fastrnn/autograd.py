@@ -9,18 +9,29 @@ import torch
 from fastrnn import backends
 from fastrnn.kernels import reference
 
-# Inference over a long input projects it in chunks of steps of about PROJECTION_CHUNK_BYTES each,
-# which the recurrence reads while they are still in cache, instead of one (N, G*H) GEMM result
-# that streams through memory (LSTM T=1000 B=64 H=512: a 524 MB xg, written then read once).
-# Used on CPU tensors when no gradient is recorded and xg would exceed PROJECTION_CHUNK_MIN_BYTES.
-PROJECTION_CHUNK_BYTES = 8 << 20
-PROJECTION_CHUNK_MIN_BYTES = 32 << 20
+# Inference over a long input projects it in chunks of steps, which the recurrence reads while they
+# are still in cache, instead of one (N, G*H) GEMM result that streams through memory (LSTM T=1000
+# B=64 H=512: a 524 MB xg, written then read once): on CPU tensors when no gradient is recorded,
+# in chunks of PROJECTION_CHUNK_BYTES or PROJECTION_CHUNK_WEIGHTS times the recurrent weights'
+# bytes, whichever is more, and at least PROJECTION_CHUNK_MIN_STEPS steps (numba's panel kernels
+# run calls of 16 steps and more: launch.PANELS_MIN_STEPS), where xg would take more than
+# PROJECTION_CHUNK_MIN_CHUNKS chunks. Against chunks of 8 MiB from 32 MiB on (Intel Xeon, numba,
+# dense LSTM inference, 1 thread): T=200 B=64 H=128 1.18x, T=1000 B=64 H=32 1.18x, T=1000 B=8
+# H=128 1.05x; packed input (the full path: more Python a chunk) 0.9-1.0x.
+PROJECTION_CHUNK_BYTES = 4 << 20
+PROJECTION_CHUNK_WEIGHTS = 2
+PROJECTION_CHUNK_MIN_STEPS = 16
+PROJECTION_CHUNK_MIN_CHUNKS = 2
 
 
-def chunk_steps(rows, width, itemsize):
-    """Steps per chunk of a long input's projection: ``rows`` the first step's rows, ``width``
-    the projection's columns (G*H)."""
-    return max(1, PROJECTION_CHUNK_BYTES // max(1, rows * width * itemsize))
+def chunk_steps(rows, batch, width, proj, itemsize):
+    """Steps per chunk in which inference projects a layer's input, or 0: in one piece. ``rows``
+    the input's rows (N), ``batch`` its first step's, ``width`` the projection's columns (G*H),
+    ``proj`` the columns of the recurrent weights (P: G*H*P of them)."""
+    chunk = max(PROJECTION_CHUNK_BYTES, PROJECTION_CHUNK_WEIGHTS * width * proj * itemsize)
+    if rows * width * itemsize <= PROJECTION_CHUNK_MIN_CHUNKS * chunk:
+        return 0
+    return max(PROJECTION_CHUNK_MIN_STEPS, chunk // max(1, batch * width * itemsize))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,17 +237,17 @@ def needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def route(backend, x, xg_bytes, tensors):
+def route(backend, x, chunked, tensors):
     """How one layer and direction runs, decided in one place (``backend`` is a resolved name,
-    not "native"; ``x`` the layer's input, ``xg_bytes`` the size its projection would have,
-    ``tensors`` everything autograd could record through):
+    not "native"; ``x`` the layer's input, ``chunked`` whether a no-gradient call would project
+    it in chunks (:func:`chunk_steps`), ``tensors`` everything autograd could record through):
 
     * ``"reference"``: autograd through the reference loop (double backward included; traced as
       plain torch ops under torch.compile and export);
     * ``"custom-op"``: under torch.compile, the custom op ``fastrnn::recurrence`` (every kernel
       backend);
     * ``"chunked"``: no gradient recorded and a long CPU input: the projection made chunk by chunk
-      (see ``PROJECTION_CHUNK_BYTES``), the kernel's forward without saving;
+      (``chunked``: :func:`chunk_steps`), the kernel's forward without saving;
     * ``"inference"``: no gradient recorded: the kernel's forward without saving;
     * ``"autograd"``: :class:`Recurrence` (the kernel's forward, then its BPTT); also under
       torch.func transforms (grad, vmap, ...), which only the Function supports.
@@ -247,7 +258,7 @@ def route(backend, x, xg_bytes, tensors):
         return "custom-op"
     if needs_grad(*tensors) or torch._C._are_functorch_transforms_active():
         return "autograd"
-    if x.device.type == "cpu" and xg_bytes > PROJECTION_CHUNK_MIN_BYTES:
+    if x.device.type == "cpu" and chunked:
         return "chunked"
     return "inference"
 
@@ -259,7 +270,7 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
     cells without a cell state). ``recipe``: how to recompute xg for a double backward (see
     :class:`_Recurrence`), or None."""
     tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell)
-    how = how or route(backend, xg, 0, tensors)
+    how = how or route(backend, xg, False, tensors)
     if how == "custom-op":
         from fastrnn import custom_ops  # the custom op torch.compile traces
         y, h_n, c_n = custom_ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0,

@@ -43,7 +43,7 @@ def _check_same_dtype(tensor, weight):
                            f"{_dtype_name(tensor.dtype)} and {_dtype_name(weight.dtype)}")
 
 
-def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None):
+def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None, out=None):
     """``x W_ih^T`` for all steps as one GEMM, and the bias the recurrence adds to it.
 
     x: (N, I), w_ih: (G*H, I), biases (G*H,) or None. Returns ``(xg, bias, b_hn)``: xg (N, G*H),
@@ -53,11 +53,14 @@ def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None):
     +25% at N=12800, I=128, G*H=512), and the kernels add it to each row for free.
     ``backend``: where no gradient is recorded, the kernel backend whose own projection runs
     where it has one for this input (numba: :mod:`fastrnn.kernels.numba_cpu.projection`, as its
-    lean inference path), else torch's.
+    lean inference path), else torch's. ``out``: None, or an (N, G*H) tensor xg is written into
+    (no gradient recorded).
     """
     project = getattr(backends.kernels(backend), "project", None) if backend else None
-    xg = project(x, w_ih) if project is not None else None
-    return (x @ w_ih.t() if xg is None else xg, *projection_bias(cell, b_ih, b_hh))
+    xg = project(x, w_ih, out) if project is not None else None
+    if xg is None:
+        xg = x @ w_ih.t() if out is None else torch.mm(x, w_ih.t(), out=out)
+    return (xg, *projection_bias(cell, b_ih, b_hh))
 
 
 def projection_bias(cell, b_ih, b_hh):
@@ -70,26 +73,27 @@ def projection_bias(cell, b_ih, b_hh):
     return b_ih + b_hh, None
 
 
-def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse):
-    """One layer and direction without autograd, its input projected one chunk of steps at a time
-    (x: (N, I), the rest as in :func:`stack`). Chunks run in processing order; each continues
-    from the state the previous one left (rows not yet active keep theirs)."""
+def _chunked_layer(backend, cell, x, batch_sizes, h0, c0, weights, reverse, steps):
+    """One layer and direction without autograd, its input projected one chunk of ``steps`` steps
+    at a time (x: (N, I), the rest as in :func:`stack`). Chunks run in processing order; each
+    continues from the state the previous one left (rows not yet active keep theirs)."""
     sizes = batch_sizes.tolist()
     offsets = [0]
     for size in sizes:
         offsets.append(offsets[-1] + size)
-    steps = autograd.chunk_steps(sizes[0], weights.w_ih.shape[0], x.element_size())
     starts = list(range(0, len(sizes), steps))
     y = x.new_empty(x.shape[0], h0.shape[1])
     h, c = h0, c0
     bias, b_hn = projection_bias(cell, weights.b_ih, weights.b_hh)
+    xg_all = x.new_empty(offsets[min(steps, len(sizes))], weights.w_ih.shape[0])  # each chunk's
     # the same weight tensors every chunk: a backend may prepare them once (numba: transposed,
     # packed in panels)
     with getattr(backends.kernels(backend), "reusing_weights", contextlib.nullcontext)():
         for t0 in reversed(starts) if reverse else starts:
             t1 = min(t0 + steps, len(sizes))
             r0, r1, rows = offsets[t0], offsets[t1], sizes[t0]
-            xg = input_projection(cell, x[r0:r1], weights.w_ih, None, None, backend)[0]
+            xg = input_projection(cell, x[r0:r1], weights.w_ih, None, None, backend,
+                                  xg_all[:r1 - r0])[0]
             y_c, h_c, c_c = recurrence(backend, cell, xg, h[:rows],
                                        None if c is None else c[:rows], weights.w_hh, b_hn,
                                        weights.w_hr, batch_sizes[t0:t1], reverse, bias,
@@ -160,11 +164,13 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
             k = layer * directions + direction
             weights = layers[k]
             h0_k, c0_k = h0[k], None if c0 is None else c0[k]
-            xg_bytes = layer_input.shape[0] * weights.w_ih.shape[0] * layer_input.element_size()
-            how = route(backend, layer_input, xg_bytes, (layer_input, h0_k, c0_k, *weights))
+            steps = autograd.chunk_steps(layer_input.shape[0], h0_k.shape[0],
+                                         weights.w_ih.shape[0], weights.w_hh.shape[1],
+                                         layer_input.element_size())
+            how = route(backend, layer_input, steps > 0, (layer_input, h0_k, c0_k, *weights))
             if how == "chunked":
                 y, h, c = _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k,
-                                         weights, direction == 1)
+                                         weights, direction == 1, steps)
             else:
                 xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
                                                   weights.b_hh,

@@ -354,11 +354,12 @@ ROUTES = {  # how the numba lean path runs a layer: name -> (torch threads, sett
     # many rows where MKL runs on an Intel CPU: the gemm projects (forced on any CPU)
     "projection-gemm": (1, {"projection.MAX_ROWS": 0}),
     # a long input (forced): projected in chunks of 1 step, of 3 steps (a shorter last one)
-    "chunked": (1, {"autograd.PROJECTION_CHUNK_MIN_BYTES": 0,
-                    "autograd.PROJECTION_CHUNK_BYTES": 1}),
-    "chunked-3": (1, {"autograd.PROJECTION_CHUNK_MIN_BYTES": 0,
-                      "autograd.PROJECTION_CHUNK_BYTES": 3,
-                      "autograd.chunk_steps": lambda rows, width, itemsize: 3}),
+    "chunked": (1, {"autograd.PROJECTION_CHUNK_MIN_CHUNKS": 0, "autograd.PROJECTION_CHUNK_BYTES": 1,
+                    "autograd.PROJECTION_CHUNK_WEIGHTS": 0,
+                    "autograd.PROJECTION_CHUNK_MIN_STEPS": 1}),
+    "chunked-3": (1, {"autograd.PROJECTION_CHUNK_MIN_CHUNKS": 0,
+                      "autograd.PROJECTION_CHUNK_BYTES": 1, "autograd.PROJECTION_CHUNK_WEIGHTS": 0,
+                      "autograd.PROJECTION_CHUNK_MIN_STEPS": 3}),
 }
 
 

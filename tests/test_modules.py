@@ -163,7 +163,9 @@ def test_inference_projects_long_inputs_in_chunks_of_steps(variant, fmt, steps_p
     ref, mod, leaves, build, _ = make_case(variant, fmt, 2, True, True, True, torch.float32,
                                            "numba", T=5, B=3, I=4, H=6)
     gates = cells.GATES[CELL_OF_VARIANT[variant]]
-    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_MIN_BYTES", 0)
+    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_MIN_CHUNKS", 0)
+    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_WEIGHTS", 0)
+    monkeypatch.setattr(autograd, "PROJECTION_CHUNK_MIN_STEPS", 1)
     monkeypatch.setattr(autograd, "PROJECTION_CHUNK_BYTES", steps_per_chunk * 3 * gates * 6 * 4)
     calls = []
     chunked = functional._chunked_layer

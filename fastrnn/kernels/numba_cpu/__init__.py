@@ -101,11 +101,12 @@ def lean_training():
     return importlib.import_module(__name__ + ".training")
 
 
-def project(x, w_ih):
-    """A layer's input projection without gradients, ``x @ w_ih.t()``, where this backend makes
-    it (:func:`.projection.project`), else None: the caller uses torch.mm."""
+def project(x, w_ih, out=None):
+    """A layer's input projection without gradients, ``x @ w_ih.t()`` (into ``out`` where given),
+    where this backend makes it (:func:`.projection.project`), else None: the caller uses
+    torch.mm."""
     load()
-    return importlib.import_module(__name__ + ".projection").project(x, w_ih)
+    return importlib.import_module(__name__ + ".projection").project(x, w_ih, out)
 
 
 def prepare(cell, dtype, proj_size=0):

@@ -1,18 +1,18 @@
 """The numba backend's lean inference path (:mod:`fastrnn.inference`): a whole stack of layers over
 a dense input, no autograd, on weights prepared once per weight version (:func:`prepare_stack`),
-with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`).
-Per layer and direction: one small compiled call for the states and the input projection
+with the thread plan, the layout of its buffers and its scratch kept per shape (:func:`_call`). Per
+layer and direction: one small compiled call for the states and the input projection
 (:func:`.loops._layer_start`, through the very gemm call torch.mm makes; where the CPU runs the
-panel kernels, :func:`.projection.run` on W_ih packed once per weight version, as the full
-path's no-gradient routes), then the same compiled loop, on the same plan, as
-:func:`.launch.recurrence_forward`: bitwise the full path's results. A long input (a projection
-above ``autograd.PROJECTION_CHUNK_MIN_BYTES``) goes chunk by chunk of steps, as the full path's
-``functional._chunked_layer`` (:func:`_chunked`), on the weights prepared once (the full path
-prepares them per chunk: LSTM T=200 B=64 H=512, 1 thread, Intel Xeon, 0.36-0.38 against
-0.44 s). A call of a few rows (weights read in place: streaming) whose loops run on the calling
-thread is one compiled call instead (:mod:`.express`: the same calls in the same order, the
-weights found by address, the states and output written by it: 17 µs against 23 for a streamed
-LSTM call at H=64, 1 thread, Intel Xeon)."""
+panel kernels, :func:`.projection.run` on W_ih packed once per weight version, as the full path's
+no-gradient routes), then the same compiled loop, on the same plan, as
+:func:`.launch.recurrence_forward`: bitwise the full path's results. A long input
+(``autograd.chunk_steps``) goes chunk by chunk of steps, as the full path's
+``functional._chunked_layer`` (:func:`_chunked`), on the weights prepared once per weight version
+(LSTM T=200 B=64 H=512, 1 thread, Intel Xeon: 0.36-0.38 s, 0.44 s on the full path when it prepared
+them per chunk). A call of a few rows (weights read in place: streaming) whose loops run on the
+calling thread is one compiled call instead (:mod:`.express`: the same calls in the same order, the
+weights found by address, the states and output written by it: 17 µs against 23 for a streamed LSTM
+call at H=64, 1 thread, Intel Xeon)."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -107,8 +107,8 @@ class _Layout(NamedTuple):
     h_n then c_n), ``y_size`` (the last layer's y per direction: (T*B, P) rows, padded to 64
     bytes), ``one_buffer`` (states and y in one allocation), ``scratch`` the shapes of the gate
     rows, m, xg and the y of each layer but the last, ``keep_scratch`` whether it is kept for the
-    next call; ``plans`` per direction; ``chunks`` None, or for a long input (its projection
-    above ``autograd.PROJECTION_CHUNK_MIN_BYTES``) per direction its :class:`_Chunk` in
+    next call; ``plans`` per direction; ``chunks`` None, or for a long input (projected in
+    chunks: ``autograd.chunk_steps``) per direction its :class:`_Chunk` in
     processing order (``plans`` then their first)."""
 
     states: int
@@ -143,7 +143,8 @@ def _settings():
             launch.MICROKERNEL_MAX_ROWS, launch.PANELS_MAX_ROWS, launch.PANELS_MIN_STEPS,
             launch.SPLIT_MIN_STEP_WORK, launch.LIVE_MAX_ROWS, projection.MAX_ROWS,
             GROUP_MAX_BYTES, SCRATCH_KEEP_MAX_BYTES, autograd.PROJECTION_CHUNK_BYTES,
-            autograd.PROJECTION_CHUNK_MIN_BYTES)
+            autograd.PROJECTION_CHUNK_WEIGHTS, autograd.PROJECTION_CHUNK_MIN_STEPS,
+            autograd.PROJECTION_CHUNK_MIN_CHUNKS)
 
 
 def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
@@ -154,13 +155,11 @@ def _layout(spec, proj, hidden, steps, batch, num_layers, directions, itemsize):
         stack, n_rows, width = num_layers * directions, steps * batch, spec.gates * hidden
         states = stack * batch * (proj + (hidden if spec.has_c else 0))
         y_size = -(-n_rows * proj * itemsize // 64) * 64 // itemsize
-        chunk = steps
-        if n_rows * width * itemsize > autograd.PROJECTION_CHUNK_MIN_BYTES:
-            chunk = autograd.chunk_steps(batch, width, itemsize)
+        chunk = autograd.chunk_steps(n_rows, batch, width, proj, itemsize) or steps
         scratch = [(0, 0) if spec.gates_in_y else (batch, spec.row_blocks * hidden),
                    (batch, hidden) if proj != hidden else (0, 0), (chunk * batch, width)]
         scratch += [(n_rows, proj)] * (stack - directions)
-        chunks = None if chunk == steps else tuple(
+        chunks = None if chunk >= steps else tuple(
             _chunks(steps, batch, chunk, reverse, width, proj, itemsize)
             for reverse in (False, True)[:directions])
         plans = tuple(parts[0].plan for parts in chunks) if chunks else tuple(

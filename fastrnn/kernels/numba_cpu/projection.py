@@ -86,23 +86,22 @@ def run(xg, x, w_t, w_p):
     launch._run(_project_thread, _Plan(max(1, threads), BLOCK_ROWS), xg, x, w_t, w_p)
 
 
-def project(x, w_ih):
+def project(x, w_ih, out=None):
     """``x @ w_ih.t()`` (x (N, I), w_ih (G*H, I) CPU tensors of one float dtype, no gradient
-    recorded) as a new tensor, as the lean path makes it: here where :func:`applies`, else by
-    :func:`.matmul._project_in_place` (W_ih read in place; torch.mm's own gemm call but for a
-    single row); None where torch exports no gemm (torch.mm then)."""
-    if applies(x.shape[0]):
-        w_t, w_p = _packed_weights(w_ih)
-        xg = buffers.alloc((x.shape[0], w_t.shape[1]), w_t.dtype)
-        run(xg, buffers.array(x), w_t, w_p)
-        return torch.from_numpy(xg)
-    gemm = matmul._gemm_address(w_ih.dtype)
-    if not gemm:
+    recorded) as a new tensor, or into ``out`` (a contiguous (N, G*H) tensor) where given, as
+    the lean path makes it: here where :func:`applies`, else by :func:`.matmul._project_in_place`
+    (W_ih read in place; torch.mm's own gemm call but for a single row); None where torch exports
+    no gemm (torch.mm then)."""
+    panels, gemm = applies(x.shape[0]), matmul._gemm_address(w_ih.dtype)
+    if not (panels or gemm):
         return None
-    w = buffers.array(w_ih)
-    xg = buffers.alloc((x.shape[0], w.shape[0]), w.dtype)
-    matmul._project_in_place(gemm, xg, buffers.array(x), w)
-    return torch.from_numpy(xg)
+    xg = (buffers.alloc((x.shape[0], w_ih.shape[0]), buffers.NUMPY_DTYPES[w_ih.dtype])
+          if out is None else out.numpy())
+    if panels:
+        run(xg, buffers.array(x), *_packed_weights(w_ih))
+    else:
+        matmul._project_in_place(gemm, xg, buffers.array(x), buffers.array(w_ih))
+    return torch.from_numpy(xg) if out is None else out
 
 
 @njit(**_JIT)
