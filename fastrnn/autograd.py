@@ -16,8 +16,10 @@ from fastrnn.kernels import reference
 # bytes, whichever is more, and at least PROJECTION_CHUNK_MIN_STEPS steps (numba's panel kernels
 # run calls of 16 steps and more: launch.PANELS_MIN_STEPS), where xg would take more than
 # PROJECTION_CHUNK_MIN_CHUNKS chunks. Against chunks of 8 MiB from 32 MiB on (Intel Xeon, numba,
-# dense LSTM inference, 1 thread): T=200 B=64 H=128 1.18x, T=1000 B=64 H=32 1.18x, T=1000 B=8
-# H=128 1.05x; packed input (the full path: more Python a chunk) 0.9-1.0x.
+# LSTM inference, in-process ratios to torch.nn, 1 thread): dense T=1000 B=64 H=32 0.82 -> 0.99-
+# 1.16x, T=1000 B=8 H=128 0.88 -> 0.97-0.99x, T=200 B=64 H=128 0.83-0.89 -> 0.89-0.94x, H=512 the
+# same; packed T=200 B=64 H=128 on 2 threads 2.03-2.06 -> 1.85-1.86x (the full path: more Python
+# and copies a chunk). bench/results/chunks-xeon-1206.md.
 PROJECTION_CHUNK_BYTES = 4 << 20
 PROJECTION_CHUNK_WEIGHTS = 2
 PROJECTION_CHUNK_MIN_STEPS = 16
