@@ -241,8 +241,10 @@ def needs_grad(*tensors):
 
 def route(backend, x, chunked, tensors):
     """How one layer and direction runs, decided in one place (``backend`` is a resolved name,
-    not "native"; ``x`` the layer's input, ``chunked`` whether a no-gradient call would project
-    it in chunks (:func:`chunk_steps`), ``tensors`` everything autograd could record through):
+    not "native"; ``x`` the layer's input, ``chunked`` None or a function: whether a no-gradient
+    CPU call projects it in chunks (:func:`chunk_steps`; called only then, so that a traced or
+    exported call's symbolic shapes get no guard from it), ``tensors`` everything autograd could
+    record through):
 
     * ``"reference"``: autograd through the reference loop (double backward included; traced as
       plain torch ops under torch.compile and export);
@@ -260,7 +262,7 @@ def route(backend, x, chunked, tensors):
         return "custom-op"
     if needs_grad(*tensors) or torch._C._are_functorch_transforms_active():
         return "autograd"
-    if x.device.type == "cpu" and chunked:
+    if x.device.type == "cpu" and chunked is not None and chunked():
         return "chunked"
     return "inference"
 
@@ -272,7 +274,7 @@ def recurrence(backend, cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse
     cells without a cell state). ``recipe``: how to recompute xg for a double backward (see
     :class:`_Recurrence`), or None."""
     tensors = (xg, h0, c0, w_hh, b_hn, w_hr, bias, w_cell)
-    how = how or route(backend, xg, False, tensors)
+    how = how or route(backend, xg, None, tensors)
     if how == "custom-op":
         from fastrnn import custom_ops  # the custom op torch.compile traces
         y, h_n, c_n = custom_ops.recurrence(backend, cell, batch_sizes, reverse, xg, h0, c0,

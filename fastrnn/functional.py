@@ -20,6 +20,7 @@ Shapes: L = num_layers, D = 2 if bidirectional else 1, H = hidden_size, P = proj
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -164,13 +165,13 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
             k = layer * directions + direction
             weights = layers[k]
             h0_k, c0_k = h0[k], None if c0 is None else c0[k]
-            steps = autograd.chunk_steps(layer_input.shape[0], h0_k.shape[0],
-                                         weights.w_ih.shape[0], weights.w_hh.shape[1],
-                                         layer_input.element_size())
-            how = route(backend, layer_input, steps > 0, (layer_input, h0_k, c0_k, *weights))
+            chunks = functools.partial(autograd.chunk_steps, layer_input.shape[0],
+                                       h0_k.shape[0], weights.w_ih.shape[0],
+                                       weights.w_hh.shape[1], layer_input.element_size())
+            how = route(backend, layer_input, chunks, (layer_input, h0_k, c0_k, *weights))
             if how == "chunked":
                 y, h, c = _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k,
-                                         weights, direction == 1, steps)
+                                         weights, direction == 1, chunks())
             else:
                 xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
                                                   weights.b_hh,

@@ -392,3 +392,23 @@ def test_torch_export_keeps_the_custom_op_and_a_saved_program_needs_fastrnn_cust
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split("\n")[:2] == ["without fastrnn: not loadable",
                                             "with fastrnn.custom_ops: loaded, same output"]
+
+
+def test_export_as_a_fresh_process_first_call():
+    """torch.export as the first call of a numba module in a process: choosing the backend loads
+    and runs its forward loop on plain tensors, not on export's fake tensors (it raised
+    BackendUnavailable: '.numpy() is not supported for tensor subclasses')."""
+    require("numba", "lstm", torch.float32)
+    script = textwrap.dedent("""
+        import torch, fastrnn
+        module = fastrnn.LSTM(4, 5, backend="numba").eval()
+        program = torch.export.export(module, (torch.randn(6, 3, 4),),
+                                      dynamic_shapes=({0: torch.export.Dim("steps")},))
+        x = torch.randn(9, 3, 4)
+        torch.testing.assert_close(program.module()(x)[0], module(x)[0])
+        print("exported")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[0] == "exported"

@@ -121,12 +121,14 @@ def prepare(cell, dtype, proj_size=0):
     def zeros(*shape):  # on the CPU whatever torch's default device
         return torch.zeros(shape, dtype=dtype, device="cpu")
 
-    extra = {"w_cell": zeros(len(spec.cell_weights), hidden)} if spec.cell_weights else {}
-    load().recurrence_forward(
-        cell, zeros(1, spec.gates * hidden), zeros(1, proj),
-        zeros(1, hidden) if spec.has_c else None, zeros(spec.gates * hidden, proj),
-        zeros(hidden) if spec.has_b_hn else None, zeros(proj, hidden) if proj_size else None,
-        torch.ones(1, dtype=torch.int64, device="cpu"), False, save=False, **extra)
+    # plain tensors also where the first call is traced (torch.export's fake tensors)
+    with torch.utils._python_dispatch._disable_current_modes():
+        extra = {"w_cell": zeros(len(spec.cell_weights), hidden)} if spec.cell_weights else {}
+        load().recurrence_forward(
+            cell, zeros(1, spec.gates * hidden), zeros(1, proj),
+            zeros(1, hidden) if spec.has_c else None, zeros(spec.gates * hidden, proj),
+            zeros(hidden) if spec.has_b_hn else None, zeros(proj, hidden) if proj_size else None,
+            torch.ones(1, dtype=torch.int64, device="cpu"), False, save=False, **extra)
 
 
 __getattr__ = contract_on_first_use(__name__, load)  # the contract: Numba loads then
