@@ -47,6 +47,9 @@ class _Prepared(NamedTuple):
     # the final states the last call returned: (tensor, its data pointer, the kernels' numpy
     # array); given back as the next call's initial states (streaming), no new view is made
     last: list
+    # [what the last call returned as its states (a tensor, or (h, c))]: given back as it is, its
+    # tensors are looked up in ``last`` without a search
+    returned: list
 
 
 class _Shape(NamedTuple):
@@ -63,6 +66,7 @@ class _Shape(NamedTuple):
     num_layers: int
     directions: int
     y: tuple  # the output's shape as the module returns it
+    rows: int  # steps * batch
     flat: bool  # a contiguous input's rows in (T*B) order: not batch_first, or T or B is 1
 
 
@@ -96,13 +100,10 @@ def _serves(entry, module, weights, rows):
             and weight_cache.matches(entry.fingerprint, weights, skip))
 
 
-def _prepared(module, weights, rows):
-    """The module's :class:`_Prepared` for its current ``weights`` and a call of ``rows`` rows
-    (T*B), remade unless it still serves them (:func:`_serves`). For a backend without a lean
-    path nothing is derived from them: other tensors only."""
-    entry = _PREPARED.get(id(module))
-    if _serves(entry, module, weights, rows):
-        return entry
+def _prepared(module, weights, entry):
+    """The module's :class:`_Prepared` made anew for its current ``weights`` (``entry``: its
+    current one or None: :func:`_serves` said it no longer serves them). For a backend without a
+    lean path nothing is derived from them: other tensors only."""
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
                             hidden=module.hidden_size)
@@ -134,7 +135,7 @@ def _prepared(module, weights, rows):
                       summed | {i for i, w in enumerate(weights)
                                 if w.dim() == 2 and _in_place(w)}, summed, inputs,
                       list(map(torch.Tensor.data_ptr, weights)), entry.shapes if same else {},
-                      [])
+                      [], [None])
     _PREPARED[id(module)] = entry
     return entry
 
@@ -166,7 +167,7 @@ def _shape(module, shape):
     y = (((batch, steps) if batch_first else (steps, batch)) if batched else (steps,)) + (width,)
     return _Shape(steps, batch, features, batched, batch_first,
                   states if spec.has_c else states[:1], module.num_layers, directions, y,
-                  not batch_first or steps == 1 or batch == 1)
+                  steps * batch, not batch_first or steps == 1 or batch == 1)
 
 
 def _numpy(tensor):
@@ -178,12 +179,14 @@ def _numpy(tensor):
         return None
 
 
-def _given_states(hx, shape, dtype, last):
+def _given_states(hx, shape, dtype, entry):
     """The initial states ``hx`` (a tensor, or for cells with a cell state a pair), each paired
-    with its entry of ``last`` (:attr:`_Prepared.last`: (tensor, address, array)) where it is the
-    state the last call returned, still where it was, of its shape and contiguous, else with
-    None; None unless each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``."""
-    expected = shape.states
+    with its entry of :attr:`_Prepared.last` ((tensor, address, array)) where it is the state the
+    last call returned, still where it was, of its shape and contiguous, else with None; None
+    unless each is a CPU tensor of ``dtype`` and of its shape in ``shape.states``."""
+    expected, last = shape.states, entry.last
+    if hx is entry.returned[0] and _unmoved(last, expected):
+        return [(kept[0], kept) for kept in last]
     states = hx if len(expected) == 2 and isinstance(hx, (tuple, list)) else (hx,)
     if len(states) != len(expected):
         return None
@@ -200,10 +203,19 @@ def _given_states(hx, shape, dtype, last):
     return out
 
 
-def _state_arrays(hx, shape, dtype, last):
+def _unmoved(last, sizes):
+    """Whether the states the last call returned (:attr:`_Prepared.last`) are still where they
+    were, contiguous and of ``sizes``."""
+    for (state, address, _), size in zip(last, sizes):
+        if state.shape != size or state.data_ptr() != address or not state.is_contiguous():
+            return False
+    return len(last) == len(sizes)
+
+
+def _state_arrays(hx, shape, dtype, entry):
     """Numpy views (L*D, B, ·) of the initial states ``hx`` (:func:`_given_states`; one the last
     call returned: its kept array), else None."""
-    if (given := _given_states(hx, shape, dtype, last)) is None:
+    if (given := _given_states(hx, shape, dtype, entry)) is None:
         return None
     out = []
     for state, kept in given:
@@ -226,13 +238,17 @@ def _found(module, input):
             or (module.training and module.dropout > 0 and module.num_layers > 1)):
         return None
     module._update_flat_weights()
-    entry = _prepared(module, module._cell_params(), math.prod(input.shape[:-1]))
+    weights, entry = module._cell_params(), _PREPARED.get(id(module))
+    # a shape's _Shape depends on the module's configuration alone (kept as weights change)
+    key = (input.shape, module.batch_first)
+    shape = entry.shapes.get(key, False) if entry is not None else False
+    if shape is None:
+        return None
+    if not _serves(entry, module, weights, shape.rows if shape else math.prod(input.shape[:-1])):
+        entry = _prepared(module, weights, entry)
     if entry.kernels is None or input.dtype != entry.weights[0].dtype:
         return None
-    key = (input.shape, module.batch_first)
-    try:
-        shape = entry.shapes[key]
-    except KeyError:
+    if shape is False:
         if len(entry.shapes) >= _SHAPES_KEPT:
             entry.shapes.clear()
         shape = entry.shapes[key] = _shape(module, input.shape)
@@ -253,7 +269,7 @@ def lean_call(module, input, hx):
 def _with_states(entry, shape, x, hx):
     h0 = c0 = None
     if hx is not None:
-        if (arrays := _state_arrays(hx, shape, entry.weights[0].dtype, entry.last)) is None:
+        if (arrays := _state_arrays(hx, shape, entry.weights[0].dtype, entry)) is None:
             return None
         h0, c0 = arrays if len(arrays) == 2 else (arrays[0], None)
     return entry, shape, x, h0, c0
@@ -272,10 +288,12 @@ def forward(module, input, hx):
     return run(call)
 
 
-def _state_addresses(hx, shape, dtype, last):
+def _state_addresses(hx, shape, dtype, entry):
     """The addresses of the initial states ``hx`` (:func:`_given_states`), each contiguous and
     without its negative bit set, else None."""
-    if (given := _given_states(hx, shape, dtype, last)) is None:
+    if hx is entry.returned[0] and _unmoved(entry.last, shape.states):
+        return [kept[1] for kept in entry.last]
+    if (given := _given_states(hx, shape, dtype, entry)) is None:
         return None
     out = []
     for state, kept in given:
@@ -298,18 +316,24 @@ def _express(entry, shape, input, hx):
         return None
     h0 = c0 = 0
     if hx is not None:
-        if (addresses := _state_addresses(hx, shape, input.dtype, entry.last)) is None:
+        if (addresses := _state_addresses(hx, shape, input.dtype, entry)) is None:
             return None
         h0, c0 = addresses if len(addresses) == 2 else (addresses[0], 0)
     y, h_n = np.empty(shape.y, dtype), np.empty(shape.states[0], dtype)
     c_n = np.empty(shape.states[1], dtype) if len(shape.states) == 2 else None
     entry.kernels.forward_express(express, input.data_ptr(), h0, c0, y, h_n, c_n)
-    arrays = (h_n,) if c_n is None else (h_n, c_n)
-    states = [torch.from_numpy(a) for a in arrays]
-    entry.last[:] = [(t, t.data_ptr(), a if shape.batched else a[:, None])
-                     for t, a in zip(states, arrays)]
-    out = torch.from_numpy(y)
-    return (out, states[0]) if c_n is None else (out, tuple(states))
+    h = torch.from_numpy(h_n)
+    if not shape.batched:
+        h_n = h_n[:, None]
+    if c_n is None:
+        entry.last[:] = ((h, h.data_ptr(), h_n),)
+        entry.returned[0] = h
+        return torch.from_numpy(y), h
+    c = torch.from_numpy(c_n)
+    entry.last[:] = ((h, h.data_ptr(), h_n), (c, c.data_ptr(), c_n if shape.batched else
+                                              c_n[:, None]))
+    states = entry.returned[0] = (h, c)
+    return torch.from_numpy(y), states
 
 
 _NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
@@ -329,8 +353,8 @@ def run(call):
     states = [torch.from_numpy(h_n)] if c_n is None else [torch.from_numpy(h_n),
                                                           torch.from_numpy(c_n)]
     entry.last[:] = [(t, t.data_ptr(), a) for t, a in zip(states, arrays)]
-    out = torch.from_numpy(y)
-    return (out, states[0]) if c_n is None else (out, tuple(states))
+    out, entry.returned[0] = torch.from_numpy(y), states[0] if c_n is None else tuple(states)
+    return out, entry.returned[0]
 
 
 def shaped(shape, y, h_n, c_n):

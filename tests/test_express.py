@@ -150,8 +150,8 @@ def test_more_rows(route, case, routes, threads, monkeypatch):
 
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "lstm_proj", "gru"])
 def test_streamed_calls(cell, routes, threads):
-    """One step per call, the state carried (given back as returned, or changed in place between
-    calls): bitwise the forward_stack route's calls, close to one call over all the steps."""
+    """One step per call, the state carried (given back as returned, changed in place between
+    calls, or given new memory): bitwise the forward_stack route's calls, close to one call over all the steps."""
     threads(1)
     torch.manual_seed(seed_of(cell))
     ref, mod = pair(cell, "numba", torch.float32, input_size=5, hidden_size=12, num_layers=2)
@@ -162,8 +162,11 @@ def test_streamed_calls(cell, routes, threads):
         for t in range(7):
             y, state = route(mod, x[t:t + 1], state)
             ys.append(y)
+            last = state[-1] if isinstance(state, tuple) else state
             if t == 3:  # a returned state changed in place is read as it is now
                 (state[0] if isinstance(state, tuple) else state).mul_(0.5)
+            if t == 5:  # ... and one given new memory through .data, given back as returned
+                last.data = last.data * 2
         runs.append((torch.cat(ys), state))
     assert len(routes["express"]) == 7 and len(routes["stack"]) == 7
     assert_bitwise(*runs)
