@@ -151,7 +151,8 @@ def test_more_rows(route, case, routes, threads, monkeypatch):
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "lstm_proj", "gru"])
 def test_streamed_calls(cell, routes, threads):
     """One step per call, the state carried (given back as returned, changed in place between
-    calls, or given new memory): bitwise the forward_stack route's calls, close to one call over all the steps."""
+    calls, or given new memory): bitwise the forward_stack route's calls, close to one call over
+    all the steps."""
     threads(1)
     torch.manual_seed(seed_of(cell))
     ref, mod = pair(cell, "numba", torch.float32, input_size=5, hidden_size=12, num_layers=2)
