@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from fastrnn import cells
-from fastrnn.kernels.numba_cpu import buffers, matmul, team
+from fastrnn.kernels.numba_cpu import bptt, buffers, matmul, team
 from fastrnn.kernels.numba_cpu.checks import _check, _check_backward
 from fastrnn.kernels.numba_cpu.loops import (CODES, _backward_thread, _forward_thread,
                                              _gather_rows, _previous_rows)
@@ -235,6 +235,13 @@ def _weight_grad(d_pre, y, h0, prev):
     return d_pre.t() @ torch.from_numpy(h_prev)
 
 
+def _sums(a):
+    """The column sums of numpy ``a`` (N, C) as a tensor (:func:`.bptt.column_sums`)."""
+    out = buffers.alloc((a.shape[1],), a.dtype)
+    bptt.column_sums(a, out)
+    return torch.from_numpy(out)
+
+
 def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=None, w_cell=None,
               inference=False):
     """The checked :class:`_Plan` of a call (arguments as :func:`recurrence_forward`; ``inference``:
@@ -321,7 +328,7 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     ``(d_xg (N, G*H), d_h0 (B, P), d_c0 (B, H) or None, d_w_hh (G*H, P), d_b_hn (H,) or None,
     d_w_hr (P, H) or None, d_bias (G*H,) or None, d_w_cell (K, H) or None)``. Weight gradients
     are reduced once, after the time loop, as GEMMs (d_bias as one sum over rows, d_w_cell by the
-    cell's ``SPEC.cell_weight_grad``).
+    cell's ``SPEC.cell_weight_grad``); on one thread in one compiled call (:mod:`.bptt`).
     """
     spec = cells.spec(cell)
     hidden = w_hh.shape[0] // spec.gates
@@ -329,58 +336,58 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
     n_rows = grad_y.shape[0]
     gy = buffers.array(grad_y)
     dtype = gy.dtype
-    y_a = buffers.array(y)
-    w = buffers.array(w_hh)
-    dh = buffers.owned(grad_h_n)
     d_xg = torch.from_numpy(buffers.alloc((n_rows, w_hh.shape[0]), dtype))
     if plan is None:
         plan = make_plan(cell, d_xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias, w_cell)
         _check_backward(spec, grad_y, grad_h_n, grad_c_n, y, saved, hidden)
-    order, offsets, sizes = plan[:3]
     d_xg_t, d_xg = d_xg, d_xg.numpy()
     prev = np.empty(n_rows, np.int64)
-    _previous_rows(order, offsets, sizes, prev)
     empty = np.zeros((0, 0), dtype)  # what the cell does not use
-    kept = {name: buffers.array(t) for name, t in zip(spec.saved, saved)}
+    kept = dict(zip(spec.saved, map(buffers.array, saved)))
     has_proj = w_hr is not None
-    dc = empty
-    if spec.has_c:
-        dc = np.zeros((batch, hidden), dtype) if grad_c_n is None else buffers.owned(grad_c_n)
-    wr = buffers.array(w_hr) if has_proj else empty
+    w, wr = buffers.array(w_hh), buffers.array(w_hr) if has_proj else empty
     # With b_hn inside r * (h W_hn^T + b_hn) (GRU), the gradient w.r.t. that block of h W_hh^T is
     # d_hn = d(n's pre-activation) * r, not d_xg's: the row step writes it per packed row (for
     # d_w_hh and d_b_hn) and the step matmul's operand to the scratch dg.
-    scratch_grad = spec.has_b_hn
-    none = (0, 0)
+    scratch_grad, none = spec.has_b_hn, (0, 0)
+    dh, dc = buffers.alloc_group([(batch, proj), (batch, hidden) if spec.has_c else none], dtype)
     dm, tc, dy_all, m_all, d_hn, dg = buffers.alloc_group(
         [(batch, hidden), none if has_proj else (batch, hidden),
          (n_rows, proj) if has_proj else none, (n_rows, hidden) if has_proj else none,
          (n_rows, hidden) if scratch_grad else none,
          (batch, w_hh.shape[0]) if scratch_grad else none], dtype)
-    _run(_backward_thread, plan, team.new_counter(plan.split), CODES[cell], gy, y_a,
-         buffers.array(h0),
-         buffers.array(c0) if spec.has_c else empty, kept.get("gates", empty),
-         kept.get("c", empty), w, matmul.panels(w, plan.panels), wr,
-         buffers.array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad, spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc,
-         prev, order, offsets, sizes)
-
-    def weight_grad(d_pre):
-        """d_pre^T @ h_prev (h_prev (N, P): each row's state before its step)."""
-        return _weight_grad(d_pre, y, h0, prev)
+    args = (gy, buffers.array(y), buffers.array(h0), buffers.array(c0) if spec.has_c else empty,
+            kept.get("gates", empty), kept.get("c", empty), w, matmul.panels(w, plan.panels), wr,
+            buffers.array(w_cell) if w_cell is not None else empty, has_proj, scratch_grad,
+            spec.direct_h, dh, dc, dm, d_xg, d_hn, dg, dy_all, m_all, tc)
+    gemm = matmul._gemm_address(d_xg_t.dtype)
+    if bptt.applies(plan, gemm, w_cell):
+        d_w_hh, d_bias, d_b_hn, d_w_hr = map(torch.from_numpy, bptt.direct(
+            plan, gemm, CODES[cell], args, buffers.array(grad_h_n),
+            empty if grad_c_n is None else buffers.array(grad_c_n), prev,
+            [(0, 0) if n_rows == batch else (n_rows, proj), (w_hh.shape[0], proj),
+             (w_hh.shape[0] if bias is not None else 0,), (hidden if b_hn is not None else 0,),
+             (proj, hidden) if has_proj else none]))
+        return (d_xg_t, torch.from_numpy(dh), torch.from_numpy(dc) if spec.has_c else None,
+                d_w_hh, d_b_hn if b_hn is not None else None, d_w_hr if has_proj else None,
+                d_bias if bias is not None else None, None)
+    dh[:] = buffers.array(grad_h_n)
+    if spec.has_c:
+        dc[:] = 0 if grad_c_n is None else buffers.array(grad_c_n)
+    _previous_rows(*plan[:3], prev)
+    _run(_backward_thread, plan, team.new_counter(plan.split), CODES[cell], *args, prev,
+         *plan[:3])
 
     d_b_hn = d_w_hr = None
+    d_w_hh = _weight_grad(d_xg_t[:, :w_hh.shape[0] - d_hn.shape[1]], y, h0, prev)
     if scratch_grad:
-        d_hn_t = torch.from_numpy(d_hn)
-        split = w_hh.shape[0] - hidden
-        d_w_hh = torch.cat([weight_grad(d_xg_t[:, :split]), weight_grad(d_hn_t)])
+        d_w_hh = torch.cat([d_w_hh, _weight_grad(torch.from_numpy(d_hn), y, h0, prev)])
         if b_hn is not None:
-            d_b_hn = d_hn_t.sum(0)
-    else:
-        d_w_hh = weight_grad(d_xg_t)
+            d_b_hn = _sums(d_hn)
     if has_proj:
         d_w_hr = torch.mm(torch.from_numpy(dy_all).t(), torch.from_numpy(m_all))
     d_c0 = torch.from_numpy(dc) if spec.has_c else None
-    d_bias = d_xg_t.sum(0) if bias is not None else None
+    d_bias = _sums(d_xg) if bias is not None else None
     d_w_cell = None
     if w_cell is not None:  # from the cell state before (gathered) and after each row's step
         c_prev = buffers.alloc((n_rows, hidden), dtype)
