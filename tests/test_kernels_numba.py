@@ -18,7 +18,7 @@ from fastrnn import backends, cells, reference
 from fastrnn.autograd import Recurrence
 from fastrnn.cells import scalar
 from fastrnn.kernels import numba_cpu
-from fastrnn.kernels.numba_cpu import buffers, jit, launch, loops, team, vectors
+from fastrnn.kernels.numba_cpu import bptt, buffers, jit, launch, loops, team, vectors
 from fastrnn.kernels.numba_cpu import matmul as numba_matmul
 
 # Tolerances per dtype (abs and rel): float32 kernels use a rational tanh accurate to ~2e-7 and sum
@@ -585,6 +585,35 @@ def test_row_split_gives_the_bits_of_one_thread(batch, monkeypatch, generator):
         results.append(list(outs) + list(torch.autograd.grad(outs, wrt, [o * 0 + 1 for o in outs])))
     for one, two in zip(*results):
         assert torch.equal(one, two)
+
+
+@pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
+@pytest.mark.parametrize("steps", [1, 6], ids=["one-step", "steps"])
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bptt_in_one_call_gives_the_bits_of_its_pieces(variant, dtype, packed, steps,
+                                                         monkeypatch, generator):
+    """The one-thread BPTT as one compiled call (bptt.direct) and its pieces run from Python
+    (the route of multi-threaded plans) give the same gradients bit for bit, for every cell: the
+    loop, d_W_hh through the gemm (one step: on h0 itself), d_bias and d_b_hn as column sums."""
+    monkeypatch.setattr(launch, "PANELS_MIN_STEPS", 1)
+    cell, inputs, sizes = make_inputs(variant, dtype, steps=steps, batch=5, hidden=9,
+                                      packed=packed and steps > 1, generator=generator)
+    wrt = [t for t in inputs if t is not None]
+    upstream = None
+    results, calls = [], []
+    direct = bptt.direct
+    monkeypatch.setattr(bptt, "direct", lambda *a: calls.append(1) or direct(*a))
+    for one_call in (True, False):
+        monkeypatch.setattr(bptt, "applies", lambda *a, one_call=one_call: one_call)
+        outs = Recurrence.apply("numba", cell, sizes, False, *inputs)
+        upstream = upstream or [torch.randn(o.shape, generator=generator, dtype=dtype)
+                                for o in outs]
+        results.append(torch.autograd.grad(outs, wrt, upstream))
+    assert len(calls) == 1
+    for one, pieces in zip(*results):
+        assert torch.equal(one, pieces)
 
 
 @pytest.mark.skipif(not numba_matmul.USE_BLAS, reason="torch exports no BLAS gemm here")
