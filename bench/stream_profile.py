@@ -1,7 +1,8 @@
 """The cost of one streamed call (T=1, B=1 or ``--batch``, the state carried) on the CPU, split:
-the module call of fastrnn's numba backend, its compiled call alone (``numba_cpu/express.py``:
-the kernels plus Numba's dispatch) and the rest (Python: torch's Module call, the lean path's checks, the outputs),
-beside torch.nn's call and ONNX Runtime's (one session run per step, where it is installed).
+the module call of fastrnn's numba backend, its compiled call alone (``numba_cpu/express.py``: the
+kernels plus Numba's dispatch) and the rest (Python: torch's Module call, the lean path's checks,
+the outputs), beside torch.nn's call and ONNX Runtime's (one session run per step, where it is
+installed).
 
     python bench/stream_profile.py                      # LSTM, GRU, RNN at H=64 and 256, 1 thread
     python bench/stream_profile.py --cells lstm --hidden 64 --threads 2
