@@ -103,7 +103,17 @@ def _serves(entry, module, weights, rows):
 def _prepared(module, weights, entry):
     """The module's :class:`_Prepared` made anew for its current ``weights`` (``entry``: its
     current one or None: :func:`_serves` said it no longer serves them). For a backend without a
-    lean path nothing is derived from them: other tensors only."""
+    lean path nothing is derived from them: other tensors only. Weights changed in place (the
+    same tensors, each contiguous where it was when prepared: an optimizer's step) keep the
+    prepared stack, its kernels' ``refresh_stack`` making again what was derived from them."""
+    if (entry is not None and entry.kernels is not None and entry.module() is module
+            and entry.backend == module.backend and all(map(operator.is_, weights, entry.weights))
+            and len(entry.in_place) == len(weights) and all(map(_in_place, weights))
+            and list(map(torch.Tensor.data_ptr, weights)) == entry.pointers):
+        entry.kernels.refresh_stack(entry.layers)
+        entry = _PREPARED[id(module)] = entry._replace(
+            fingerprint=weight_cache.fingerprint(weights, entry.fingerprint))
+        return entry
     weight, cell = weights[0], module.cell
     name = backends.resolve(module.backend, cell, weight.device, weight.dtype, module.proj_size,
                             hidden=module.hidden_size)

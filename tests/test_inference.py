@@ -140,6 +140,38 @@ def test_prepared_weights_follow_the_module(change, live, lean_calls):
     assert lean_calls
 
 
+@pytest.mark.parametrize("rows", [12, 40], ids=["12-rows", "40-rows"])
+@pytest.mark.parametrize("cell", ["lstm", "lstm_proj", "gru"])
+def test_weights_changed_in_place_keep_the_prepared_stack(cell, rows, lean_calls):
+    """Weights changed where they are (an optimizer's step; a write through ``.data``, which only
+    the contents show) keep the prepared stack, what it made from them (W_hh^T, W_hr^T, their
+    panels, W_ih packed: 12 rows project in the panel kernels on every CPU) made again in place:
+    bitwise a fresh module's results. A weight given new memory remakes the stack."""
+    torch.manual_seed(0)
+    config = dict(input_size=5, hidden_size=6, num_layers=2)
+    mod = pair(cell, "numba", torch.float32, **config)[1]
+    x = torch.randn(rows // 2, 2, 5)
+    run(mod, x)
+    stack = mod_stack(mod)
+
+    def check():
+        fresh = pair(cell, "numba", torch.float32, **config)[1]
+        fresh.load_state_dict(mod.state_dict())
+        assert_bitwise(run(mod, x), run(fresh, x))
+
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    check()
+    run(mod, x)  # seen unchanged: the contents copied, then compared
+    mod.weight_hh_l1.data.mul_(0.5)
+    check()
+    assert mod_stack(mod) is stack
+    mod.weight_hh_l0.data = mod.weight_hh_l0.data.clone()
+    check()
+    assert mod_stack(mod) is not stack and len(lean_calls) == 8
+
+
 def test_contents_check_off(monkeypatch, lean_calls):
     """``weight_cache.CHECK_CONTENTS = False``: no copies, versions and pointers still followed,
     a write through ``.data`` not (the documented cost of turning the check off)."""
@@ -446,7 +478,7 @@ def test_kept_calls_and_scratch_are_bounded(most, module_most, monkeypatch):
     if module_most is not None:
         monkeypatch.setattr(lean, "MODULE_SCRATCH_MAX_BYTES", module_most)
     mod = fastrnn.GRU(5, 8, backend="numba")
-    for steps in range(1, lean.CALLS_KEPT + 5):
+    for steps in [*range(1, lean.CALLS_KEPT + 5), *range(1, 7)]:  # the last ones keep scratch
         run(mod, torch.randn(steps, 2, 5))
     calls, total = mod_stack(mod).calls.values(), 0
     assert 0 < len(calls) <= lean.CALLS_KEPT

@@ -92,16 +92,20 @@ def array(tensor):
     return tensor.detach().resolve_neg().contiguous().numpy()
 
 
-def transposed(tensor):
-    """A C-contiguous, aligned numpy copy of ``tensor.t()`` (2-D). Up to
-    ``_NUMPY_TRANSPOSE_MAX_NUMEL`` elements by numpy, larger ones by MKL's transpose where torch
-    exports it, else by torch (2048x512, 1 thread: numpy's took 4.4 ms, torch's 1.0 ms, MKL's 0.6 ms
-    in an earlier session's measurement; on an AMD EPYC Zen 1 numpy 4.3 ms, MKL 4.4, torch 1.7)."""
+def transposed(tensor, out=None):
+    """A C-contiguous, aligned numpy copy of ``tensor.t()`` (2-D), or written into ``out`` (one
+    made before) where given. Up to ``_NUMPY_TRANSPOSE_MAX_NUMEL`` elements by numpy, larger ones
+    by MKL's transpose where torch exports it, else by torch (2048x512, 1 thread: numpy's took 4.4
+    ms, torch's 1.0 ms, MKL's 0.6 ms in an earlier session's measurement; on an AMD EPYC Zen 1
+    numpy 4.3 ms, MKL 4.4, torch 1.7)."""
     a = array(tensor)
     rows, cols = a.shape
     if a.size > _NUMPY_TRANSPOSE_MAX_NUMEL and matmul._OMATCOPY is None:
-        return tensor.detach().t().contiguous().numpy()
-    out = alloc((cols, rows), a.dtype)
+        if out is None:
+            return tensor.detach().t().contiguous().numpy()
+        torch.from_numpy(out).copy_(tensor.detach().t())
+        return out
+    out = alloc((cols, rows), a.dtype) if out is None else out
     if a.size <= _NUMPY_TRANSPOSE_MAX_NUMEL:
         out[...] = a.T
     else:

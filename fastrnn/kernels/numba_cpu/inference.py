@@ -75,10 +75,30 @@ class _Stack:
             self.prepared = [buffers.prepare(self.cell, *w[1:6], False) for w in self.weights]
         return self.prepared
 
+    def refresh(self):
+        """Make again, where they are, what was made from the weights' values (W_hh^T, W_hr^T,
+        their panels, W_ih packed), for weights changed in place, each still contiguous where it
+        was (the calls' tables hold those buffers' addresses; all else reads the weights, or is
+        summed each call)."""
+        for w, prepared in zip(self.weights, self.prepared or ()):
+            buffers.transposed(w[1], prepared.w_t)
+            if w[3] is not None:
+                buffers.transposed(w[3], prepared.wr_t)
+        for prepared, panels in zip(self.prepared or (), self.panels or ()):
+            matmul.panels(prepared.w_t, out=panels)
+        for w, (w_t, w_p) in zip(self.weights, self.projections or ()):
+            matmul.panels(buffers.transposed(w[0], w_t), out=w_p)
+
     def sum_bias(self, k, prepared):
         """Layer and direction ``k``'s bias summed into ``prepared.bias`` from the biases as they
         are now (:func:`.loops._sum_bias`)."""
         _sum_bias(*self.biases[k][:2], prepared.bias, self.biases[k][2])
+
+
+def refresh_stack(stack):
+    """:meth:`_Stack.refresh` of ``stack``, made by :func:`prepare_stack` from weights whose
+    values changed since, in place."""
+    stack.refresh()
 
 
 def prepare_stack(cell, weights):

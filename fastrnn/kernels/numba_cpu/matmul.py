@@ -306,16 +306,19 @@ for _fn in (_matmul_rows, _project_in_place):
     _fn._cache = jit.KeyedCache(_fn.py_func, (str(vectors.__file__),))
 
 
-def panels(w, use=True):
+def panels(w, use=True, out=None):
     """``w`` (K, N) numpy, packed for the panel kernels: (ceil(N / P), K, P), P columns of
     :data:`PANEL_BYTES` each, the last panel padded with zeros (the kernels write only its first
     N % P columns), 64-byte aligned; (0, K, P) unless ``use`` and the CPU has the vectors for them
-    (:data:`USE_PANELS`): the loops then read w itself."""
+    (:data:`USE_PANELS`): the loops then read w itself. Written into ``out`` (an earlier call's
+    result for a w of this shape) where given."""
     from fastrnn.kernels.numba_cpu import buffers
     k_total, n_total = w.shape
     width = PANEL_BYTES // w.itemsize
     count = -(-n_total // width) if use and USE_PANELS else 0
-    out = buffers.alloc((count, k_total, width), w.dtype)
+    if out is None:
+        out = buffers.alloc((count, k_total, width), w.dtype)
+    count = out.shape[0]
     if count:
         full = n_total // width
         out[:full] = w[:, :full * width].reshape(k_total, full, width).transpose(1, 0, 2)
