@@ -137,7 +137,7 @@ def layer_weights(cell, params, has_biases, num_layers, num_directions):
     return out
 
 
-def _stack(states):
+def stacked(states):
     """torch.stack of per-layer states; one state as a view (a fresh tensor of the kernel's)."""
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
@@ -187,7 +187,7 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
         layer_input = torch.cat(outputs, 1) if directions == 2 else outputs[0]
         if dropout > 0 and train and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, dropout, training=True)
-    return layer_input, _stack(h_n), None if c0 is None else _stack(c_n)
+    return layer_input, stacked(h_n), None if c0 is None else stacked(c_n)
 
 
 def _recurrent(cell, input, hx, params, has_biases, num_layers, dropout, train, bidirectional,
