@@ -1,7 +1,8 @@
 """The modules' lean inference path: under ``torch.no_grad()`` or ``torch.inference_mode()``, a
 dense CPU input whose backend offers one (numba: :mod:`fastrnn.kernels.numba_cpu.inference`) runs
 the whole layer stack in one call, on weights prepared once per weight version (recurrent weights
-transposed; remade when a weight changed by any route, :mod:`fastrnn.weight_cache`; the biases
+transposed; made again when a weight changed by any route, :mod:`fastrnn.weight_cache`: in place
+where the weights changed in place, as an optimizer's step changes them; the biases
 summed again by each call; a call of a few rows reads every weight in place, and then only
 their data pointers are looked at) and a step plan made once per shape: no autograd Function, no
 checks beyond the input's and state's shapes (a state the last call returned, given back, is
