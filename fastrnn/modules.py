@@ -259,15 +259,12 @@ class PeepholeLSTM(_Recurrent):
     """LSTM with peephole connections (Gers & Schmidhuber 2000; :mod:`fastrnn.cells.peephole_lstm`):
     ``c`` feeds the input and forget gates, ``c'`` the output gate, through per-unit weights.
 
-    Arguments, inputs, outputs and state shapes as ``torch.nn.LSTM`` (no ``proj_size``), plus the
-    keyword-only ``backend``. Parameters: torch.nn.LSTM's (``weight_ih_l{k}``, ``weight_hh_l{k}``,
-    ``bias_ih_l{k}``, ``bias_hh_l{k}``, ``_reverse`` for the second direction) and
-    ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``, each (H,), initialised like the
-    others from U(-1/sqrt(H), 1/sqrt(H)). torch.nn has no such module, so the ``native`` backend
-    cannot run it. Under ``torch.jit.trace`` and ``torch.onnx.export`` it runs the reference
-    loop, unrolled over the traced steps (with a warning: the graph is valid for inputs of that
-    length only); ``torch.jit.script`` raises (no torch.nn twin to script).
-    """
+    Arguments, inputs, outputs and states as ``torch.nn.LSTM`` (no ``proj_size``), plus the
+    keyword-only ``backend``. Parameters: torch.nn.LSTM's and ``weight_ci_l{k}``,
+    ``weight_cf_l{k}``, ``weight_co_l{k}`` (``_reverse``), each (H,), from U(-1/sqrt(H),
+    1/sqrt(H)). No ``native`` backend (torch.nn has no such module); ``torch.jit.trace`` and
+    ``torch.onnx.export`` unroll the reference loop over the traced steps (warning: the graph
+    fits inputs of that length only); ``torch.jit.script`` raises (no torch.nn twin)."""
 
     _torch_class = nn.LSTM
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
@@ -346,21 +343,23 @@ class _Cell(_Backend):
     def forward(self, input, hx=None):
         if exporting():  # the graph torch.nn gives
             return super().forward(input, hx)
-        backend = backends.resolve(self.backend, self.cell, self.weight_ih.device,
-                                   backends.compute_dtype(self.weight_ih), step=True)
-        if backend == "native":
-            return super().forward(input, hx)
+        # torch.nn's forward (checks, messages) around the backend's step (native: its _VF op), the
+        # weights read from _parameters (a Module attribute: 0.5 µs), else (parametrized) as such
+        params = self._parameters
+        try:
+            w_ih, w_hh = params["weight_ih"], params["weight_hh"]
+            b_ih, b_hh = params["bias_ih"], params["bias_hh"]
+        except KeyError:
+            w_ih, w_hh, b_ih, b_hh = self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+        backend = backends.resolve(self.backend, self.cell, w_ih.device,
+                                   backends.compute_dtype(w_ih), step=True)
         is_lstm = self._name == "LSTMCell"
         if input.dim() not in (1, 2):
             raise ValueError(f"{self._name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        if hx is not None:
-            if is_lstm:
-                for idx, value in enumerate(hx):
-                    if value.dim() not in (1, 2):
-                        raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got "
-                                         f"{value.dim()}D instead")
-            elif hx.dim() not in (1, 2):
-                raise ValueError(f"{self._name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        for idx, value in enumerate(() if hx is None else hx if is_lstm else (hx,)):
+            if value.dim() not in (1, 2):
+                raise ValueError(f"{self._name}: Expected {f'hx[{idx}]' if is_lstm else 'hidden'}"
+                                 f" to be 1D or 2D, got {value.dim()}D instead")
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -372,8 +371,9 @@ class _Cell(_Backend):
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0)) if is_lstm else hx.unsqueeze(0)
         if self._name == "RNNCell" and self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        ret = functional._cell(self.cell, input, tuple(hx) if is_lstm else hx, self.weight_ih,
-                               self.weight_hh, self.bias_ih, self.bias_hh, backend)
+        ret = (getattr(torch._VF, f"{self.cell}_cell")(input, hx, w_ih, w_hh, b_ih, b_hh)
+               if backend == "native" else functional._cell(
+                   self.cell, input, tuple(hx) if is_lstm else hx, w_ih, w_hh, b_ih, b_hh, backend))
         if not is_batched:
             ret = (ret[0].squeeze(0), ret[1].squeeze(0)) if is_lstm else ret.squeeze(0)
         return ret

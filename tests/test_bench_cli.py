@@ -129,6 +129,45 @@ def test_stream_profile_splits_a_streamed_call(capsys):
             assert abs(ratio - float(row[6]) / ours) <= 0.006 + 0.051 * (1 + ratio) / ours
 
 
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_stream_profile_takes_a_batch(capsys):
+    """``--batch``: the streamed calls of B rows (the compiled call timed on B rows too)."""
+    threads = torch.get_num_threads()
+    try:
+        _script("stream_profile").main(["--cells", "lstm", "--hidden", "4", "--batch", "3",
+                                        "--calls", "5", "--rounds", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "B=3)" in out and out.count("| lstm | 4 |") == 1
+
+
+def test_cell_profile_times_both_engines(capsys):
+    """bench/cell_profile.py on tiny sizes: a row per cell, dtype, B and H; each ratio torch.nn /
+    fastrnn of the times printed beside it."""
+    threads = torch.get_num_threads()
+    try:
+        _script("cell_profile").main(["--hidden", "3", "--batch", "1,2", "--steps", "3",
+                                      "--rounds", "3", "--dtypes", "float64"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| lstm", "| gru", "| rnn"))]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        (cell, b) for cell in ("rnn", "lstm", "gru") for b in ("1", "2")]
+    for row in rows:
+        for ours, ref, ratio in (row[4:7], row[7:10]):
+            ours, ref, ratio = float(ours), float(ref), float(ratio)
+            assert ours > 0 and ref > 0
+            assert abs(ratio - ref / ours) <= 0.006 + 0.051 * (1 + ratio) / ours
+
+
 def test_flops_counts_packed_rows():
     dense = grid.Case("lstm", 10, 4, 8, "inference")
     assert dense.flops() == 2 * 10 * 4 * 4 * 8 * 16

@@ -278,6 +278,42 @@ def test_functional_api_matches_vf():
     assert_all_close(list(actual), list(expected), torch.float32, "functional.lstm")
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_cells_read_the_weights_a_call_gives(name, backend):
+    """A cell reads its weights as torch.nn's forward would: those torch.func.functional_call
+    passes, a parametrization's, none for bias=False (auto: torch's own op, bitwise)."""
+    from torch.nn.utils import parametrize
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    for bias in (True, False):
+        mod = getattr(fastrnn, name)(4, 3, bias=bias, backend=backend)
+        ref = getattr(nn, name)(4, 3, bias=bias)
+        ref.load_state_dict(mod.state_dict())
+        x, h = torch.randn(2, 4), torch.randn(2, 3)
+        hx = (h, torch.randn(2, 3)) if name == "LSTMCell" else h  # W_hh reads a nonzero state
+        params = {n: torch.randn_like(p) for n, p in mod.named_parameters()}
+        runs = [(torch.func.functional_call(mod, params, (x, hx)),
+                 torch.func.functional_call(ref, params, (x, hx)))]
+        for module in (mod, ref):
+            parametrize.register_parametrization(module, "weight_hh", Double())
+        runs.append((mod(x, hx), ref(x, hx)))
+        for got, want in runs:
+            for g, w in zip(flatten_cell(got), flatten_cell(want), strict=True):
+                if backend == "auto":
+                    assert torch.equal(g, w)
+                else:
+                    torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def flatten_cell(result):
+    return list(result) if isinstance(result, tuple) else [result]
+
+
 @pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
 def test_auto_runs_single_cell_steps_on_torchs_fused_cell_op(name):
     choice = getattr(fastrnn, name)(3, 4).backend_for()
