@@ -20,7 +20,7 @@ import torch
 import fastrnn
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # fastrnn_bench, beside this file
-from fastrnn_bench.timing import cpu_info  # noqa: E402
+from fastrnn_bench.timing import machine_line  # noqa: E402
 
 CELLS = {"rnn": "RNNCell", "lstm": "LSTMCell", "gru": "GRUCell"}
 
@@ -74,12 +74,8 @@ def main(argv=None):
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cpu = cpu_info()
-    print(f"- machine: {cpu['cpu_model']} ({cpu.get('cpu_vendor')}, family/model "
-          f"{cpu.get('cpu_family_model')}), torch threads {args.threads}; torch "
-          f"{torch.__version__}; backend {args.backend!r}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; µs per step of a "
-          f"{args.steps}-step loop, median of {args.rounds} interleaved rounds\n")
+    print(machine_line(args.threads, f"backend {args.backend!r}; µs per step of a {args.steps}-"
+                                     f"step loop, median of {args.rounds} interleaved rounds"))
     print("| cell | dtype | B | H | forward fastrnn | torch.nn | ×torch | fwd+bwd fastrnn | "
           "torch.nn | ×torch |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")

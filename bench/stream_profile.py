@@ -30,7 +30,7 @@ CLASSES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # fastrnn_bench, beside this file
-from fastrnn_bench.timing import cpu_info  # noqa: E402
+from fastrnn_bench.timing import machine_line  # noqa: E402
 
 
 def _onnx(cell, module, batch):
@@ -105,12 +105,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cpu = cpu_info()
-    print(f"- machine: {cpu['cpu_model']} ({cpu.get('cpu_vendor')}, family/model "
-          f"{cpu.get('cpu_family_model')}), torch threads {args.threads}; torch "
-          f"{torch.__version__}, numba {__import__('numba').__version__}; "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; µs per streamed call (T=1, "
-          f"B={args.batch}), median of interleaved rounds\n")
+    print(machine_line(args.threads, f"numba {__import__('numba').__version__}; µs per streamed "
+                                     f"call (T=1, B={args.batch}), median of interleaved rounds"))
     print("| cell | H | fastrnn | compiled call | rest (Python) | torch.nn | ONNX Runtime | ×ORT |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for cell in args.cells.split(","):

@@ -104,18 +104,26 @@ def test_numba_profile_splits_each_call(tmp_path):
         assert abs(ratio - torch_ms / numba_ms) <= 0.005 + 1.01 * rounding
 
 
-def test_stream_profile_splits_a_streamed_call(capsys):
+def _script(name):
+    """The module of ``bench/<name>.py``."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    """torch's thread count as it was before the test (the scripts set theirs)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_stream_profile_splits_a_streamed_call(capsys, keep_threads):
     """bench/stream_profile.py on tiny sizes: a row per cell and H, the compiled call (numba's one
     compiled call: streamed calls take it) part of fastrnn's call, ×ORT its ratio."""
-    spec = importlib.util.spec_from_file_location("stream_profile",
-                                                  ROOT / "bench" / "stream_profile.py")
-    profile = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profile)
-    threads = torch.get_num_threads()
-    try:
-        profile.main(["--hidden", "4,8", "--calls", "5", "--rounds", "3"])
-    finally:
-        torch.set_num_threads(threads)
+    _script("stream_profile").main(["--hidden", "4,8", "--calls", "5", "--rounds", "3"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| lstm", "| gru", "| rnn"))]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
@@ -129,34 +137,19 @@ def test_stream_profile_splits_a_streamed_call(capsys):
             assert abs(ratio - float(row[6]) / ours) <= 0.006 + 0.051 * (1 + ratio) / ours
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_stream_profile_takes_a_batch(capsys):
+def test_stream_profile_takes_a_batch(capsys, keep_threads):
     """``--batch``: the streamed calls of B rows (the compiled call timed on B rows too)."""
-    threads = torch.get_num_threads()
-    try:
-        _script("stream_profile").main(["--cells", "lstm", "--hidden", "4", "--batch", "3",
-                                        "--calls", "5", "--rounds", "3"])
-    finally:
-        torch.set_num_threads(threads)
+    _script("stream_profile").main(["--cells", "lstm", "--hidden", "4", "--batch", "3",
+                                    "--calls", "5", "--rounds", "3"])
     out = capsys.readouterr().out
     assert "B=3)" in out and out.count("| lstm | 4 |") == 1
 
 
-def test_cell_profile_times_both_engines(capsys):
+def test_cell_profile_times_both_engines(capsys, keep_threads):
     """bench/cell_profile.py on tiny sizes: a row per cell, dtype, B and H; each ratio torch.nn /
     fastrnn of the times printed beside it."""
-    threads = torch.get_num_threads()
-    try:
-        _script("cell_profile").main(["--hidden", "3", "--batch", "1,2", "--steps", "3",
-                                      "--rounds", "3", "--dtypes", "float64"])
-    finally:
-        torch.set_num_threads(threads)
+    _script("cell_profile").main(["--hidden", "3", "--batch", "1,2", "--steps", "3",
+                                  "--rounds", "3", "--dtypes", "float64"])
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines()
             if line.startswith(("| lstm", "| gru", "| rnn"))]
     assert [(r[0].strip(), r[2].strip()) for r in rows] == [

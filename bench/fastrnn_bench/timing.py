@@ -270,6 +270,15 @@ def _version(module):
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
 
 
+def machine_line(threads, what):
+    """The first line the profile scripts print: the CPU (:func:`cpu_info`), torch's thread count
+    and version, the time (UTC), then ``what`` the table holds."""
+    cpu = cpu_info()
+    return (f"- machine: {cpu['cpu_model']} ({cpu.get('cpu_vendor')}, family/model "
+            f"{cpu.get('cpu_family_model')}), torch threads {threads}; torch {torch.__version__}; "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {what}\n")
+
+
 def cpu_info():
     """The CPU as /proc/cpuinfo names it: model, vendor, family/model numbers, the ISA flags the
     kernels care about (:data:`ISA_FLAGS`), and the BLAS torch was built with."""
