@@ -51,6 +51,7 @@ def _bptt(gemm, group, step_gemm, code, grad_y, grad_h_n, grad_c_n, y, h0, c0, g
     thread, the states' gradients grad_h_n (B, P) and grad_c_n (B, H) or (0, 0) (zeros) copied
     into dh and dc, h_prev (N, P) scratch (or (0, 0): one step), the gradients written into
     d_w_hh (G*H, P), d_bias (G*H,) or (0,), d_b_hn (H,) or (0,), d_w_hr (P, H) or (0, 0)."""
+    _prefer_wide_vectors()  # as the loop's own: where LLVM inlines it here
     for b in range(dh.shape[0]):
         for k in range(dh.shape[1]):
             dh[b, k] = grad_h_n[b, k]
