@@ -242,13 +242,14 @@ def test_a_cache_that_fails_is_a_miss_and_an_unsaved_entry_never_an_error():
         jit.GuardedCache(None, Warm()).save_overload(None, None)  # read only: nothing to save
 
 
-# Every cell's forward and backward (float32: dense, packed, inference) against torch.nn, then
+# Every cell's forward and backward (float32: dense, packed, inference) against torch.nn, the
+# forward and backward loops loaded (the backward's on one thread inside bptt's one call), then
 # whether numba had to load its typing and lowering registries (numba.np.linalg is one of the
 # modules only that loads), then a float64 call that may compile (a miss after cached loads).
 WARM_CALLS = """
 import sys, torch, fastrnn
 from torch.nn.utils.rnn import pack_padded_sequence
-from fastrnn.kernels.numba_cpu import loops
+from fastrnn.kernels.numba_cpu import bptt, loops
 torch.manual_seed(0)
 for mine, theirs in ((fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU),
                      (fastrnn.RNN, torch.nn.RNN)):
@@ -266,8 +267,9 @@ for mine, theirs in ((fastrnn.LSTM, torch.nn.LSTM), (fastrnn.GRU, torch.nn.GRU),
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4)
     with torch.no_grad():
         torch.testing.assert_close(mod(x)[0], ref(x)[0], atol=1e-5, rtol=1e-4)
-loaded = [sum(f.stats.cache_hits.values()) for f in (loops._forward_thread, loops._backward_thread)]
-compiled = [sum(f.stats.cache_misses.values()) for f in (loops._forward_thread, loops._backward_thread)]
+loops_of = ((loops._forward_thread,), (loops._backward_thread, bptt._bptt))  # forward, backward
+loaded = [sum(sum(f.stats.cache_hits.values()) for f in fs) for fs in loops_of]
+compiled = [sum(sum(f.stats.cache_misses.values()) for f in fs) for fs in loops_of]
 from numba.core.runtime import rtsys
 print("loaded", loaded, "compiled", compiled, "registries", "numba.np.linalg" in sys.modules,
       "array module", "numba.np.arrayobj" in sys.modules, "runtime", rtsys._init)
