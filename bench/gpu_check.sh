@@ -12,7 +12,8 @@
 # Writes to DIR (default bench/results/gpu-check): env.txt (date, GPU, versions), tests.log,
 # junit.xml, bench.log and bench.tgz (fastrnn-bench's results.json/results.md/plots on GRID:
 # quick, or gpu10 with the cell-loop baseline), persistent.log and persistent.tgz (lstm on the
-# "persistent" grid: triton's persistent forward vs its step kernels vs cuDNN vs a cell loop),
+# "persistent" grid: triton's persistent kernels vs its step kernels, launched and replayed from a
+# CUDA graph, vs cuDNN vs a cell loop),
 # profile.log/.json (bench/gpu_profile.py) and tiles.log (bench/gpu_tiles.py): 10 files, what a
 # lent machine sends back.
 set -u
@@ -71,7 +72,7 @@ echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 stage "persistent vs step vs cuDNN, lstm (cases started within ${PERSIST_S} s)"
 timeout -s INT -k 30 $(( PERSIST_S + 60 )) $PY bench/gpu_bench.py --grid persistent \
-  --cells lstm --backends triton-persistent,triton-step --baselines torch,cell-loop --budget 0.05 \
+  --cells lstm --backends triton-persistent,triton-step,triton-step+graph --baselines torch,cell-loop --budget 0.05 \
   --dtypes "$DTYPES" --max-minutes "$(awk "BEGIN{print $PERSIST_S/60}")" --no-progress \
   --out "$OUT/persistent" 2>&1 | tee "$OUT/persistent.log"
 echo "persistent bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/persistent.log"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 import fastrnn
+from fastrnn_bench.graphs import graphed
 
 CASES = [  # cell, T, B, H, dtype: the fused strategy (H <= 128) and the step strategy (H = 512)
     ("lstm", 256, 32, 128, torch.bfloat16), ("lstm", 256, 32, 512, torch.bfloat16),
@@ -38,20 +39,6 @@ def _median_ms(fn, repeats=20):
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def _graphed(fn):
-    """``fn`` captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def _kernels(fn, calls=5):
@@ -94,7 +81,7 @@ def profile(cell, T, B, H, dtype, mode):
             run(model, mode)
         row = {"eager_ms": _median_ms(call)}
         try:
-            row["graph_ms"] = _median_ms(_graphed(call))
+            row["graph_ms"] = _median_ms(graphed(call))
         except Exception as e:  # noqa: BLE001 - recorded: a call that cannot be captured
             row["graph_error"] = f"{type(e).__name__}: {str(e)[:120]}"
         row["kernel_ms"], row["kernels"] = _kernels(call)

@@ -10,7 +10,8 @@ import json
 import torch
 
 from fastrnn.kernels.triton_gpu import configs
-from gpu_profile import _graphed, _median_ms, models
+from fastrnn_bench.graphs import graphed
+from gpu_profile import _median_ms, models
 
 CASES = [("lstm", 256, 32, 512, torch.bfloat16), ("lstm", 256, 128, 512, torch.bfloat16),
          ("lstm", 256, 32, 128, torch.float32), ("gru", 256, 32, 768, torch.bfloat16)]
@@ -19,11 +20,11 @@ TILES = [(16, 16), (16, 32), (16, 64), (32, 16), (32, 32), (32, 64), (32, 128), 
 
 def time_case(cell, T, B, H, dtype, mode, tiles):
     ref, fast, run = models(cell, T, B, H, dtype)
-    row = {"cudnn": _median_ms(_graphed(lambda: run(ref, mode)))}
+    row = {"cudnn": _median_ms(graphed(lambda: run(ref, mode)))}
     for bh, bk in tiles:
         try:
             with configs.forced_strategy("step", bh, bk):
-                row[f"{bh}x{bk}"] = _median_ms(_graphed(lambda: run(fast, mode)))
+                row[f"{bh}x{bk}"] = _median_ms(graphed(lambda: run(fast, mode)))
         except Exception as e:  # noqa: BLE001 - a tile that does not compile or fit: recorded
             row[f"{bh}x{bk}"] = f"{type(e).__name__}: {str(e)[:80]}"
     return row

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastrnn_bench import baselines, cli, grid
+from fastrnn_bench import baselines, cli, grid, timing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,9 @@ def test_gpu_bench_imports_and_its_grid_is_sized():
     assert len(cases) <= 400
     args = cli.parser().parse_args(gpu_bench.DEFAULT_ARGS)
     assert args.device == "cuda" and args.grid == "gpu10" and args.max_minutes < 10
-    assert cli._csv(args.backends, baselines.KERNEL_BACKENDS, "backends") == ["triton", "native"]
+    plain = cli._csv(args.backends, [n + g for n in baselines.KERNEL_BACKENDS
+                                     for g in ("", cli.GRAPH)], "backends")
+    assert plain == ["triton", "native", "triton+graph", "native+graph"]
 
 
 def test_numba_profile_splits_each_call(tmp_path):
@@ -289,3 +291,28 @@ def test_forced_triton_strategies_are_skipped_where_they_cannot_run():
     assert "fused kernels' limit" in baselines._strategy_refused(big, cpu, "fused")
     assert baselines._strategy_refused(case, cpu, "step") is None
     assert set(baselines.FORCED_TRITON) == {"triton-fused", "triton-step", "triton-persistent"}
+
+
+def test_graph_backends_replay_on_cuda_and_are_skipped_elsewhere(monkeypatch):
+    """``--backends native+graph`` (any backend +graph) is accepted; off CUDA it is a Skip saying
+    why; a capture that fails is a Skip with the error; a replay's peak memory is not reported
+    as a measurement (a replay allocates nothing)."""
+    from fastrnn_bench import graphs
+    case = grid.build_grid("tiny", "cpu", cells=["gru"], modes=["inference"])[0]
+    impls = baselines.build_impls(case, "cpu", ["native", "native+graph"], ["torch"])
+    assert isinstance(impls["fastrnn-native"], baselines.Impl)
+    assert "need a CUDA device" in str(impls["fastrnn-native+graph"])
+
+    def refuse(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+    monkeypatch.setattr(graphs, "graphed", refuse)
+    assert graphs.replayed(None, torch.device("cuda")) == (
+        None, "capture failed: RuntimeError: operation not permitted when stream is capturing")
+    run = impls["fastrnn-native"].run
+    replay = baselines.Impl("x+graph", "fastrnn", run, None, replayed=True)
+    result = timing.measure({"x+graph": replay}, torch.device("cpu"),
+                            timing.Settings(repeats=3, memory="rss"))["x+graph"]
+    assert result["status"] == "ok" and result["peak_mem_bytes"] is None
+    assert "CUDA graph" in result["peak_mem_error"]
+    args = cli.parser().parse_args(["--backends", "triton-step+graph,numba"])
+    assert cli._csv(args.backends, ["triton-step+graph", "numba"], "backends")

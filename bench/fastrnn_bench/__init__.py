@@ -5,6 +5,7 @@
 * :mod:`.grid`: the cases (:class:`~.grid.Case`) and the named grids;
 * :mod:`.baselines`: the implementations timed (fastrnn backends, torch.nn, a loop of nn cells,
   an ONNX Runtime node);
+* :mod:`.graphs`: ``+graph`` backends, the call replayed from a CUDA graph;
 * :mod:`.timing`: the interleaved median method, peak memory, the output check, machine info;
 * :mod:`.report`: ratios, comparison with a previous run, ``results.md``, the printed summary;
 * :mod:`.plots`: the PNG plots;

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import graphs
 from .grid import DTYPES, GATES
 
 FASTRNN_CELL = {"rnn": "rnn_tanh", "lstm": "lstm", "gru": "gru"}
@@ -47,6 +48,7 @@ class Impl:
     kind: str  # "fastrnn" | "baseline"
     run: object = None
     output: object = None
+    replayed: bool = False  # run replays a CUDA graph (a "+graph" backend)
 
 
 def default_backends(device, explicit=None):
@@ -342,6 +344,7 @@ def build_impls(case, device, backends, baselines, explicit_backends=False):
     torch_impl.module, torch_impl.x, torch_impl.lengths = reference, x, lengths
     for backend in backends:
         name = f"fastrnn-{backend}"
+        backend, graph = backend.removesuffix(graphs.GRAPH), backend.endswith(graphs.GRAPH)
         backend, _, strategy = backend.partition("-")
         reason = fb.why_not(backend, FASTRNN_CELL[case.cell], device, dtype) or (
             strategy and _strategy_refused(case, device, strategy))
@@ -358,7 +361,8 @@ def build_impls(case, device, backends, baselines, explicit_backends=False):
         run, output = _module_runner(module, case, x, packed)
         if strategy:
             run, output = _forcing(run, strategy), _forcing(output, strategy)
-        impls[name] = Impl(name, "fastrnn", run, output)
+        replay, reason = graphs.replayed(run, device) if graph else (run, None)
+        impls[name] = Skip(reason) if reason else Impl(name, "fastrnn", replay, output, graph)
     if "cell-loop" in baselines:
         if packed is not None:
             impls["cell-loop"] = Skip("no packed input for a loop of cells")

@@ -31,6 +31,7 @@ import torch
 
 from .baselines import (BASELINES, FORCED_TRITON, KERNEL_BACKENDS, LOOP_MAX_STEPS,
                         LOOP_MAX_TRAINING_WORK, ONNX_TOLERANCE, build_impls, default_backends)
+from .graphs import GRAPH
 from .grid import CELLS, DTYPES, MODES, build_grid
 from .plots import plots
 from .report import _print_summary, compare, markdown, noise_check, ratios
@@ -157,7 +158,8 @@ def parser():
     p.add_argument("--backends", default=None,
                    help="fastrnn backends to time (comma list of numba,triton,native,reference, "
                         "or triton-fused/triton-step/triton-persistent: triton with that "
-                        "strategy forced; default: every backend available on the device)")
+                        "strategy forced; any of them +graph: the call replayed from a CUDA "
+                        "graph; default: every backend available on the device)")
     p.add_argument("--baselines", default="torch,cell-loop,onnxruntime",
                    help="comma list of torch,cell-loop,onnxruntime")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -201,7 +203,9 @@ def main(argv=None):
     dtypes = _csv(args.dtypes, tuple(DTYPES), "dtypes") if args.dtypes else None
     baselines = _csv(args.baselines, BASELINES, "baselines")
     explicit = args.backends is not None
-    backends = (_csv(args.backends, KERNEL_BACKENDS + FORCED_TRITON, "backends") if explicit
+    names = KERNEL_BACKENDS + FORCED_TRITON
+    backends = (_csv(args.backends, names + tuple(n + GRAPH for n in names), "backends")
+                if explicit
                 else default_backends(device))
     cases = build_grid(grid_name, device, cells, modes, dtypes)
     out = Path(args.out or f"{DEFAULT_OUT}/{device.type}-{grid_name}")

@@ -178,7 +178,10 @@ def measure(impls, device, settings):
         res["min_s"] = times[0]
         q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
         res["iqr_s"] = q[2] - q[0]
-        if settings.memory != "off":
+        if live[name].replayed:  # a graph replay allocates nothing
+            res["peak_mem_bytes"] = None
+            res["peak_mem_error"] = "not measured: replayed from a CUDA graph (its own pool)"
+        elif settings.memory != "off":
             try:
                 res["peak_mem_bytes"] = peak_memory(live[name].run, device, settings.memory)
             except Exception as e:  # noqa: BLE001
