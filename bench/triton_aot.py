@@ -44,7 +44,9 @@ def aot_source(config, aligned=True):
         raise RuntimeError("AOT compilation needs the compiled Triton frontend: run it in a "
                            "process without TRITON_INTERPRET=1 (see aot_resources)")
     # CELL: the cell's step math (a CellMath of @triton.jit helpers), a constexpr like the rest.
-    constexprs = {"CELL": cell_math(config.cell), "BLOCK_B": config.block_b}
+    # (16-bit: with the fast activations, as make_plan gives them on CUDA)
+    constexprs = {"CELL": cell_math(config.cell, fast=config.dtype != "float32"),
+                  "BLOCK_B": config.block_b}
     if config.kernel.startswith("forward"):
         constexprs["SAVE"] = config.save
     if config.strategy == "fused":
@@ -86,7 +88,8 @@ def resource_usage(config, cc, aligned=True):
 
     Returns a dict: config (name), cc, aligned, REG, STACK (bytes; > 0 means spills), SHARED
     (static shared memory, bytes), metadata_shared (dynamic shared memory the launch requests,
-    bytes), shared_limit (bytes), compile_s, triton (the version that compiled it).
+    bytes), shared_limit (bytes), compile_s, triton (the version that compiled it), tanh_approx
+    (``tanh.approx.f32`` instructions in its PTX: the fast activations).
     """
     import re
     import subprocess
@@ -106,7 +109,8 @@ def resource_usage(config, cc, aligned=True):
              for key in ("REG", "STACK", "SHARED")}
     return dict(config=config.name, cc=cc, aligned=aligned, **found,
                 metadata_shared=int(kernel.metadata.shared), shared_limit=ARCH_SHARED[cc],
-                compile_s=round(seconds, 2), triton=triton.__version__)
+                compile_s=round(seconds, 2), triton=triton.__version__,
+                tanh_approx=kernel.asm["ptx"].count("tanh.approx.f32"))
 
 
 def fits(row):

@@ -96,6 +96,14 @@ def kernels(name):
     return reference if name == "reference" else KERNELS[name]
 
 
+def bias_in_projection(name, device):
+    """Whether the layers add the recurrence bias in the input projection's GEMM for backend
+    ``name`` on ``device`` (its ``CAPABILITIES.bias_in_projection``) rather than pass it to its
+    kernels."""
+    caps = getattr(kernels(name), "CAPABILITIES", None)
+    return caps is not None and torch.device(device).type in caps.bias_in_projection
+
+
 def why_not(name, cell, device, dtype, proj_size=0):
     """Why backend ``name`` cannot run this case, or None if it can. torch.nn (``native``) and the
     reference run every torch.nn case (torch.nn raises its own errors for what it does not

@@ -44,7 +44,7 @@ def _check_same_dtype(tensor, weight):
                            f"{_dtype_name(tensor.dtype)} and {_dtype_name(weight.dtype)}")
 
 
-def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None, out=None):
+def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None, out=None, fold_bias=False):
     """``x W_ih^T`` for all steps as one GEMM, and the bias the recurrence adds to it.
 
     x: (N, I), w_ih: (G*H, I), biases (G*H,) or None. Returns ``(xg, bias, b_hn)``: xg (N, G*H),
@@ -55,13 +55,18 @@ def input_projection(cell, x, w_ih, b_ih, b_hh, backend=None, out=None):
     ``backend``: where no gradient is recorded, the kernel backend whose own projection runs
     where it has one for this input (numba: :mod:`fastrnn.kernels.numba_cpu.projection`, as its
     lean inference path), else torch's. ``out``: None, or an (N, G*H) tensor xg is written into
-    (no gradient recorded).
+    (no gradient recorded). ``fold_bias``: the bias is added by the GEMM instead
+    (``torch.addmm``; for backends whose device adds it in the GEMM's epilogue, such as cuBLASLt)
+    and returned as None.
     """
+    bias, b_hn = projection_bias(cell, b_ih, b_hh)
+    if fold_bias and bias is not None:
+        return torch.addmm(bias, x, w_ih.t(), out=out), None, b_hn
     project = getattr(backends.kernels(backend), "project", None) if backend else None
     xg = project(x, w_ih, out) if project is not None else None
     if xg is None:
         xg = x @ w_ih.t() if out is None else torch.mm(x, w_ih.t(), out=out)
-    return (xg, *projection_bias(cell, b_ih, b_hh))
+    return xg, bias, b_hn
 
 
 def projection_bias(cell, b_ih, b_hh):
@@ -142,6 +147,42 @@ def stacked(states):
     return states[0].unsqueeze(0) if len(states) == 1 else torch.stack(states)
 
 
+_SIDE_STREAMS = {}  # {CUDA device: the stream reverse directions run on}
+
+
+def _side_stream(backend, x, directions):
+    """The CUDA stream a bidirectional layer's reverse direction runs on, beside the forward
+    direction on the current stream (triton on CUDA: its small-batch kernels fill a few SMs, two
+    directions at once fill twice as many); None: one after the other. Made outside a CUDA graph
+    capture (none is made during one: then the directions run one after the other)."""
+    if directions != 2 or backend != "triton" or x.device.type != "cuda":
+        return None
+    stream = _SIDE_STREAMS.get(x.device)
+    if stream is None and not torch.cuda.is_current_stream_capturing():
+        stream = _SIDE_STREAMS[x.device] = torch.cuda.Stream(x.device)
+    return stream
+
+
+def _beside(side, fn, inputs):
+    """``fn()`` on stream ``side`` after the current stream's work so far; the current stream
+    then waits for it. The allocator is told which stream uses what: ``inputs`` (tensors or
+    None, made on the current stream) are used on ``side`` too, the results on the current one.
+    Autograd runs each backward op on its forward op's stream, so the backward of the two
+    directions overlaps as well."""
+    main = torch.cuda.current_stream(side.device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        out = fn()
+    for t in inputs:
+        if t is not None:
+            t.record_stream(side)
+    main.wait_stream(side)
+    for t in out:
+        if t is not None:
+            t.record_stream(main)
+    return out
+
+
 def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train,
           bidirectional, backend):
     """Run a stack of layers over packed-layout data on a resolved backend name.
@@ -156,31 +197,44 @@ def stack(cell, x, batch_sizes, h0, c0, params, has_biases, num_layers, dropout,
         _check_same_dtype(c0, layers[0].w_hh)
     layer_input, h_n, c_n = x, [], []
 
-    def project(x, w_ih):
-        return input_projection(cell, x, w_ih, None, None)[0]
+    fold = backends.bias_in_projection(backend, x.device)  # the GEMM adds the bias
 
+    def project(x, w_ih, *biases):  # (b_ih, b_hh) when the GEMM adds the bias
+        return input_projection(cell, x, w_ih, *(biases or (None, None)), fold_bias=True)[0]
+
+    def run(layer, direction):
+        """(y, h, c) of one layer and direction."""
+        k = layer * directions + direction
+        weights = layers[k]
+        h0_k, c0_k = h0[k], None if c0 is None else c0[k]
+        chunks = functools.partial(autograd.chunk_steps, layer_input.shape[0], h0_k.shape[0],
+                                   weights.w_ih.shape[0], weights.w_hh.shape[1],
+                                   layer_input.element_size())
+        how = route(backend, layer_input, chunks, (layer_input, h0_k, c0_k, *weights))
+        if how == "chunked":
+            return _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k, weights,
+                                  direction == 1, chunks())
+        xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
+                                          weights.b_hh, backend if how == "inference" else None,
+                                          fold_bias=fold)
+        # How to make xg again, should a double backward need it (not kept meanwhile).
+        recipe = None
+        if how == "autograd":
+            recipe = (project, layer_input, weights.w_ih) + (
+                (weights.b_ih, weights.b_hh) if fold and weights.b_ih is not None else ())
+        return recurrence(backend, cell, xg, h0_k, c0_k, weights.w_hh, b_hn, weights.w_hr,
+                          batch_sizes, direction == 1, bias, weights.w_cell, how=how,
+                          recipe=recipe)
+
+    side = _side_stream(backend, x, directions)
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
-            k = layer * directions + direction
-            weights = layers[k]
-            h0_k, c0_k = h0[k], None if c0 is None else c0[k]
-            chunks = functools.partial(autograd.chunk_steps, layer_input.shape[0],
-                                       h0_k.shape[0], weights.w_ih.shape[0],
-                                       weights.w_hh.shape[1], layer_input.element_size())
-            how = route(backend, layer_input, chunks, (layer_input, h0_k, c0_k, *weights))
-            if how == "chunked":
-                y, h, c = _chunked_layer(backend, cell, layer_input, batch_sizes, h0_k, c0_k,
-                                         weights, direction == 1, chunks())
+            if side is not None and direction == 1:
+                y, h, c = _beside(side, functools.partial(run, layer, 1),
+                                  (layer_input, h0, c0, *layers[layer * 2 + 1]))
             else:
-                xg, bias, b_hn = input_projection(cell, layer_input, weights.w_ih, weights.b_ih,
-                                                  weights.b_hh,
-                                                  backend if how == "inference" else None)
-                # How to make xg again, should a double backward need it (not kept meanwhile).
-                recipe = (project, layer_input, weights.w_ih) if how == "autograd" else None
-                y, h, c = recurrence(backend, cell, xg, h0_k, c0_k, weights.w_hh, b_hn,
-                                     weights.w_hr, batch_sizes, direction == 1, bias,
-                                     weights.w_cell, how=how, recipe=recipe)
+                y, h, c = run(layer, direction)
             outputs.append(y)
             h_n.append(h)
             c_n.append(c)

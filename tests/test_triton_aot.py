@@ -111,8 +111,15 @@ def resources(tmp_path_factory):
                          ids=[f"{c.name}-sm{cc}-{'aligned' if a else 'unaligned'}"
                               for c, cc, a in CASES])
 def test_fits(resources, config, cc, aligned):
+    """... and the 16-bit forward kernels compute their activations with tanh.approx.f32 (the
+    fast activations they run with on CUDA; rnn_relu has none to approximate, and of the
+    backward kernels only the LSTMs' recompute one), float32 kernels never."""
     row = resources[(config.name, cc, aligned)]
     assert aot.fits(row), f"{config.name} does not fit sm_{cc} (aligned={aligned}): {row}"
+    if config.dtype == "float32":
+        assert row["tanh_approx"] == 0, row
+    elif config.kernel.startswith("forward") and config.cell != "rnn_relu":
+        assert row["tanh_approx"] > 0, row
 
 
 PERSISTENT = [case for case in CASES if case[0].strategy == "persistent"]

@@ -160,12 +160,15 @@ def _no_strategy():
 
 
 @needs_cuda
+@pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("strategy", ["fused", "step", "persistent"])
-def test_cuda_graph_captures_forward_and_backward(strategy):
+def test_cuda_graph_captures_forward_and_backward(strategy, bidirectional):
     """A fastrnn.LSTM forward + backward captured in a CUDA graph and replayed on new data gives
-    the output and weight gradients of an eager call."""
+    the output and weight gradients of an eager call (bidirectional: the reverse direction on
+    its side stream, forked from and joined to the capturing stream)."""
     torch.manual_seed(0)
-    model = fastrnn.LSTM(16, 32, num_layers=2, backend="triton").to(DEVICE)
+    model = fastrnn.LSTM(16, 32, num_layers=2, backend="triton",
+                         bidirectional=bidirectional).to(DEVICE)
     assert model.backend_for().name == "triton"
     static_x = torch.randn(12, 4, 16, device=DEVICE)
     forced = (tg.forced_strategy(strategy, 16, 16) if strategy != "fused" else _no_strategy())
@@ -243,3 +246,120 @@ def test_auto_module_choice_on_this_gpu():
     assert choice.name == "native" and "measured slower" in choice.reason
     peephole = fastrnn.PeepholeLSTM(8, 16).to(DEVICE)
     assert peephole.backend_for().name == "triton"
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bias_in_the_projection_gemm(monkeypatch, cell):
+    """On CUDA (``CAPABILITIES.bias_in_projection``) the layers add the bias in the input
+    projection's GEMM (torch.addmm) and give the kernels none. Forced here on the CPU: the
+    launcher gets ``bias=None`` (GRU: b_hn still), and outputs, final states, every gradient and
+    a double backward match torch.nn's (float32, 1e-5; gradients 1e-4)."""
+    assert backends.bias_in_projection("triton", "cuda")
+    assert not backends.bias_in_projection("triton", "cpu")
+    assert not backends.bias_in_projection("numba", "cpu")
+    assert not backends.bias_in_projection("reference", "cuda")
+    import dataclasses
+    monkeypatch.setattr(tg, "CAPABILITIES", dataclasses.replace(
+        tg.CAPABILITIES, bias_in_projection=(DEVICE.type,)))
+    seen = []
+    forward = launch.recurrence_forward
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("bias"), args[5]))
+        return forward(*args, **kwargs)
+    monkeypatch.setattr(launch, "recurrence_forward", spy)
+    torch.manual_seed(3)
+    ours = getattr(fastrnn, cell.upper())(5, 16, num_layers=2, backend="triton").to(DEVICE)
+    ref = getattr(torch.nn, cell.upper())(5, 16, num_layers=2).to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 3, 5, device=DEVICE)
+    outs = []
+    for module in (ours, ref):
+        xi = x.clone().requires_grad_()
+        y, state = module(xi)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = (y * y).sum() + sum(s.sum() for s in states)
+        grads = torch.autograd.grad(loss, [xi, *module.parameters()], create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), xi)[0]
+        outs.append((y, *states, *grads, second))
+    assert len(seen) == 2 and all(b is None for b, _ in seen)
+    assert all((b_hn is not None) == (cell == "gru") for _, b_hn in seen)
+    for k, (a, b) in enumerate(zip(*outs)):
+        tol = 1e-5 if k < 1 + len(states) else 1e-4
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+@needs_cuda
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reverse_direction_runs_on_a_side_stream(monkeypatch, cell):
+    """A bidirectional layer's reverse direction runs its kernels on the side stream (forward
+    and backward) while the forward direction runs on the current one; outputs, final states
+    and every gradient match torch.nn (float32, 1e-4), and two calls give the same bits."""
+    from fastrnn import functional
+    streams = []
+    for name in ("recurrence_forward", "recurrence_backward"):
+        original = getattr(launch, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            streams.append((_name, args[8] if _name == "recurrence_forward" else args[10],
+                            torch.cuda.current_stream().stream_id))
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(launch, name, spy)
+    torch.manual_seed(5)
+    ours = getattr(fastrnn, cell.upper())(8, 24, num_layers=2, bidirectional=True,
+                                          backend="triton").to(DEVICE)
+    ref = getattr(torch.nn, cell.upper())(8, 24, num_layers=2, bidirectional=True).to(DEVICE)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(9, 5, 8, device=DEVICE)
+    results = []
+    for module in (ours, ours, ref):
+        with torch.backends.cudnn.flags(enabled=False):  # torch.nn in float32, no TF32
+            xi = x.clone().requires_grad_()
+            y, state = module(xi)
+            states = state if isinstance(state, tuple) else (state,)
+            (y.square().sum() + sum(s.sum() for s in states)).backward()
+        results.append([y.detach(), *[s.detach() for s in states], xi.grad,
+                        *[p.grad for p in module.parameters()]])
+        module.zero_grad(set_to_none=True)
+    side = functional._SIDE_STREAMS[DEVICE].stream_id
+    main = torch.cuda.current_stream().stream_id
+    assert {(name, reverse, sid) for name, reverse, sid in streams} == {
+        (name, reverse, side if reverse else main)
+        for name in ("recurrence_forward", "recurrence_backward") for reverse in (False, True)}
+    for a, b in zip(results[0], results[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(results[0], results[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_fast_activations_for_16_bit_on_cuda(monkeypatch):
+    """16-bit kernels on CUDA take the fast activations (tanh.approx.f32: the AOT test finds it
+    in their PTX); float32 and the interpreter the exact ones. The fast CELL is another
+    constexpr; wherever a cell's helpers referred to tanh or sigmoid (rnn_relu's never do), its
+    fast helpers refer to the fast functions instead, in their globals and closures alike."""
+    from fastrnn.kernels.triton_gpu import step_math as sm
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sm.fast_activations(torch.bfloat16, cuda) and sm.fast_activations(torch.float16, cuda)
+    assert not sm.fast_activations(torch.float32, cuda)
+    assert not sm.fast_activations(torch.bfloat16, cpu)
+    def refers(math):  # what the cell's own helpers refer to (globals and closures)
+        return {id(v) for fn in math.own.values() for v in (
+            *fn.fn.__globals__.values(), *(c.cell_contents for c in fn.fn.__closure__ or ()))}
+    for cell in configs.CELLS:
+        exact, fast = refers(sm.cell_math(cell)), refers(sm.cell_math(cell, fast=True))
+        for old, new in sm.FAST_ACTIVATIONS:
+            assert id(old) not in fast and id(new) not in exact, cell
+        uses = {id(old) for old, _ in sm.FAST_ACTIVATIONS} & exact
+        assert bool(uses) == (cell != "rnn_relu"), cell
+        assert {id(new) for old, new in sm.FAST_ACTIVATIONS if id(old) in uses} <= fast
+    lstm = sm.cell_math("lstm", fast=True).forward.fn
+    assert lstm.__globals__["tanh"] is sm.fast_tanh
+    assert lstm.__globals__["sigmoid"] is sm.fast_sigmoid
+    elman = sm.cell_math("rnn_tanh", fast=True).forward.fn
+    assert [c.cell_contents for c in elman.__closure__ if c.cell_contents is sm.fast_tanh]
+    xg, h0 = torch.zeros(6, 64, dtype=torch.bfloat16), torch.zeros(2, 16, dtype=torch.bfloat16)
+    w_hh = torch.zeros(64, 16, dtype=torch.bfloat16)
+    args = ("lstm", xg, h0, h0, w_hh, None, None, [2, 2, 2], False)
+    assert launch.make_plan(*args).step_math == sm.cell_math("lstm")
+    monkeypatch.setattr(launch, "fast_activations", lambda dtype, device: True)
+    assert launch.make_plan(*args).step_math == sm.cell_math("lstm", fast=True)

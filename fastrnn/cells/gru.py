@@ -98,19 +98,18 @@ def triton_step_math():
     import triton.language as tl
 
     from fastrnn.kernels.triton_gpu.step_math import (CellMath, cell_jit, load_d_hidden,
-                                                      load_f32, tanh)
+                                                      load_f32, sigmoid, tanh)
 
     @cell_jit
-    def preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn):
-        r = PRODUCT(h, w[0], load_f32(x_ptrs, mask))
-        z = PRODUCT(h, w[1], load_f32(x_ptrs + H, mask))
-        x_n = load_f32(x_ptrs + 2 * H, mask)
-        return r, z, x_n, PRODUCT(h, w[2], b_hn + tl.zeros_like(x_n))
+    def preacts(PRODUCT: tl.constexpr, h, w, x, b_hn):
+        x_r, x_z, x_n = x
+        return (PRODUCT(h, w[0], x_r), PRODUCT(h, w[1], x_z), x_n,
+                PRODUCT(h, w[2], b_hn + tl.zeros_like(x_n)))
 
     @cell_jit
     def forward(p, h, c):
-        r = tl.sigmoid(p[0])
-        z = tl.sigmoid(p[1])
+        r = sigmoid(p[0])
+        z = sigmoid(p[1])
         n = tanh(p[2] + r * p[3])
         return (1.0 - z) * n + z * h, c, (r, z, n, p[3])
 

@@ -94,14 +94,14 @@ def triton_step_math():
     ``proj_size``. Stash: i, f, g, o (activated) and the c entering the step. Tiles are float32."""
     import triton.language as tl
 
-    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, tanh
+    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, sigmoid, tanh
 
     @cell_jit
     def forward(p, h, c):
-        i = tl.sigmoid(p[0])
-        f = tl.sigmoid(p[1])
+        i = sigmoid(p[0])
+        f = sigmoid(p[1])
         g = tanh(p[2])
-        o = tl.sigmoid(p[3])
+        o = sigmoid(p[3])
         c_new = f * c + i * g
         return o * tanh(c_new), c_new, (i, f, g, o, c)
 

@@ -100,7 +100,8 @@ def triton_step_math():
     entering the step. Tiles are float32."""
     import triton.language as tl
 
-    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, load_f32, tanh
+    from fastrnn.kernels.triton_gpu.step_math import (CellMath, cell_jit, load_f32, sigmoid,
+                                                      tanh)
 
     @cell_jit
     def load_cell_weights(ptrs, mask, H):
@@ -110,11 +111,11 @@ def triton_step_math():
     @cell_jit
     def forward(p, h, c):
         x_i, x_f, x_g, x_o, w_ci, w_cf, w_co = p
-        i = tl.sigmoid(x_i + w_ci * c)
-        f = tl.sigmoid(x_f + w_cf * c)
+        i = sigmoid(x_i + w_ci * c)
+        f = sigmoid(x_f + w_cf * c)
         g = tanh(x_g)
         c_new = f * c + i * g
-        o = tl.sigmoid(x_o + w_co * c_new)
+        o = sigmoid(x_o + w_co * c_new)
         return o * tanh(c_new), c_new, (i, f, g, o, c)
 
     @cell_jit

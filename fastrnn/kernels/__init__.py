@@ -20,7 +20,9 @@ from fastrnn import cells
 @dataclass(frozen=True)
 class Capabilities:
     """What kernel backend ``name`` runs: ``devices`` (device types), ``dtypes``, ``cells`` (names)
-    and whether it implements LSTM's ``proj_size`` (``projection``)."""
+    and whether it implements LSTM's ``proj_size`` (``projection``). ``bias_in_projection``: the
+    device types on which the layers add the recurrence bias in the input projection's GEMM
+    (``torch.addmm``: a GEMM epilogue there) and pass the kernels no ``bias``."""
 
     name: str
     devices: tuple
@@ -28,6 +30,7 @@ class Capabilities:
     cells: tuple
     projection: bool
     device_note: str = ""  # said after the device list when a device is refused
+    bias_in_projection: tuple = ()
 
     def why_not(self, cell, device, dtype, proj_size=0):
         """Why this backend cannot run ``cell`` on ``device``/``dtype`` (``proj_size``), or None."""

@@ -6,7 +6,11 @@ direction of work serves every cell: the cell is its ``CELL`` ``tl.constexpr``, 
 ``@triton.jit`` step helpers of the cell's own file (:mod:`.step_math` says what they are).
 T (sequence length) and the batch are runtime arguments, never compile-time constants.
 The hidden state, the cell state and every accumulation are float32 whatever the input dtype.
-The input projection ``xg`` is made by the caller; the kernels run the recurrence only.
+The input projection ``xg`` is made by the caller; the kernels run the recurrence only. On CUDA
+the layers add the bias in that projection's GEMM (``torch.addmm``, whose cuBLASLt epilogue adds
+it for free; ``CAPABILITIES.bias_in_projection``): a bias folded into the kernels' loads cost
+registers and made seven fused configurations spill (measured, sm_80/sm_90). A ``bias`` given to
+:func:`recurrence_forward` (the interpreter's path) is one elementwise pass before the kernels.
 
 Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and the device)
 -----------------------------------------------------------------------------------------
@@ -118,6 +122,17 @@ vectorizer on sm_90 for the lstm backward (H_PAD 32 at 4 warps, 64 at 8 warps) a
 on the lstm forward at 64; plain ``"tf32"`` (what cuDNN does by default) fits in half the shared
 memory but rounds products to 10 mantissa bits (~1e-3), failing float32 parity.
 The interpreter multiplies float32 exactly, so tf32x3 rounding is only seen on a GPU.
+Activations: float32 kernels use exact ones (``tl.sigmoid``; tanh from it); 16-bit kernels on
+CUDA the GPU's ``tanh.approx.f32`` (sigmoid as (1 + tanh(x/2)) / 2: one MUFU instruction each;
+largest relative error about 2^-11, under float16's rounding), a ``CELL`` of its own
+(:func:`~.step_math.fast_activations`; the AOT test finds the instruction in exactly those
+kernels). The interpreter cannot run inline PTX, so the CPU tests run 16-bit kernels with the
+exact activations: the fast ones are tested by the CUDA suite only.
+Order of the recurrent products: the forward runs one product per gate, each on its own
+accumulator, after loading the step's xg tiles (no product waits for a load); the 16-bit fused
+backward likewise runs ``dh_prev = direct + sum_g d_hidden_g W_g`` as G independent
+tensor-core chains summed in gate order (float32 keeps one chain: G chains of tf32x3 spilled
+on sm_90), and the tiled backward keeps one accumulator per gate across its K chunks.
 The kernels have no interpreter-only path: every ``tl.dot`` runs on its operands' own dtype.
 Triton's interpreter (3.6 to 3.9) multiplies the bit patterns of bf16 operands as integers; the
 test harness (``tests/_triton_interpreter.py``, installed by ``tests/conftest.py``) corrects its
@@ -154,7 +169,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 CAPABILITIES = Capabilities(
     "triton", devices=("cuda", "cpu") if INTERPRETED else ("cuda",), dtypes=tuple(DTYPES.values()),
     cells=CELLS, projection=False,
-    device_note=" (or CPU tensors under TRITON_INTERPRET=1)")
+    device_note=" (or CPU tensors under TRITON_INTERPRET=1)", bias_in_projection=("cuda",))
 
 
 why_not = CAPABILITIES.why_not

@@ -144,6 +144,14 @@ _NUM_WARPS_EXCEPTIONS = {
     ("forward_fused", "lstm", "float32", 32): 4,
     # 8 warps: STACK 8 on sm_90 at 64 registers; 4 warps: 93 registers, STACK 0.
     ("forward_fused", "lstm", "bfloat16", 32): 4,
+    # the same for float16 since its fast activations (2026-12-06): 8 warps STACK 8 on sm_90
+    # (no stash, 64 registers).
+    ("forward_fused", "lstm", "float16", 32): 4,
+    # since the fast activations, under Triton 3.6: 8 warps STACK 8-16 on sm_90 at 80 (gru, no
+    # stash) and 64 (peephole_lstm, no stash) registers.
+    ("forward_fused", "gru", "float16", 64): 4, ("forward_fused", "gru", "bfloat16", 64): 4,
+    ("forward_fused", "peephole_lstm", "float16", 32): 4,
+    ("forward_fused", "peephole_lstm", "bfloat16", 32): 4,
 }
 
 

@@ -9,7 +9,8 @@ import triton
 import triton.language as tl
 
 from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, arrive,
-                                                  block_tiles, load_weight_tile, mm, step_rows,
+                                                  block_tiles, load_inputs,
+                                                  load_weight_tile, mm, step_rows,
                                                   wait_arrivals, zero_tiles)
 
 # The tuples of tiles (one per gate or stash slot) are built and stored by static loops in the
@@ -51,9 +52,10 @@ def _forward_fused_kernel(
         first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
         prow = (first + rows)[:, None]  # int32: select_config sends N*S*H >= 2**31 to step
         h_off = prow * H + cols[None, :]
-        x_ptrs = xg_ptr + prow * (G * H) + cols[None, :]
+        # the step's G input loads issued together, before its products (which start from them)
+        x = load_inputs(xg_ptr + prow * (G * H) + cols[None, :], H, m, G)
         hd = h.to(w_ptr.dtype.element_ty)
-        p = CELL.preacts(mm, hd, w, x_ptrs, H, m, b_hn)
+        p = CELL.preacts(mm, hd, w, x, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
         if SAVE:
@@ -112,17 +114,32 @@ def _backward_fused_kernel(
         # backward spill on sm_90), unlike the forward's, which stay resident.
         w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
         d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
-        # dh_prev = direct + sum_g d_hidden[g] W_g. The order of these stores and products steers
-        # register allocation (storing every d_xg first made the float32 LSTM spill on sm_90):
-        # compile the configurations ahead of time before changing it.
+        # dh_prev = direct + sum_g d_hidden[g] W_g. 16-bit: each gate's product on its own
+        # accumulator (G independent chains of tensor-core products, not one), summed in gate
+        # order. float32: one chain (each product is already three, tf32x3; G chains of them
+        # spilled the fp32 lstm and peephole_lstm at H_PAD 64 on sm_90). The order of these
+        # stores and products steers register allocation (storing every d_xg first made the
+        # float32 LSTM spill on sm_90): compile the configurations ahead of time before
+        # changing it.
         g_ptrs = dgate_ptr + prow * (G * H) + cols[None, :]
-        tl.store(g_ptrs, d_xg[0], mask=m)
-        dh_prev = mm(d_hidden[0].to(dot_dtype), w[0], direct)
-        for gate in tl.static_range(1, G):
-            tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
-        CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
-        for gate in tl.static_range(1, G):
-            dh_prev = mm(d_hidden[gate].to(dot_dtype), w[gate], dh_prev)
+        if dot_dtype == tl.float32:
+            tl.store(g_ptrs, d_xg[0], mask=m)
+            dh_prev = mm(d_hidden[0], w[0], direct)
+            for gate in tl.static_range(1, G):
+                tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+            CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
+            for gate in tl.static_range(1, G):
+                dh_prev = mm(d_hidden[gate], w[gate], dh_prev)
+        else:
+            parts = ()
+            for gate in tl.static_range(G):
+                parts = parts + (mm(d_hidden[gate].to(dot_dtype), w[gate],
+                                    tl.zeros([BLOCK_B, H_PAD], tl.float32)),)
+                tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+            CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
+            dh_prev = direct
+            for gate in tl.static_range(G):
+                dh_prev = dh_prev + parts[gate]
         dh = tl.where(active[:, None], dh_prev, dh)
         dc = tl.where(active[:, None], dc_prev, dc)
     tl.store(dh0_ptr + state_off, dh, mask=state_mask)
@@ -172,10 +189,15 @@ def _forward_tiled_kernel(
     ok = 1
     for s in range(s_begin, s_end):
         t = s + reverse * (T - 1 - 2 * s)
+        first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
+        first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
+        prow = rows[:, None]
+        h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
+        # the step's inputs (no other program writes them) loaded before the wait and products
+        x = load_inputs(xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :], H, m, G)
         if s > s_begin:
             ok = wait_arrivals(counters + (s - 1), arrivals, max_polls, ok, sync_ptr)
         src = hbuf_ptr + (s % 2) * buf_stride
-        first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
         acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
         for k0 in range(0, H, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -184,11 +206,7 @@ def _forward_tiled_kernel(
                          mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
             w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
             acc = accumulate_products(hk, w_ptrs, k_ok[:, None] & col_ok[None, :], H, acc)
-        first64 = first.to(tl.int64)  # step base in int64 (N*S*H may pass 2**31), tiles int32
-        prow = rows[:, None]
-        h_off = prow * H + cols[None, :]  # int32 offsets of this step's (rows, units) in (N, H)
-        x_ptrs = xg_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
-        p = CELL.preacts(add_product, None, acc, x_ptrs, H, m, b_hn)
+        p = CELL.preacts(add_product, None, acc, x, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
         if SAVE:
@@ -242,20 +260,25 @@ def _backward_tiled_kernel(
         if s > 0:
             t_done = T - s - reverse * (T + 1 - 2 * s)  # the step pass s - 1 ran
             first_done, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
-            acc = tl.zeros([BLOCK_B, BLOCK_H], tl.float32)
+            acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # d_hidden_g W_g, one chain per gate
             done64 = first_done.to(tl.int64)
             grow = rows[:, None]
-            for gate in tl.static_range(G):
-                for k0 in range(0, H, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_ok = ks < H
-                    g_mask = done[:, None] & k_ok[None, :]
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                g_mask = done[:, None] & k_ok[None, :]
+                parts = ()
+                for gate in tl.static_range(G):
                     dk = CELL.load_d_hidden(dgate_ptr + done64 * (G * H) + grow * (G * H),
                                             dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
                     wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
                                  mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    acc = mm(dk.to(dot_dtype), wt, acc)
-            dh = tl.where(done[:, None], dh + acc, dh)
+                    parts = parts + (mm(dk.to(dot_dtype), wt, acc[gate]),)
+                acc = parts
+            hw = acc[0]
+            for gate in tl.static_range(1, G):
+                hw = hw + acc[gate]
+            dh = tl.where(done[:, None], dh + hw, dh)
         if s < T:
             t = T - 1 - s - reverse * (T - 1 - 2 * s)
             first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)

@@ -14,7 +14,7 @@ from fastrnn.kernels.triton_gpu.configs import (GATES, STASH, device_limits, lau
                                                 persistent_fits, select_config)
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_tiled_kernel,
                                                 _forward_fused_kernel, _forward_tiled_kernel)
-from fastrnn.kernels.triton_gpu.step_math import cell_math
+from fastrnn.kernels.triton_gpu.step_math import cell_math, fast_activations
 
 # ----------------------------------------------------------------------------------------------
 # Launchers (the kernel contract of fastrnn.kernels.reference).
@@ -92,7 +92,8 @@ def _check(cell, xg, w_hr, w_cell, hidden):
 
 
 class _Plan(NamedTuple):
-    """A call's checked plan (:func:`make_plan`): the cell's spec and its Triton step math, the
+    """A call's checked plan (:func:`make_plan`): the cell's spec and its Triton step math (with
+    the fast activations for 16-bit inputs on CUDA: :func:`~.step_math.fast_activations`), the
     step tables on the device (``sizes``, ``offsets``: int32 (T,); None when T or B is 0) and
     the device's :class:`~.configs.DeviceLimits` (None on the CPU: the interpreter)."""
 
@@ -110,7 +111,8 @@ def make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias=Non
     _check(cell, xg, w_hr, w_cell, w_hh.shape[1])
     empty = len(batch_sizes) == 0 or h0.shape[0] == 0
     sizes, offsets = (None, None) if empty else _steps(batch_sizes, xg.device)
-    return _Plan(cells.spec(cell), cell_math(cell), sizes, offsets, device_limits(xg.device))
+    step_math = cell_math(cell, fast_activations(xg.dtype, xg.device))
+    return _Plan(cells.spec(cell), step_math, sizes, offsets, device_limits(xg.device))
 
 
 #: Polls a persistent program makes waiting for a step's other programs before it gives up
@@ -190,7 +192,8 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
     dtype (float32/float16/bfloat16) and device. Returns (y (N, H), h_n (B, H), c_n (B, H) or
     None, saved = (h_prev (N, H) fp32, stash (N, S*H) fp32), or () when ``save`` is False: then
     the kernels write neither (no backward follows). See :mod:`fastrnn.kernels.reference`.
-    ``bias`` (G*H,) or None is added to xg before the kernels (one elementwise pass on the GPU).
+    ``bias`` (G*H,) or None is added to xg before the kernels (one elementwise pass; on CUDA the
+    layers pass none: they add it in the input projection's GEMM, ``CAPABILITIES``).
     ``plan``: the call's :func:`make_plan`, made here when None.
     """
     plan = plan or make_plan(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse, bias,

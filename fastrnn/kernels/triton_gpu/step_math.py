@@ -10,12 +10,13 @@ code were written in it; a different ``CELL`` is a different compiled kernel, li
 The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``, ``stash``,
 ``d_xg`` and ``d_hidden`` are tuples of tiles, one per gate (G) or stash slot (S)):
 
-``preacts(PRODUCT, h, w, x_ptrs, H, mask, b_hn) -> p``
-    The gate pre-activations of a step from the xg tiles at ``x_ptrs + g*H``, ``b_hn`` and the
-    hidden products: ``PRODUCT(h, w[g], a)`` is ``a + h W_g^T``. The strategy picks
-    ``PRODUCT``: :func:`mm` with the resident weight tiles ``w`` (fused) or :func:`add_product`
-    with ``w`` the products the step kernel accumulated over chunks of H (``h`` is None).
-    Default :func:`plain_preacts`: ``p[g] = xg_g + h W_g^T`` for every gate.
+``preacts(PRODUCT, h, w, x, b_hn) -> p``
+    The gate pre-activations of a step from its G xg tiles ``x`` (loaded by the kernel before
+    the step's products: :func:`load_inputs`), ``b_hn`` and the hidden
+    products: ``PRODUCT(h, w[g], a)`` is ``a + h W_g^T``. The strategy picks ``PRODUCT``:
+    :func:`mm` with the resident weight tiles ``w`` (fused) or :func:`add_product` with
+    ``w`` the products the step kernel accumulated over chunks of H (``h`` is None).
+    Default :func:`plain_preacts`: ``p[g] = x_g + h W_g^T`` for every gate.
 ``forward(p, h, c) -> (h', c', stash)``
     The step on float32 tiles; ``p`` the G pre-activations followed by the cell's K per-unit
     weight tiles (``cell_weights`` below; none for most cells); ``c`` is the cell state (cells
@@ -51,6 +52,7 @@ import hashlib
 import inspect
 import types
 
+import torch
 import triton
 import triton.language as tl
 
@@ -72,6 +74,29 @@ def tanh(x):
     (2.4e-7), not relative: the accurate alternatives tried spilled registers in fused kernels on
     sm_90."""
     return tl.where(x <= -9.01084041595459, -1.0, 2.0 * tl.sigmoid(2.0 * x) - 1.0)
+
+
+@triton.jit
+def sigmoid(x):
+    """tl.sigmoid. The cells call this name (and :func:`tanh`) for their activations, so that
+    :data:`FAST_ACTIVATIONS` can replace both (:meth:`CellMath.with_activations`)."""
+    return tl.sigmoid(x)
+
+
+@triton.jit
+def fast_tanh(x):
+    """tanh by the GPU's ``tanh.approx.f32`` (one MUFU instruction, sm_75+; largest relative
+    error about 2^-11, below float16's rounding): the activations of 16-bit models on CUDA.
+    Inline PTX: the interpreter cannot run it (it runs :func:`tanh`)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def fast_sigmoid(x):
+    """sigmoid(x) = (1 + tanh(x/2)) / 2 by :func:`fast_tanh`: one MUFU instruction instead of
+    tl.sigmoid's two (ex2, rcp)."""
+    return 0.5 * fast_tanh(0.5 * x) + 0.5
 
 
 @triton.jit
@@ -117,6 +142,16 @@ def accumulate_products(hk, w_ptrs, w_mask, H, acc):
         w = tl.load(w_ptrs + gate * H * H, mask=w_mask, other=0.0)
         out = out + (mm(hk, w, acc[gate]),)
     return out
+
+
+@triton.jit
+def load_inputs(x_ptrs, H, mask, G: tl.constexpr):
+    """A step's G xg tiles (gate g at ``x_ptrs + g*H``), float32, a tuple: the G loads issued
+    together before the step's products (before: each load just before its gate's product)."""
+    x = ()
+    for gate in tl.static_range(G):
+        x = x + (load_f32(x_ptrs + gate * H, mask),)
+    return x
 
 
 @triton.jit
@@ -180,11 +215,11 @@ def zero_tiles(N: tl.constexpr, SHAPE: tl.constexpr):
 # Defaults of the cell helpers.
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def plain_preacts(PRODUCT: tl.constexpr, h, w, x_ptrs, H, mask, b_hn):
-    """``p[g] = xg_g + h W_g^T`` for every gate g (rnn, lstm)."""
+def plain_preacts(PRODUCT: tl.constexpr, h, w, x, b_hn):
+    """``p[g] = x_g + h W_g^T`` for every gate g (rnn, lstm)."""
     p = ()
     for gate in tl.static_range(len(w)):
-        p = p + (PRODUCT(h, w[gate], load_f32(x_ptrs + gate * H, mask)),)
+        p = p + (PRODUCT(h, w[gate], x[gate]),)
     return p
 
 
@@ -234,17 +269,36 @@ def load_d_hidden(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
 # ----------------------------------------------------------------------------------------------
 # The CELL constexpr.
 # ----------------------------------------------------------------------------------------------
-def cell_jit(fn):
+def cell_jit(fn, swap=()):
     """``triton.jit`` for a helper a cell file defines inside its ``triton_step_math()``.
 
     The names it takes from there (``tl``, the helpers of this module, the cell's other helpers)
     become its globals: Triton's compiler reads closure variables, but its interpreter re-runs a
-    helper's source in the helper's globals (and wants ``triton.language`` among them)."""
-    scope = {**fn.__globals__, "tl": tl, **inspect.getclosurevars(fn).nonlocals}
-    helper = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    helper's source in the helper's globals (and wants ``triton.language`` among them).
+    ``swap``: ((old, new), ...) helpers replaced wherever the helper refers to them, in its
+    globals and its closure, and in the cell helpers it calls (:data:`FAST_ACTIVATIONS`)."""
+    def swapped(value):
+        for old, new in swap:
+            if value is old:
+                return new
+        source = getattr(value, "cell_source", None)
+        return cell_jit(source, swap) if swap and source is not None else value
+
+    scope = {name: swapped(value) for name, value in
+             {**fn.__globals__, "tl": tl, **inspect.getclosurevars(fn).nonlocals}.items()}
+    closure = fn.__closure__
+    if swap and closure:
+        closure = tuple(types.CellType(swapped(cell.cell_contents)) for cell in closure)
+    helper = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, closure)
     helper.__qualname__, helper.__doc__ = fn.__qualname__, fn.__doc__
     helper.__annotations__ = fn.__annotations__
-    return triton.jit(helper)
+    jitted = triton.jit(helper)
+    jitted.cell_source = fn
+    return jitted
+
+
+#: The activations of 16-bit models on CUDA: (exact, fast) pairs (CellMath.with_activations).
+FAST_ACTIVATIONS = ((tanh, fast_tanh), (sigmoid, fast_sigmoid))
 
 
 class CellMath:
@@ -269,12 +323,20 @@ class CellMath:
             raise TypeError(f"CellMath({spec.name}): {sorted(required)} are required (and "
                             f"saved_cell_states with cell weights); unknown helpers: "
                             f"{sorted(unknown)}")
+        self.spec, self.own = spec, helpers
         self.name, self.n_gates, self.n_stash = spec.name, spec.gates, STASH[spec.name]
         self.saved_cell_states = saved_cell_states
         state = (load_state, store_state) if spec.has_c else (no_state, no_store)
         self.helpers = {**self._DEFAULTS, "load_c": state[0], "store_c": state[1], **helpers}
         for name, helper in self.helpers.items():
             setattr(self, name, helper)
+
+    def with_activations(self, swap):
+        """This cell math with helpers ``swap`` replaced in every helper of the cell
+        (``((exact, fast), ...)``, :data:`FAST_ACTIVATIONS`): another ``CELL``, other kernels."""
+        return CellMath(self.spec, self.saved_cell_states, **{
+            name: cell_jit(fn.cell_source, swap) if hasattr(fn, "cell_source") else fn
+            for name, fn in self.own.items()})
 
     @functools.cached_property
     def cache_key(self):
@@ -295,6 +357,16 @@ class CellMath:
 
 
 @functools.cache
-def cell_math(name):
-    """The :class:`CellMath` of cell ``name``: its file's ``triton_step_math()``, built once."""
+def cell_math(name, fast=False):
+    """The :class:`CellMath` of cell ``name``: its file's ``triton_step_math()``, built once;
+    ``fast``: with :data:`FAST_ACTIVATIONS` (what 16-bit models run on CUDA)."""
+    if fast:
+        return cell_math(name).with_activations(FAST_ACTIVATIONS)
     return cells.MODULES[name].triton_step_math()
+
+
+def fast_activations(dtype, device):
+    """Whether kernels for ``dtype`` on ``device`` take :data:`FAST_ACTIVATIONS`: 16-bit on a
+    CUDA device (their error is below the dtype's rounding; the interpreter runs the exact
+    ones)."""
+    return device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
