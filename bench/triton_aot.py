@@ -12,7 +12,8 @@ import triton
 from fastrnn.kernels.triton_gpu import kernels
 from fastrnn.kernels.triton_gpu.configs import (ARCH_SHARED, FP_FUSION,  # noqa: F401
                                                 MAX_REGISTERS, TRITON_DTYPE, KernelConfig,
-                                                dispatchable, launch_options)
+                                                dispatchable, kernel_options, launch_options,
+                                                programmatic_launch)
 from fastrnn.kernels.triton_gpu.step_math import cell_math
 
 _KERNELS = {
@@ -31,9 +32,11 @@ CALLER_POINTERS = {"xg_ptr", "h0_ptr", "c0_ptr", "w_ptr", "bhn_ptr", "wcell_ptr"
                    "ghn_ptr", "gcn_ptr"}
 
 
-def aot_source(config, aligned=True):
-    """The ``triton.compiler.ASTSource`` of ``config`` as the launchers run it on a GPU: runtime
-    integers unspecialised (the kernels declare them ``do_not_specialize``). ``aligned``: every
+def aot_source(config, cc, aligned=True):
+    """The ``triton.compiler.ASTSource`` of ``config`` as the launchers run it on an ``sm_<cc>``
+    GPU (its constexprs from :func:`~fastrnn.kernels.triton_gpu.configs.kernel_options`, 16-bit
+    with the fast activations as ``make_plan`` gives them on CUDA): runtime integers
+    unspecialised (the kernels declare them ``do_not_specialize``). ``aligned``: every
     pointer 16-byte aligned (``tt.divisibility`` 16, what Triton specialises on for torch
     allocations); False: the :data:`CALLER_POINTERS` without it (the variant Triton compiles
     when they are all unaligned)."""
@@ -43,16 +46,8 @@ def aot_source(config, aligned=True):
     if not hasattr(fn, "cache_key"):
         raise RuntimeError("AOT compilation needs the compiled Triton frontend: run it in a "
                            "process without TRITON_INTERPRET=1 (see aot_resources)")
-    # CELL: the cell's step math (a CellMath of @triton.jit helpers), a constexpr like the rest.
-    # (16-bit: with the fast activations, as make_plan gives them on CUDA)
-    constexprs = {"CELL": cell_math(config.cell, fast=config.dtype != "float32"),
-                  "BLOCK_B": config.block_b}
-    if config.kernel.startswith("forward"):
-        constexprs["SAVE"] = config.save
-    if config.strategy == "fused":
-        constexprs["H_PAD"] = config.h_pad
-    else:
-        constexprs.update(BLOCK_H=config.block_h, BLOCK_K=config.block_k)
+    options = kernel_options(config, cell_math(config.cell, fast=config.dtype != "float32"), cc)
+    constexprs = {name: options[name] for name in fn.arg_names if name in options}
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -71,11 +66,11 @@ def aot_source(config, aligned=True):
 def compile_config(config, cc, aligned=True):
     """Compile ``config`` for ``sm_<cc>`` without a GPU, with the launch options of the launchers
     (:func:`~fastrnn.kernels.triton_gpu.configs.launch_options`); returns the compiled kernel
-    (``.asm["cubin"]``, ``.metadata.shared``). Raises under ``TRITON_INTERPRET=1``."""
+    (``.asm["cubin"]``, ``.asm["ptx"]``, ``.metadata``). Raises under ``TRITON_INTERPRET=1``."""
     from triton.backends.compiler import GPUTarget
 
-    return triton.compile(aot_source(config, aligned), target=GPUTarget("cuda", cc, 32),
-                          options=launch_options(config))
+    return triton.compile(aot_source(config, cc, aligned), target=GPUTarget("cuda", cc, 32),
+                          options=launch_options(config, cc))
 
 
 def _cuobjdump():
@@ -89,7 +84,11 @@ def resource_usage(config, cc, aligned=True):
     Returns a dict: config (name), cc, aligned, REG, STACK (bytes; > 0 means spills), SHARED
     (static shared memory, bytes), metadata_shared (dynamic shared memory the launch requests,
     bytes), shared_limit (bytes), compile_s, triton (the version that compiled it), tanh_approx
-    (``tanh.approx.f32`` instructions in its PTX: the fast activations).
+    (``tanh.approx.f32`` instructions in its PTX: the fast activations), griddepcontrol (its
+    ``griddepcontrol`` instructions: programmatic dependent launch), launch_pdl (whether its
+    metadata asks the launcher for it) and before_wait (memory instructions, kernel parameters
+    aside, ahead of its first ``griddepcontrol.wait``: what may overlap the previous kernel; 0
+    without one).
     """
     import re
     import subprocess
@@ -107,10 +106,17 @@ def resource_usage(config, cc, aligned=True):
                               capture_output=True, text=True).stdout
     found = {key: int(re.search(rf"\b{key}:(\d+)", dump).group(1))
              for key in ("REG", "STACK", "SHARED")}
+    ptx = kernel.asm["ptx"]
+    head = ptx.split("griddepcontrol.wait")[0] if "griddepcontrol.wait" in ptx else ""
     return dict(config=config.name, cc=cc, aligned=aligned, **found,
                 metadata_shared=int(kernel.metadata.shared), shared_limit=ARCH_SHARED[cc],
                 compile_s=round(seconds, 2), triton=triton.__version__,
-                tanh_approx=kernel.asm["ptx"].count("tanh.approx.f32"))
+                tanh_approx=ptx.count("tanh.approx.f32"),
+                griddepcontrol=ptx.count("griddepcontrol."),
+                launch_pdl=bool(getattr(kernel.metadata, "launch_pdl", False)),
+                before_wait=len(re.findall(  # predicated or not, kernel parameters aside
+                    r"^\s*(?:@!?%p\w*\s+)?(?:ld|st|atom|red|cp|ldmatrix|stmatrix)\.(?!param)",
+                    head, flags=re.M)))
 
 
 def fits(row):
@@ -118,6 +124,17 @@ def fits(row):
     :data:`MAX_REGISTERS` registers, dynamic shared memory within the arch's opt-in limit."""
     return (row["STACK"] == 0 and 0 < row["REG"] <= MAX_REGISTERS
             and row["metadata_shared"] <= row["shared_limit"])
+
+
+def pdl_as_launched(config, row):
+    """Whether a :func:`resource_usage` row of ``config`` has programmatic dependent launch
+    exactly where the launchers use it (:func:`~fastrnn.kernels.triton_gpu.configs.
+    programmatic_launch`): there one ``griddepcontrol.wait`` and one ``.launch_dependents``, no
+    memory access before the wait (it could see the previous pass unfinished) and the launch
+    flag in the metadata; elsewhere neither."""
+    if programmatic_launch(config, row["cc"]):
+        return (row["griddepcontrol"], row["launch_pdl"], row["before_wait"]) == (2, True, 0)
+    return (row["griddepcontrol"], row["launch_pdl"]) == (0, False)
 
 
 def blocks_per_sm(row, num_warps):

@@ -39,16 +39,19 @@ def markdown(rows, seconds, jobs):
         "local-memory bytes per thread (> 0 = spills); SHARED: static shared memory "
         "(cuobjdump); metadata.shared: dynamic shared memory the launch requests (opt-in "
         f"limit per block: {limits}); tanh.approx: `tanh.approx.f32` instructions in the PTX "
-        "(the fast activations of 16-bit kernels).",
+        "(the fast activations of 16-bit kernels); PDL: `griddepcontrol` instructions in the "
+        "PTX, and + when the kernel is launched with programmatic dependent launch (step "
+        "kernels on sm_90).",
         "",
         "| config | sm | aligned | REG | STACK | SHARED | metadata.shared | limit | tanh.approx "
-        "| compile s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| PDL | compile s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['config']} | {r['cc']} | {'yes' if r['aligned'] else 'no'} | "
                      f"{r['REG']} | {r['STACK']} | {r['SHARED']} | {r['metadata_shared']} | "
-                     f"{r['shared_limit']} | {r['tanh_approx']} | {r['compile_s']} |")
+                     f"{r['shared_limit']} | {r['tanh_approx']} | {r['griddepcontrol']}"
+                     f"{'+' if r['launch_pdl'] else ''} | {r['compile_s']} |")
     worst = max(rows, key=lambda r: r["REG"])
     misfits = [f"{r['config']} sm_{r['cc']} aligned={r['aligned']}" for r in rows
                if not tg.fits(r)]

@@ -211,3 +211,30 @@ def streamed(module, x, call=run_no_grad):
         y, state = call(module, x[t:t + 1], state)
         ys.append(y)
     return torch.cat(ys), state
+
+
+def launcher_check(pythonpath=None):
+    """``bench/launch_overhead.py --check`` in a child process (compiled Triton, a stub driver):
+    what the CUDA launcher received for 5 step passes, JIT-only and through
+    ``launch._launch_passes``: the same for every pass, the pass indices advancing
+    (tests/test_triton_launch.py; ``pythonpath``: tests/test_triton36.py's Triton 3.6).
+    Returns the child's Triton version."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(pythonpath),
+                                                        env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, str(root / "bench" / "launch_overhead.py"), "--check"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    launches = json.loads(out.stdout)
+    from fastrnn.kernels.triton_gpu import kernels
+    begin = 9 + kernels._forward_tiled_kernel.arg_names.index("s_begin")  # after grid, stream..
+    assert [a[begin:begin + 2] for a in launches["jit"]] == [[s, s + 1] for s in range(5)]
+    assert launches["direct"] == launches["jit"]
+    return launches["triton"]

@@ -47,8 +47,9 @@ def test_the_side_install_is_triton_3_6():
 
 
 def test_every_dispatchable_config_fits_each_arch_under_triton_3_6(tmp_path):
-    """~610 compiles (as test_triton_aot.py's, by Triton 3.6): no spill, <= 255 registers,
-    dynamic shared memory within each arch's limit."""
+    """~790 compiles (as test_triton_aot.py's, by Triton 3.6): no spill, <= 255 registers,
+    dynamic shared memory within each arch's limit; programmatic dependent launch exactly in
+    the step kernels on sm_90, no memory access before its wait."""
     if not os.path.exists(TRITON36 / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump"):
         pytest.fail(f"Triton {VERSION} in {TRITON36} has no cuobjdump")
     work = aot.cases(tuple(configs.ARCH_SHARED), variants=(True,))
@@ -57,6 +58,16 @@ def test_every_dispatchable_config_fits_each_arch_under_triton_3_6(tmp_path):
     assert {row["triton"] for row in rows} == {VERSION}
     misfits = [row for row in rows if not aot.fits(row)]
     assert not misfits, f"{len(misfits)} of {len(rows)} do not fit under Triton {VERSION}: {misfits}"
+    wrong = [row for (config, _, _), row in zip(work, rows)
+             if not aot.pdl_as_launched(config, row)]
+    assert not wrong, f"programmatic dependent launch not as launched: {wrong}"
+
+
+def test_step_passes_launch_the_compiled_kernel_under_triton_3_6():
+    """tests/test_triton_launch.py's check of the step strategy's direct launches, with Triton
+    3.6's JIT, compiled kernel and launcher interface."""
+    from _support import launcher_check
+    assert launcher_check(TRITON36) == VERSION
 
 
 def test_interpreter_parity_subset_under_triton_3_6():

@@ -363,3 +363,15 @@ def test_fast_activations_for_16_bit_on_cuda(monkeypatch):
     assert launch.make_plan(*args).step_math == sm.cell_math("lstm")
     monkeypatch.setattr(launch, "fast_activations", lambda dtype, device: True)
     assert launch.make_plan(*args).step_math == sm.cell_math("lstm", fast=True)
+
+
+
+def test_step_passes_after_the_first_call_the_compiled_kernel():
+    """The step strategy launches its first pass through Triton's JIT (which compiles and returns
+    the compiled kernel) and the others through that kernel's own launcher: the CUDA launcher
+    receives exactly what the JIT would give it for every pass (grid, stream, metadata, every
+    argument in order), checked with Triton's real JIT and compiled kernel (sm_90, compiled
+    ahead of time) over a stub driver. The interpreter returns no compiled kernel and runs
+    every pass through the JIT (the parity tests)."""
+    from _support import launcher_check
+    launcher_check()

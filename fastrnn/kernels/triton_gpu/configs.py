@@ -188,17 +188,42 @@ def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
                  if c.h_pad <= limits[(c.kernel.split("_")[0], c.cell, c.dtype)])
 
 
-def launch_options(config):
-    """The compile and launch options of ``config`` (what the launchers and the AOT compile
-    pass): warps and the pinned ``enable_fp_fusion``; the tiled kernels with every register a
-    thread may have (their pass loop carries state: see STEP_BLOCK_H), and the persistent
-    strategy launched cooperatively (all programs resident at once, or no launch)."""
+def programmatic_launch(config, cc):
+    """Whether ``config``'s kernel runs with programmatic dependent launch on ``sm_<cc>`` (cc
+    None: the interpreter, never): the step strategy's kernels on sm_90 and later (the PTX
+    ``griddepcontrol`` needs sm_90). Each waits at its start for the kernel before it and at once
+    lets the next one launch, so that the next pass's launch and start overlap this one's run."""
+    return config.strategy == "step" and cc is not None and cc >= 90
+
+
+def launch_options(config, cc=None):
+    """The compile and launch options of ``config`` on ``sm_<cc>`` (what the launchers and the
+    AOT compile pass): warps and the pinned ``enable_fp_fusion``; the tiled kernels with every
+    register a thread may have (their pass loop carries state: see STEP_BLOCK_H), the persistent
+    strategy launched cooperatively (all programs resident at once, or no launch), the step
+    strategy with programmatic dependent launch where :func:`programmatic_launch`."""
     options = dict(num_warps=config.num_warps, enable_fp_fusion=FP_FUSION)
     if config.strategy != "fused":
         options["maxnreg"] = MAX_REGISTERS
     if config.strategy == "persistent":
         options["launch_cooperative_grid"] = True
+    if programmatic_launch(config, cc):
+        options["launch_pdl"] = True
     return options
+
+
+def kernel_options(config, cell_math, cc=None):
+    """Every keyword of a launch of ``config``'s kernel on ``sm_<cc>`` (None: the interpreter),
+    what the launchers pass and bench/triton_aot.py compiles: the constexprs (the cell's step
+    math ``cell_math``, the tiles, whether a forward kernel saves for backward, whether a tiled
+    kernel waits for the kernel before it: :func:`programmatic_launch`) and
+    :func:`launch_options`."""
+    tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
+             dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k,
+                  PDL=programmatic_launch(config, cc)))
+    if config.kernel.startswith("forward"):
+        tiles["SAVE"] = config.save
+    return dict(CELL=cell_math, BLOCK_B=config.block_b, **tiles, **launch_options(config, cc))
 
 
 _forced = None  # (strategy, step tile overrides) set by forced_strategy()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, arrive,
                                                   block_tiles, load_inputs,
@@ -162,7 +163,7 @@ def _forward_tiled_kernel(
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end,
     buf_stride, arrivals, max_polls,                        # B*H, hidden programs, poll cap
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SAVE: tl.constexpr,
 ):
     """Steps ``s_begin .. s_end - 1`` (in the order of the sequence: ``reverse`` 1 runs t =
     T-1-s) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
@@ -174,8 +175,14 @@ def _forward_tiled_kernel(
     launch, the program waits until ``sync[1 + block*T + s-1]`` counts ``arrivals`` programs
     (acquire), and after writing h_s it arrives at ``sync[1 + block*T + s]`` (release); a wait
     past ``max_polls`` polls adds 1 at ``sync[0]`` and later steps no longer wait.
-    Other pointers and shapes as in :func:`_forward_fused_kernel`.
+    ``PDL`` (step kernels on sm_90+, launched with programmatic dependent launch): wait for the
+    previous launch to finish (and its writes to show) before any memory access, then let the
+    next launch start (it waits the same way). Other pointers and shapes as in
+    :func:`_forward_fused_kernel`.
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
     rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,
@@ -230,7 +237,7 @@ def _backward_tiled_kernel(
     sync_ptr,                        # int32 zeros (1 + blocks * T,)
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end, arrivals, max_polls,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """Passes ``s_begin .. s_end - 1`` of the BPTT (T + 1 passes, steps in the opposite order of
     the forward) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
@@ -243,8 +250,11 @@ def _backward_tiled_kernel(
     (gru: dh*z; 0 else; inactive rows: dh) and in dc the cell-state gradient, and arrives.
     dh/dc: read at the start, in registers between passes, written at the end. Each step's gate
     gradients have rows of their own: nothing is written twice. Shapes as in
-    :func:`_backward_fused_kernel`.
+    :func:`_backward_fused_kernel`; ``PDL`` as in :func:`_forward_tiled_kernel`.
     """
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
     rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,

@@ -10,7 +10,7 @@ import triton
 
 from fastrnn import cells
 from fastrnn.kernels.triton_gpu import why_not
-from fastrnn.kernels.triton_gpu.configs import (GATES, STASH, device_limits, launch_options,
+from fastrnn.kernels.triton_gpu.configs import (GATES, STASH, device_limits, kernel_options,
                                                 persistent_fits, select_config)
 from fastrnn.kernels.triton_gpu.kernels import (_backward_fused_kernel, _backward_tiled_kernel,
                                                 _forward_fused_kernel, _forward_tiled_kernel)
@@ -63,15 +63,37 @@ def _aligned(t):
     return t if t.data_ptr() % 16 == 0 else t.clone()
 
 
-def _options(config, step_math):
-    """The constexprs and launch options of ``config``'s kernel (what bench/triton_aot.py
-    compiles): the cell, tiles, whether a forward kernel saves for backward, and
-    :func:`~.configs.launch_options`."""
-    tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
-             dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k))
-    if config.kernel.startswith("forward"):
-        tiles["SAVE"] = config.save
-    return dict(CELL=step_math, BLOCK_B=config.block_b, **launch_options(config), **tiles)
+def _options(config, plan):
+    """The keywords of ``config``'s kernel on the plan's device (:func:`~.configs.kernel_options`:
+    constexprs, launch options)."""
+    return kernel_options(config, plan.step_math, None if plan.limits is None else plan.limits.cc)
+
+
+def _current_stream(device):
+    """The raw handle of ``device``'s current stream, as Triton's JIT launches on it."""
+    return triton.runtime.driver.active.get_current_stream(device.index)
+
+
+def _launch_passes(kernel, grid, args, options, passes):
+    """Launch ``kernel[grid](*args, s, s + 1, ...)`` for passes s = 0 .. ``passes`` - 1; ``args`` =
+    (leading arguments, [s_begin, s_end], trailing ones). The first launch goes through the
+    JIT (it compiles, specialises, returns the compiled kernel); the others call that compiled
+    kernel's launcher with the same arguments (every parameter in order, constexprs included),
+    skipping the JIT's binding and cache lookup: same kernel, a few microseconds less per step.
+    The interpreter returns no compiled kernel: it runs every pass through the JIT."""
+    lead, tail = args
+    compiled = kernel[grid](*lead, 0, 1, *tail, **options)
+    if compiled is None or passes == 1:
+        for s in range(1, passes):
+            kernel[grid](*lead, s, s + 1, *tail, **options)
+        return
+    values = [*lead, 0, 1, *tail]
+    values += [options[name] for name in kernel.arg_names[len(values):]]
+    stream = _current_stream(lead[0].device)
+    run = compiled[(*grid, 1, 1)[:3]]  # its launcher reads three grid sizes (the JIT pads them)
+    for s in range(1, passes):
+        values[len(lead)], values[len(lead) + 1] = s, s + 1
+        run(*values, stream=stream)
 
 
 def _check(cell, xg, w_hr, w_cell, hidden):
@@ -129,9 +151,10 @@ def handoff(B, H, grid):
     return B * H, grid[1]
 
 
-def _tiled_passes(forward, config, step_math, head, steps, passes):
-    """Run ``passes`` passes of the tiled ``forward`` (else backward) kernel with ``config``:
-    one launch per pass (step), or one launch for all (persistent). ``head``: the kernel's
+def _tiled_passes(forward, config, plan, head, steps, passes):
+    """Run ``passes`` passes of the tiled ``forward`` (else backward) kernel with ``config`` on
+    ``plan``'s device: one launch per pass (step: :func:`_launch_passes`), or one launch for all
+    (persistent). ``head``: the kernel's
     pointers before ``sync``; ``steps`` = (bs, off, T, B, H, reverse). Returns False if the
     device refused the persistent launch (recorded in :data:`PERSISTENT_FAILED`, warned once;
     nothing ran: the caller runs step kernels). A persistent wait that timed out raises:
@@ -145,10 +168,9 @@ def _tiled_passes(forward, config, step_math, head, steps, passes):
     buf_stride, arrivals = handoff(B, H, grid)
     args = (*head, sync, bs, off, T, B, H, int(bool(reverse)))
     tail = ((buf_stride,) if forward else ()) + (arrivals, MAX_POLLS)
-    options = _options(config, step_math)
+    options = _options(config, plan)
     if config.strategy == "step":
-        for s in range(passes):
-            kernel[grid](*args, s, s + 1, *tail, **options)
+        _launch_passes(kernel, grid, (args, tail), options, passes)
         return True
     try:
         kernel[grid](*args, 0, passes, *tail, **options)
@@ -228,16 +250,16 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
         _forward_fused_kernel[(triton.cdiv(B, config.block_b),)](
             xg, h0, c0 if c0 is not None else h0, w_hh, bhn, wcell,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
-            bs, off, T, B, H, int(bool(reverse)), **_options(config, step_math))
+            bs, off, T, B, H, int(bool(reverse)), **_options(config, plan))
         return y, h_n, c_n, saved
     h_buf = torch.empty(2, B, H, device=dev, dtype=torch.float32)  # h_s in h_buf[s % 2]
     h_buf[0].copy_(h0)
     c_state = c0.to(torch.float32).clone() if spec.has_c else h_buf  # (never read without c)
     head = (xg, w_hh, bhn, wcell, h_buf, c_state, y, h_prev, stash)
     steps = (bs, off, T, B, H, reverse)
-    if not _tiled_passes(True, config, step_math, head, steps, T):
+    if not _tiled_passes(True, config, plan, head, steps, T):
         step = select_config("forward", cell, dtype, H, strategy="step", save=save)
-        _tiled_passes(True, step, step_math, head, steps, T)
+        _tiled_passes(True, step, plan, head, steps, T)
     h_n = h_buf[T % 2].to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
     return y, h_n, c_n, saved
@@ -282,13 +304,13 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
             _backward_fused_kernel[(triton.cdiv(B, config.block_b),)](
                 grad_y, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n, w_hh, wcell,
                 h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg,
-                bs, off, T, B, H, int(bool(reverse)), **_options(config, step_math))
+                bs, off, T, B, H, int(bool(reverse)), **_options(config, plan))
         else:
             head = (grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg)
             steps = (bs, off, T, B, H, reverse)
-            if not _tiled_passes(False, config, step_math, head, steps, T + 1):
+            if not _tiled_passes(False, config, plan, head, steps, T + 1):
                 step = select_config("backward", cell, dtype, H, strategy="step")
-                _tiled_passes(False, step, step_math, head, steps, T + 1)
+                _tiled_passes(False, step, plan, head, steps, T + 1)
     # Weight gradients: one GEMM over all steps, after the loop (deterministic), in the input
     # dtype (float32 accumulation: 16-bit operands run on the tensor cores, as the input
     # projection's own weight gradient does; in float32, T=1024 B=128 H=768 is 618 GFLOP at the
