@@ -312,6 +312,35 @@ def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strateg
         assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", configs.CELLS)
+def test_fused_forward_prefetch_changes_no_bit(cell, reverse, dtype, monkeypatch):
+    """The fused forward kernels that load each step's inputs one step ahead (``prefetch``, what
+    the dispatcher picks at these sizes) give bitwise the results of the same kernel loading
+    them in their own step (packed: the last steps have fewer rows; either direction)."""
+    a = {k: None if v is None else v.to(dtype) for k, v in launcher_inputs(cell).items()}
+    args = (cell, a["xg"], a["h0"], a["c0"], a["w_hh"], a["b_hn"], None, torch.tensor(PACKED),
+            reverse)
+    seen = []
+    options = launch._options
+
+    def spy(config, plan, prefetch=None):
+        if prefetch is not None:
+            config = dataclasses.replace(config, prefetch=prefetch)
+        seen.append(config)
+        return options(config, plan)
+
+    with forced("fused"):
+        outs = tg.recurrence_forward(*args, w_cell=a["w_cell"])
+        monkeypatch.setattr(launch, "_options", functools.partial(spy, prefetch=False))
+        plain = tg.recurrence_forward(*args, w_cell=a["w_cell"])
+    assert configs.select_config("forward", cell, dtype, 16).prefetch
+    assert [c.prefetch for c in seen] == [False]
+    for got, want in zip(plain[:3] + plain[3], outs[:3] + outs[3]):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 def test_w_cell_is_checked():
     """w_cell is required exactly for cells with per-unit weights, as (K, H) in xg's dtype."""
     lstm, peep = launcher_inputs("lstm"), launcher_inputs("peephole_lstm")

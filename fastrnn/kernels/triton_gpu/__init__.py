@@ -48,6 +48,10 @@ Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and t
            128 spill 144-152 B on sm_80 (Triton 3.9).
            Inputs whose packed (N, S*H) tensors reach 2**31 elements also go to ``step``
            (the fused kernels index with int32 tiles, :data:`FUSED_MAX_ELEMENTS`).
+           The forward kernels load step s+1's xg tiles during step s (into registers:
+           ``KernelConfig.prefetch``, :func:`~.configs.prefetches`), all but the 16-bit ones at
+           ``H_PAD`` 128, which would spill; those load a step's tiles at its start, before
+           its products. Either way the same bits.
 
 ``step``   any larger H -- no on-chip limit (the largest H is bounded by device memory for the
            float32 workspaces, O(N * 6 * H)): the *tiled* kernels, one launch per pass. Their
@@ -128,7 +132,10 @@ Measured alternatives (Triton 3.9): ``"ieee"`` (FMA, no tensor cores) crashes LL
 vectorizer on sm_90 for the lstm backward (H_PAD 32 at 4 warps, 64 at 8 warps) and spills 8 B
 on the lstm forward at 64; plain ``"tf32"`` (what cuDNN does by default) fits in half the shared
 memory but rounds products to 10 mantissa bits (~1e-3), failing float32 parity.
-The interpreter multiplies float32 exactly, so tf32x3 rounding is only seen on a GPU.
+The fused float32 backward computes the same three tf32 products itself
+(:func:`~.step_math.tf32_products`: hi with the low 13 mantissa bits cleared, lo = x - hi) on
+three accumulators across the gates, three independent chains instead of tf32x3's one.
+The interpreter multiplies float32 exactly, so tf32 rounding is only seen on a GPU.
 Activations: float32 kernels use exact ones (``tl.sigmoid``; tanh from it); 16-bit kernels on
 CUDA the GPU's ``tanh.approx.f32`` (sigmoid as (1 + tanh(x/2)) / 2: one MUFU instruction each;
 largest relative error about 2^-11, under float16's rounding), a ``CELL`` of its own
@@ -138,8 +145,10 @@ exact activations: the fast ones are tested by the CUDA suite only.
 Order of the recurrent products: the forward runs one product per gate, each on its own
 accumulator, after loading the step's xg tiles (no product waits for a load); the 16-bit fused
 backward likewise runs ``dh_prev = direct + sum_g d_hidden_g W_g`` as G independent
-tensor-core chains summed in gate order (float32 keeps one chain: G chains of tf32x3 spilled
-on sm_90), and the tiled backward keeps one accumulator per gate across its K chunks.
+tensor-core chains summed in gate order (float32: three chains, one per tf32 product, across
+the gates; G chains of tf32x3 spilled on sm_90), and the tiled backward keeps one accumulator
+per gate across its K chunks. The fused forward kernels load step s+1's xg tiles during step s
+(``KernelConfig.prefetch``) where that does not spill.
 The kernels have no interpreter-only path: every ``tl.dot`` runs on its operands' own dtype.
 Triton's interpreter (3.6 to 3.9) multiplies the bit patterns of bf16 operands as integers; the
 test harness (``tests/_triton_interpreter.py``, installed by ``tests/conftest.py``) corrects its

@@ -110,7 +110,8 @@ class KernelConfig:
     ``h_pad``: the padded hidden size of the fused kernels (0 for step kernels, where H is a
     runtime argument); ``block_h``/``block_k``: the step tiles (0 for fused kernels); ``save``:
     a forward kernel writes what backward reads (h_prev, the stash); False when no backward
-    follows (always True for backward kernels).
+    follows (always True for backward kernels); ``prefetch``: a fused forward kernel loads each
+    step's input tiles one step ahead (:func:`prefetches`).
     """
 
     kernel: str
@@ -122,6 +123,7 @@ class KernelConfig:
     block_h: int = 0
     block_k: int = 0
     save: bool = True
+    prefetch: bool = False
 
     @property
     def strategy(self):
@@ -131,7 +133,7 @@ class KernelConfig:
     def name(self):
         size = f"H{self.h_pad}" if self.h_pad else f"bh{self.block_h}xbk{self.block_k}"
         return (f"{self.kernel}-{self.cell}-{self.dtype}-{size}-w{self.num_warps}"
-                + ("" if self.save else "-nosave"))
+                + ("" if self.save else "-nosave") + ("-prefetch" if self.prefetch else ""))
 
 
 #: Warps per program of the shipped kernels. Measured (Triton 3.9, ptxas with Triton's
@@ -152,7 +154,18 @@ _NUM_WARPS_EXCEPTIONS = {
     ("forward_fused", "gru", "float16", 64): 4, ("forward_fused", "gru", "bfloat16", 64): 4,
     ("forward_fused", "peephole_lstm", "float16", 32): 4,
     ("forward_fused", "peephole_lstm", "bfloat16", 32): 4,
+    # since the one-step-ahead prefetch (2026-12-06), under Triton 3.6: 8 warps STACK 8 on
+    # sm_86/sm_89 at 128 registers.
+    ("forward_fused", "peephole_lstm", "float32", 32): 4,
 }
+
+
+def prefetches(dtype, h_pad):
+    """Whether the fused forward kernel of ``dtype`` (name) at ``h_pad`` loads step s+1's xg tiles
+    during step s: all but the 16-bit ones at H_PAD 128, where the G more float32 tiles the
+    prefetch holds spill (measured, Triton 3.9: 8 B STACK at 128 registers for rnn on sm_80-89,
+    16-64 B at 255 for lstm, gru and peephole_lstm on sm_90)."""
+    return dtype == "float32" or h_pad < 128
 
 
 def _build_configs():
@@ -165,8 +178,9 @@ def _build_configs():
                     if h_pad <= FUSED_MAX_HIDDEN[(direction, cell, dtype)]:
                         kernel = f"{direction}_fused"
                         warps = _NUM_WARPS_EXCEPTIONS.get((kernel, cell, dtype, h_pad), NUM_WARPS)
-                        configs += [KernelConfig(kernel, cell, dtype, h_pad, warps, save=save)
-                                    for save in saves]
+                        prefetch = direction == "forward" and prefetches(dtype, h_pad)
+                        configs += [KernelConfig(kernel, cell, dtype, h_pad, warps, save=save,
+                                                 prefetch=prefetch) for save in saves]
                 for strategy in ("step", "persistent"):
                     configs += [KernelConfig(f"{direction}_{strategy}", cell, dtype, 0,
                                              NUM_WARPS, block_h=STEP_BLOCK_H,
@@ -215,14 +229,17 @@ def launch_options(config, cc=None):
 def kernel_options(config, cell_math, cc=None):
     """Every keyword of a launch of ``config``'s kernel on ``sm_<cc>`` (None: the interpreter),
     what the launchers pass and bench/triton_aot.py compiles: the constexprs (the cell's step
-    math ``cell_math``, the tiles, whether a forward kernel saves for backward, whether a tiled
-    kernel waits for the kernel before it: :func:`programmatic_launch`) and
+    math ``cell_math``, the tiles, whether a forward kernel saves for backward, whether a fused
+    forward prefetches, whether a tiled kernel waits for the kernel before it:
+    :func:`programmatic_launch`) and
     :func:`launch_options`."""
     tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
              dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k,
                   PDL=programmatic_launch(config, cc)))
     if config.kernel.startswith("forward"):
         tiles["SAVE"] = config.save
+    if config.kernel == "forward_fused":
+        tiles["PREFETCH"] = config.prefetch
     return dict(CELL=cell_math, BLOCK_B=config.block_b, **tiles, **launch_options(config, cc))
 
 

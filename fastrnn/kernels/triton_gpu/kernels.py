@@ -11,8 +11,8 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fastrnn.kernels.triton_gpu.step_math import (accumulate_products, add_product, arrive,
                                                   block_tiles, load_inputs,
-                                                  load_weight_tile, mm, step_rows,
-                                                  wait_arrivals, zero_tiles)
+                                                  load_weight_tile, mm, step_inputs, step_rows,
+                                                  tf32_products, wait_arrivals, zero_tiles)
 
 # The tuples of tiles (one per gate or stash slot) are built and stored by static loops in the
 # kernels themselves, not by more helpers: each level of inlined helper adds line-info scopes to
@@ -29,6 +29,7 @@ def _forward_fused_kernel(
     bs_ptr, off_ptr, T, B, H,                              # runtime sizes
     reverse,                                               # 1: run t = T-1 ... 0
     CELL: tl.constexpr, H_PAD: tl.constexpr, BLOCK_B: tl.constexpr, SAVE: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Whole-sequence forward of one batch block (program id 0 -> rows [pid*BLOCK_B, ...)).
 
@@ -36,7 +37,9 @@ def _forward_fused_kernel(
     wcell: (K, H) the cell's own per-unit weights (peephole_lstm; K = 0: never read);
     y: (N, H) in the input dtype; hn/cn: (B, H); hprev: (N, H) fp32; stash: (N, S*H) fp32;
     bs/off: (T,) int32 batch size and first packed row of each step. SAVE False: hprev and
-    stash are never written (no backward follows; they may be placeholders).
+    stash are never written (no backward follows; they may be placeholders). PREFETCH: each
+    step loads the next step's xg tiles (into registers, before its products), so that no
+    step waits for its own; else a step loads its own before its products.
     """
     G: tl.constexpr = CELL.n_gates
     S: tl.constexpr = CELL.n_stash
@@ -48,13 +51,20 @@ def _forward_fused_kernel(
         w = w + (load_weight_tile(w_ptr, gate, H, H_PAD, True),)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+    if PREFETCH:
+        x = step_inputs(xg_ptr, bs_ptr, off_ptr, reverse * (T - 1), rows, cols, col_ok, H, G)
     for s in range(0, T):
         t = s + reverse * (T - 1 - 2 * s)
         first, active, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
         prow = (first + rows)[:, None]  # int32: select_config sends N*S*H >= 2**31 to step
         h_off = prow * H + cols[None, :]
-        # the step's G input loads issued together, before its products (which start from them)
-        x = load_inputs(xg_ptr + prow * (G * H) + cols[None, :], H, m, G)
+        # the G input loads issued together, before the products (which start from them)
+        if PREFETCH:  # the next step's (the last step reloads its own)
+            s1 = tl.minimum(s + 1, T - 1)
+            x_next = step_inputs(xg_ptr, bs_ptr, off_ptr, s1 + reverse * (T - 1 - 2 * s1), rows,
+                                 cols, col_ok, H, G)
+        else:
+            x = load_inputs(xg_ptr + prow * (G * H) + cols[None, :], H, m, G)
         hd = h.to(w_ptr.dtype.element_ty)
         p = CELL.preacts(mm, hd, w, x, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
@@ -67,6 +77,8 @@ def _forward_fused_kernel(
         tl.store(y_ptr + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
         h = tl.where(active[:, None], h_new, h)
         c = tl.where(active[:, None], c_new, c)
+        if PREFETCH:
+            x = x_next
     tl.store(hn_ptr + state_off, h.to(hn_ptr.dtype.element_ty), mask=state_mask)
     CELL.store_c(cn_ptr + state_off, c, state_mask)
 
@@ -117,20 +129,23 @@ def _backward_fused_kernel(
         d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
         # dh_prev = direct + sum_g d_hidden[g] W_g. 16-bit: each gate's product on its own
         # accumulator (G independent chains of tensor-core products, not one), summed in gate
-        # order. float32: one chain (each product is already three, tf32x3; G chains of them
-        # spilled the fp32 lstm and peephole_lstm at H_PAD 64 on sm_90). The order of these
-        # stores and products steers register allocation (storing every d_xg first made the
-        # float32 LSTM spill on sm_90): compile the configurations ahead of time before
-        # changing it.
+        # order. float32: the three tf32 products of tf32x3 (hi*hi, lo*hi, hi*lo: tf32_products)
+        # on three accumulators across the gates (three independent chains, not tf32x3's one;
+        # G chains of tf32x3 spilled the fp32 lstm and peephole_lstm at H_PAD 64 on sm_90).
+        # The order of these stores and products steers register allocation (storing every
+        # d_xg first made the float32 LSTM spill on sm_90): compile the configurations ahead
+        # of time before changing it.
         g_ptrs = dgate_ptr + prow * (G * H) + cols[None, :]
         if dot_dtype == tl.float32:
             tl.store(g_ptrs, d_xg[0], mask=m)
-            dh_prev = mm(d_hidden[0], w[0], direct)
+            zero = tl.zeros([BLOCK_B, H_PAD], tl.float32)
+            acc = tf32_products(d_hidden[0], w[0], (direct, zero, zero))
             for gate in tl.static_range(1, G):
                 tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
             CELL.store_d_hn(dhn_ptr + h_off, d_hidden, m)
             for gate in tl.static_range(1, G):
-                dh_prev = mm(d_hidden[gate], w[gate], dh_prev)
+                acc = tf32_products(d_hidden[gate], w[gate], acc)
+            dh_prev = acc[0] + (acc[1] + acc[2])
         else:
             parts = ()
             for gate in tl.static_range(G):

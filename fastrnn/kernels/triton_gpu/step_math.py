@@ -109,6 +109,19 @@ def mm(a, b, acc):
 
 
 @triton.jit
+def tf32_products(a, b, acc):
+    """a @ b for float32 ``a``, ``b`` as tf32x3 computes it, but on three accumulators ``acc`` =
+    (hi*hi, lo*hi, hi*lo; the sum acc[0] + (acc[1] + acc[2])) that depend on nothing but their
+    own last product: three independent chains of tf32 tensor-core products. hi: x with its
+    low 13 mantissa bits cleared (exactly representable in tf32); lo = x - hi (exact)."""
+    a_hi = (a.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    b_hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    return (tl.dot(a_hi, b_hi, acc[0], input_precision="tf32"),
+            tl.dot(a - a_hi, b_hi, acc[1], input_precision="tf32"),
+            tl.dot(a_hi, b - b_hi, acc[2], input_precision="tf32"))
+
+
+@triton.jit
 def add_product(h, hw, acc):
     """``PRODUCT`` of the step kernels: ``hw`` is h W_g^T, already accumulated (h is None)."""
     return hw + acc
@@ -152,6 +165,14 @@ def load_inputs(x_ptrs, H, mask, G: tl.constexpr):
     for gate in tl.static_range(G):
         x = x + (load_f32(x_ptrs + gate * H, mask),)
     return x
+
+
+@triton.jit
+def step_inputs(xg_ptr, bs_ptr, off_ptr, t, rows, cols, col_ok, H, G: tl.constexpr):
+    """Step ``t``'s G xg tiles of the fused kernels' ``rows`` (:func:`load_inputs`; inactive
+    rows 0), for a step other than the current one (a prefetch)."""
+    first, _, m = step_rows(bs_ptr, off_ptr, t, rows, col_ok)
+    return load_inputs(xg_ptr + (first + rows)[:, None] * (G * H) + cols[None, :], H, m, G)
 
 
 @triton.jit
