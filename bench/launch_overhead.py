@@ -73,7 +73,7 @@ def step_call(T=64, B=32, H=512, cell="lstm", dtype=torch.bfloat16):
     config = configs.select_config("forward", cell, dtype, H, strategy="step")
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h))
     xg, w = torch.zeros(T * B, G * H, dtype=dtype), torch.zeros(G * H, H, dtype=dtype)
-    lead = (xg, w, w, w, torch.zeros(2, B, H), torch.zeros(B, H),
+    lead = (xg, w, w, w, torch.zeros(2, B, H, dtype=dtype), torch.zeros(B, H), torch.zeros(B, H),
             torch.zeros(T * B, H, dtype=dtype), torch.zeros(T * B, H), torch.zeros(T * B, S * H),
             torch.zeros(1 + grid[0] * T, dtype=torch.int32), torch.full((T,), B, dtype=torch.int32),
             torch.arange(T, dtype=torch.int32) * B, T, B, H, 0)

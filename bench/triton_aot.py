@@ -23,7 +23,7 @@ _KERNELS = {
 }
 # Pointer arguments that are float32 workspaces whatever the input dtype (the rest are the
 # input dtype, except the int32 step tables).
-_FP32_POINTERS = {"hprev_ptr", "stash_ptr", "hbuf_ptr", "c_ptr", "dgate_ptr", "dhn_ptr", "dh_ptr",
+_FP32_POINTERS = {"hprev_ptr", "stash_ptr", "hst_ptr", "c_ptr", "dgate_ptr", "dhn_ptr", "dh_ptr",
                   "dc_ptr", "dh0_ptr", "dc0_ptr"}
 _INT_POINTERS = {"bs_ptr", "off_ptr", "sync_ptr"}
 # Pointer arguments the caller provides (views such as h0[k] may start at any element); the rest

@@ -341,6 +341,28 @@ def test_fused_forward_prefetch_changes_no_bit(cell, reverse, dtype, monkeypatch
         assert (got is None and want is None) or torch.equal(got, want)
 
 
+@pytest.mark.parametrize("strategy", ["step", "persistent"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tiled_forward_exchanges_h_in_the_products_dtype(strategy, dtype, monkeypatch):
+    """The tiled forward's programs hand h over in the dtype of the products that read it (16-bit
+    models: half the bytes of float32), each keeping its own units of h (and c) in float32."""
+    a = {k: None if v is None else v.to(dtype) for k, v in launcher_inputs("lstm").items()}
+    heads = []
+    passes = launch._tiled_passes
+
+    def spy(forward, config, plan, head, steps, n):
+        heads.append(head)
+        return passes(forward, config, plan, head, steps, n)
+
+    monkeypatch.setattr(launch, "_tiled_passes", spy)
+    with forced(strategy):
+        tg.recurrence_forward("lstm", a["xg"], a["h0"], a["c0"], a["w_hh"], None, None,
+                              torch.tensor(PACKED), False)
+    h_buf, h_state, c_state = heads[0][4:7]
+    assert h_buf.dtype == dtype and h_buf.shape == (2, *a["h0"].shape)
+    assert h_state.dtype == c_state.dtype == torch.float32
+
+
 def test_w_cell_is_checked():
     """w_cell is required exactly for cells with per-unit weights, as (K, H) in xg's dtype."""
     lstm, peep = launcher_inputs("lstm"), launcher_inputs("peephole_lstm")

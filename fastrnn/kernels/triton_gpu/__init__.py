@@ -58,11 +58,12 @@ Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and t
            grid splits the batch into blocks of 16 rows and the hidden dimension into blocks
            of ``BLOCK_H`` units, and each program streams its ``W_hh`` slice (from L2) in
            ``BLOCK_K`` chunks. The forward's pass s is step s: the hidden state crosses steps
-           through global float32 buffers (a ping-pong pair for h, whose every unit every
-           program reads; c in place). The backward is T + 1 passes: pass s finishes step
-           s-1 (``dh += d_gates(s-1) @ W_hh``, which needs every program's gate gradients of
-           the previous pass) and runs the elementwise BPTT of step s for the program's own
-           units. Between launches the launch boundary orders the passes: no grid-wide barrier.
+           through global buffers: a ping-pong pair for h, whose every unit every program
+           reads, in the products' dtype (16-bit models exchange half the bytes; the products
+           read h in that dtype anyway), and float32 h and c, each program's own units. The
+           backward is T + 1 passes: pass s finishes step s-1 (``dh += d_gates(s-1) @ W_hh``,
+           which needs every program's gate gradients of the previous pass) and runs the
+           elementwise BPTT of step s for the program's own units. Between launches the launch boundary orders the passes: no grid-wide barrier.
            Launch cost: only the first pass goes through Triton's JIT; the others call the
            compiled kernel's launcher with the same arguments (``launch._launch_passes``: ~1.7
            instead of ~16 µs of Python a pass, ``bench/launch_overhead.py``), and on sm_90+

@@ -172,7 +172,7 @@ def _backward_fused_kernel(
                                "arrivals", "max_polls"])
 def _forward_tiled_kernel(
     xg_ptr, w_ptr, bhn_ptr, wcell_ptr,                      # inputs
-    hbuf_ptr, c_ptr,                                        # fp32 states, in and out
+    hbuf_ptr, hst_ptr, c_ptr,                               # states, in and out
     y_ptr, hprev_ptr, stash_ptr,                            # outputs
     sync_ptr,                                               # int32 zeros (1 + blocks * T,)
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end,
@@ -183,10 +183,11 @@ def _forward_tiled_kernel(
     """Steps ``s_begin .. s_end - 1`` (in the order of the sequence: ``reverse`` 1 runs t =
     T-1-s) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
 
-    hbuf: (2, B, H) fp32, h_s in ``hbuf[s % 2]`` (``buf_stride`` = B*H apart; hbuf[0] = h0):
-    step s reads the whole h_{s-1} of its batch block and writes its own units of h_s (inactive
-    rows keep h); c: (B, H) fp32, read at the start and written at the end (each program owns
-    its units); in between h and c stay in registers. Before each step but the first of the
+    hbuf: (2, B, H) in w's dtype (what the products take), h_s in ``hbuf[s % 2]``
+    (``buf_stride`` = B*H apart; hbuf[0] = h0): step s reads the whole h_{s-1} of its batch
+    block and writes its own units of h_s (inactive rows keep h); hst and c: (B, H) fp32, h and
+    c read at the start and written at the end (each program owns its units); in between h and
+    c stay in registers. Before each step but the first of the
     launch, the program waits until ``sync[1 + block*T + s-1]`` counts ``arrivals`` programs
     (acquire), and after writing h_s it arrives at ``sync[1 + block*T + s]`` (release); a wait
     past ``max_polls`` polls adds 1 at ``sync[0]`` and later steps no longer wait.
@@ -203,7 +204,7 @@ def _forward_tiled_kernel(
     rows, cols, col_ok, state_mask, state_off = block_tiles(tl.program_id(1) * BLOCK_H, B, H,
                                                             BLOCK_B, BLOCK_H)
     dot_dtype = w_ptr.dtype.element_ty
-    h = tl.load(hbuf_ptr + (s_begin % 2) * buf_stride + state_off, mask=state_mask, other=0.0)
+    h = tl.load(hst_ptr + state_off, mask=state_mask, other=0.0)
     c = CELL.load_c(c_ptr + state_off, state_mask, h)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
@@ -239,8 +240,10 @@ def _forward_tiled_kernel(
         tl.store(y_ptr + first64 * H + h_off, h_new.to(y_ptr.dtype.element_ty), mask=m)
         h = tl.where(active[:, None], h_new, h)
         c = tl.where(active[:, None], c_new, c)
-        tl.store(hbuf_ptr + ((s + 1) % 2) * buf_stride + state_off, h, mask=state_mask)
+        tl.store(hbuf_ptr + ((s + 1) % 2) * buf_stride + state_off, h.to(dot_dtype),
+                 mask=state_mask)
         arrive(counters + s)
+    tl.store(hst_ptr + state_off, h, mask=state_mask)
     CELL.store_c(c_ptr + state_off, c, state_mask)
 
 

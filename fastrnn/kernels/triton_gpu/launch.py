@@ -252,15 +252,18 @@ def recurrence_forward(cell, xg, h0, c0, w_hh, b_hn, w_hr, batch_sizes, reverse,
             y, h_n, c_n if c_n is not None else h_n, h_prev, stash,
             bs, off, T, B, H, int(bool(reverse)), **_options(config, plan))
         return y, h_n, c_n, saved
-    h_buf = torch.empty(2, B, H, device=dev, dtype=torch.float32)  # h_s in h_buf[s % 2]
+    # h_s in h_buf[s % 2], exchanged between programs in the products' dtype; each program's
+    # own units of h (and c) in float32
+    h_buf = torch.empty(2, B, H, device=dev, dtype=dtype)
     h_buf[0].copy_(h0)
-    c_state = c0.to(torch.float32).clone() if spec.has_c else h_buf  # (never read without c)
-    head = (xg, w_hh, bhn, wcell, h_buf, c_state, y, h_prev, stash)
+    h_state = h0.to(torch.float32, copy=True)
+    c_state = c0.to(torch.float32, copy=True) if spec.has_c else h_state  # (unread without c)
+    head = (xg, w_hh, bhn, wcell, h_buf, h_state, c_state, y, h_prev, stash)
     steps = (bs, off, T, B, H, reverse)
     if not _tiled_passes(True, config, plan, head, steps, T):
         step = select_config("forward", cell, dtype, H, strategy="step", save=save)
         _tiled_passes(True, step, plan, head, steps, T)
-    h_n = h_buf[T % 2].to(dtype)
+    h_n = h_state.to(dtype)
     c_n = c_state.to(dtype) if spec.has_c else None
     return y, h_n, c_n, saved
 
