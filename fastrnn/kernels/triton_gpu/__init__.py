@@ -63,14 +63,16 @@ Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and t
            read h in that dtype anyway), and float32 h and c, each program's own units. The
            backward is T + 1 passes: pass s finishes step s-1 (``dh += d_gates(s-1) @ W_hh``,
            which needs every program's gate gradients of the previous pass) and runs the
-           elementwise BPTT of step s for the program's own units. Between launches the launch boundary orders the passes: no grid-wide barrier.
+           elementwise BPTT of step s for the program's own units. Between launches the
+           launch boundary orders the passes: no grid-wide barrier.
            Launch cost: only the first pass goes through Triton's JIT; the others call the
-           compiled kernel's launcher with the same arguments (``launch._launch_passes``: ~1.7
-           instead of ~16 µs of Python a pass, ``bench/launch_overhead.py``), and on sm_90+
-           they use programmatic dependent launch (:func:`~.configs.programmatic_launch`): each
-           kernel waits for the previous one's end before touching memory
-           (``griddepcontrol.wait``, checked in the PTX by the AOT test) and lets the next one
-           launch at once, so its launch and start overlap this one's run.
+           compiled kernel's launcher with the same arguments (``launch._launch_passes``: 1.6
+           instead of 15 µs of Python a pass on an Intel Xeon, ``bench/launch_overhead.py``),
+           and on sm_90+ they use programmatic dependent launch
+           (:func:`~.configs.programmatic_launch`): each kernel waits for the previous one's
+           end before touching memory (``griddepcontrol.wait``, checked in the PTX by the AOT
+           test) and lets the next one launch at once, so its launch and start overlap this
+           one's run.
 
 ``persistent`` the same tiled kernels, one launch for all the passes of a layer, direction and
            pass kind (forward; backward), with 32 x 16 tiles: one program per (16-row batch

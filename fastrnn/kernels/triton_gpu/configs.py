@@ -231,8 +231,7 @@ def kernel_options(config, cell_math, cc=None):
     what the launchers pass and bench/triton_aot.py compiles: the constexprs (the cell's step
     math ``cell_math``, the tiles, whether a forward kernel saves for backward, whether a fused
     forward prefetches, whether a tiled kernel waits for the kernel before it:
-    :func:`programmatic_launch`) and
-    :func:`launch_options`."""
+    :func:`programmatic_launch`) and :func:`launch_options`."""
     tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
              dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k,
                   PDL=programmatic_launch(config, cc)))

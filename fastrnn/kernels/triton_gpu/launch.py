@@ -154,8 +154,8 @@ def handoff(B, H, grid):
 def _tiled_passes(forward, config, plan, head, steps, passes):
     """Run ``passes`` passes of the tiled ``forward`` (else backward) kernel with ``config`` on
     ``plan``'s device: one launch per pass (step: :func:`_launch_passes`), or one launch for all
-    (persistent). ``head``: the kernel's
-    pointers before ``sync``; ``steps`` = (bs, off, T, B, H, reverse). Returns False if the
+    (persistent). ``head``: the kernel's pointers before ``sync``; ``steps`` = (bs, off, T, B,
+    H, reverse). Returns False if the
     device refused the persistent launch (recorded in :data:`PERSISTENT_FAILED`, warned once;
     nothing ran: the caller runs step kernels). A persistent wait that timed out raises:
     RuntimeError here under the interpreter; on CUDA a device-side assertion (no host sync)
