@@ -343,9 +343,10 @@ def test_fused_forward_prefetch_changes_no_bit(cell, reverse, dtype, monkeypatch
 
 @pytest.mark.parametrize("strategy", ["step", "persistent"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_tiled_forward_exchanges_h_in_the_products_dtype(strategy, dtype, monkeypatch):
-    """The tiled forward's programs hand h over in the dtype of the products that read it (16-bit
-    models: half the bytes of float32), each keeping its own units of h (and c) in float32."""
+def test_tiled_kernels_exchange_in_the_products_dtype(strategy, dtype, monkeypatch):
+    """The tiled kernels' programs hand h (forward) and the hidden products' gradients
+    (backward) over in the dtype of the products that read them (16-bit models: half the bytes
+    of float32), each keeping its own units of h and c in float32."""
     a = {k: None if v is None else v.to(dtype) for k, v in launcher_inputs("lstm").items()}
     heads = []
     passes = launch._tiled_passes
@@ -355,12 +356,18 @@ def test_tiled_forward_exchanges_h_in_the_products_dtype(strategy, dtype, monkey
         return passes(forward, config, plan, head, steps, n)
 
     monkeypatch.setattr(launch, "_tiled_passes", spy)
+    sizes = torch.tensor(PACKED)
     with forced(strategy):
-        tg.recurrence_forward("lstm", a["xg"], a["h0"], a["c0"], a["w_hh"], None, None,
-                              torch.tensor(PACKED), False)
-    h_buf, h_state, c_state = heads[0][4:7]
-    assert h_buf.dtype == dtype and h_buf.shape == (2, *a["h0"].shape)
+        y, h_n, c_n, saved = tg.recurrence_forward("lstm", a["xg"], a["h0"], a["c0"], a["w_hh"],
+                                                   None, None, sizes, False)
+        tg.recurrence_backward("lstm", torch.ones_like(y), torch.ones_like(h_n),
+                               torch.ones_like(c_n), a["h0"], a["c0"], a["w_hh"], None, None,
+                               sizes, False, y, saved)
+    (h_buf, h_state, c_state), exchange = heads[0][4:7], heads[1][7]
+    B, H = a["h0"].shape
+    assert h_buf.dtype == dtype and h_buf.shape == (2, B, H)
     assert h_state.dtype == c_state.dtype == torch.float32
+    assert exchange.dtype == dtype and exchange.shape == (2, B, 4 * H)
 
 
 def test_w_cell_is_checked():

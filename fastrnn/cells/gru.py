@@ -97,8 +97,7 @@ def triton_step_math():
     float32."""
     import triton.language as tl
 
-    from fastrnn.kernels.triton_gpu.step_math import (CellMath, cell_jit, load_d_hidden,
-                                                      load_f32, sigmoid, tanh)
+    from fastrnn.kernels.triton_gpu.step_math import CellMath, cell_jit, load_f32, sigmoid, tanh
 
     @cell_jit
     def preacts(PRODUCT: tl.constexpr, h, w, x, b_hn):
@@ -129,13 +128,5 @@ def triton_step_math():
     def store_d_hn(ptrs, d_hidden, mask):
         tl.store(ptrs, d_hidden[2], mask=mask)
 
-    @cell_jit
-    def load_d_hn(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
-        if gate == 2:
-            d = tl.load(dhn_rows + ks[None, :], mask=mask, other=0.0)
-        else:
-            d = load_d_hidden(dgate_rows, dhn_rows, ks, gate, H, mask)
-        return d
-
     return CellMath(SPEC, preacts=preacts, forward=forward, backward=backward,
-                    load_b_hn=load_b_hn, store_d_hn=store_d_hn, load_d_hidden=load_d_hn)
+                    load_b_hn=load_b_hn, store_d_hn=store_d_hn)

@@ -62,8 +62,9 @@ Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and t
            reads, in the products' dtype (16-bit models exchange half the bytes; the products
            read h in that dtype anyway), and float32 h and c, each program's own units. The
            backward is T + 1 passes: pass s finishes step s-1 (``dh += d_gates(s-1) @ W_hh``,
-           which needs every program's gate gradients of the previous pass) and runs the
-           elementwise BPTT of step s for the program's own units. Between launches the
+           which needs every program's gate gradients of the previous pass, exchanged through a
+           ping-pong pair in the products' dtype like h) and runs the elementwise BPTT of step
+           s for the program's own units. Between launches the
            launch boundary orders the passes: no grid-wide barrier.
            Launch cost: only the first pass goes through Triton's JIT; the others call the
            compiled kernel's launcher with the same arguments (``launch._launch_passes``: 1.6

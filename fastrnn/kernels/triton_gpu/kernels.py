@@ -251,6 +251,7 @@ def _forward_tiled_kernel(
                                "max_polls"])
 def _backward_tiled_kernel(
     gy_ptr, w_ptr, wcell_ptr, hprev_ptr, stash_ptr, dgate_ptr, dhn_ptr,
+    xch_ptr,                         # (2, B, G*H) in w's dtype: the d_hidden exchange
     dh_ptr, dc_ptr,                  # (B, H) fp32: the final states' gradients in, d_h0/d_c0 out
     sync_ptr,                        # int32 zeros (1 + blocks * T,)
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end, arrivals, max_polls,
@@ -261,11 +262,13 @@ def _backward_tiled_kernel(
     the forward) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
 
     Pass s finishes the step of pass s-1 (s > 0): ``dh += d_hidden_gates @ W_hh`` for its units,
-    reading every program's gate gradients of that step (written in pass s-1: a launch boundary
-    or, within a launch, a wait for ``arrivals`` as in :func:`_forward_tiled_kernel`), for the
-    rows active there; then (s < T) it runs the elementwise BPTT of its own step for its units:
-    writes their dgate/dhn rows, leaves in dh the part of the state gradient that bypasses W_hh
-    (gru: dh*z; 0 else; inactive rows: dh) and in dc the cell-state gradient, and arrives.
+    reading every program's gradients of the hidden products of that step from
+    ``xch[(s-1) % 2]`` (written in pass s-1: a launch boundary or, within a launch, a wait for
+    ``arrivals`` as in :func:`_forward_tiled_kernel`; in the products' dtype, as the forward
+    exchanges h), for the rows active there; then (s < T) it runs the elementwise BPTT of its
+    own step for its units: writes their dgate/dhn rows (float32) and their d_hidden to
+    ``xch[s % 2]``, leaves in dh the part of the state gradient that bypasses W_hh (gru: dh*z;
+    0 else; inactive rows: dh) and in dc the cell-state gradient, and arrives.
     dh/dc: read at the start, in registers between passes, written at the end. Each step's gate
     gradients have rows of their own: nothing is written twice. Shapes as in
     :func:`_backward_fused_kernel`; ``PDL`` as in :func:`_forward_tiled_kernel`.
@@ -287,21 +290,19 @@ def _backward_tiled_kernel(
             ok = wait_arrivals(counters + (s - 1), arrivals, max_polls, ok, sync_ptr)
         if s > 0:
             t_done = T - s - reverse * (T + 1 - 2 * s)  # the step pass s - 1 ran
-            first_done, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
+            _, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
             acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # d_hidden_g W_g, one chain per gate
-            done64 = first_done.to(tl.int64)
-            grow = rows[:, None]
+            src = xch_ptr + ((s - 1) % 2) * (B * G * H) + rows[:, None] * (G * H)
             for k0 in range(0, H, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 k_ok = ks < H
                 g_mask = done[:, None] & k_ok[None, :]
                 parts = ()
                 for gate in tl.static_range(G):
-                    dk = CELL.load_d_hidden(dgate_ptr + done64 * (G * H) + grow * (G * H),
-                                            dhn_ptr + done64 * H + grow * H, ks, gate, H, g_mask)
+                    dk = tl.load(src + gate * H + ks[None, :], mask=g_mask, other=0.0)
                     wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
                                  mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    parts = parts + (mm(dk.to(dot_dtype), wt, acc[gate]),)
+                    parts = parts + (mm(dk, wt, acc[gate]),)
                 acc = parts
             hw = acc[0]
             for gate in tl.static_range(1, G):
@@ -322,8 +323,10 @@ def _backward_tiled_kernel(
             w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
             d_xg, d_hidden, direct, dc_prev = CELL.backward(dh_t, dc, stash + w_cell, h_prev)
             g_ptrs = dgate_ptr + first64 * (G * H) + prow * (G * H) + cols[None, :]
+            x_ptrs = xch_ptr + (s % 2) * (B * G * H) + prow * (G * H) + cols[None, :]
             for gate in tl.static_range(G):
                 tl.store(g_ptrs + gate * H, d_xg[gate], mask=m)
+                tl.store(x_ptrs + gate * H, d_hidden[gate].to(dot_dtype), mask=m)
             CELL.store_d_hn(dhn_ptr + first64 * H + h_off, d_hidden, m)
             dh = tl.where(active[:, None], direct, dh)
             dc = tl.where(active[:, None], dc_prev, dc)

@@ -309,7 +309,9 @@ def recurrence_backward(cell, grad_y, grad_h_n, grad_c_n, h0, c0, w_hh, b_hn, w_
                 h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg,
                 bs, off, T, B, H, int(bool(reverse)), **_options(config, plan))
         else:
-            head = (grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg, d_h0, dc_arg)
+            # each pass's d_hidden, exchanged between programs in the products' dtype
+            exchange = torch.empty(2, B, G * H, device=dev, dtype=dtype)
+            head = (grad_y, w_hh, wcell, h_prev, stash, d_gates, dhn_arg, exchange, d_h0, dc_arg)
             steps = (bs, off, T, B, H, reverse)
             if not _tiled_passes(False, config, plan, head, steps, T + 1):
                 step = select_config("backward", cell, dtype, H, strategy="step")

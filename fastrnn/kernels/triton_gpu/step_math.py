@@ -29,10 +29,9 @@ The helpers a cell provides (tiles are float32 (BLOCK_B, BLOCK_H); ``p``, ``w``,
     ``h W_g^T (+ b)``, ``direct`` the part of the gradient of h that bypasses ``W_hh``
     (``dh_prev = direct + sum_g d_hidden[g] W_g``), ``dc_prev`` that of c (cells without c:
     ``dc``, returned as is, so that the kernels carry nothing for it).
-``load_b_hn(ptrs, mask)``, ``store_d_hn(ptrs, d_hidden, mask)``,
-``load_d_hidden(dgate_rows, dhn_rows, ks, gate, H, mask)``
+``load_b_hn(ptrs, mask)``, ``store_d_hn(ptrs, d_hidden, mask)``
     A bias inside the hidden product and the gradient buffer of that product (GRU's ``b_hn``,
-    ``d_hn``). Defaults: no bias, nothing stored, ``d_hidden[g]`` read from ``d_gates``.
+    ``d_hn``). Defaults: no bias, nothing stored.
 ``load_cell_weights(ptrs, mask, H) -> tuple``
     The cell's own per-unit weights (``CellSpec.cell_weights``, ``w_cell`` (K, H), ``ptrs`` its
     row 0 at the program's units) as K (1, BLOCK_H) float32 tiles, which the kernels append to
@@ -280,13 +279,6 @@ def no_cell_weights(ptrs, mask, H):
     return ()
 
 
-@triton.jit
-def load_d_hidden(dgate_rows, dhn_rows, ks, gate: tl.constexpr, H, mask):
-    """The gradient of gate ``gate``'s hidden product for columns ``ks``: the xg gradient in
-    ``d_gates`` (rows ``dgate_rows``), which it equals for cells without ``d_hn``."""
-    return tl.load(dgate_rows + gate * H + ks[None, :], mask=mask, other=0.0)
-
-
 # ----------------------------------------------------------------------------------------------
 # The CELL constexpr.
 # ----------------------------------------------------------------------------------------------
@@ -334,7 +326,7 @@ class CellMath:
     """
 
     _DEFAULTS = dict(preacts=plain_preacts, load_b_hn=no_b_hn, store_d_hn=no_store,
-                     load_d_hidden=load_d_hidden, load_cell_weights=no_cell_weights)
+                     load_cell_weights=no_cell_weights)
 
     def __init__(self, spec, saved_cell_states=None, **helpers):
         required = {"forward", "backward"} | ({"load_cell_weights"} if spec.cell_weights else set())
