@@ -72,7 +72,7 @@ echo "bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/bench.log"
 [ -d "$OUT/bench" ] && tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
 stage "persistent vs step vs cuDNN, lstm (cases started within ${PERSIST_S} s)"
 timeout -s INT -k 30 $(( PERSIST_S + 60 )) $PY bench/gpu_bench.py --grid persistent \
-  --cells lstm --backends triton-persistent,triton-step,triton-step+graph --baselines torch,cell-loop --budget 0.05 \
+  --cells lstm --backends triton-persistent,triton-streamed,triton-step,triton-step+graph --baselines torch,cell-loop --budget 0.05 \
   --dtypes "$DTYPES" --max-minutes "$(awk "BEGIN{print $PERSIST_S/60}")" --no-progress \
   --out "$OUT/persistent" 2>&1 | tee "$OUT/persistent.log"
 echo "persistent bench exit: ${PIPESTATUS[0]}" | tee -a "$OUT/persistent.log"

@@ -289,10 +289,13 @@ def test_forced_triton_strategies_are_skipped_where_they_cannot_run():
     case = grid.build_grid("tiny", "cpu", cells=["lstm"], modes=["inference"])[0]
     cpu = torch.device("cpu")
     assert "exceeds this device's SMs" in baselines._strategy_refused(case, cpu, "persistent")
+    assert "exceeds this device's SMs" in baselines._strategy_refused(case, cpu, "streamed")
     big = dataclasses.replace(case, hidden=4096)
     assert "fused kernels' limit" in baselines._strategy_refused(big, cpu, "fused")
     assert baselines._strategy_refused(case, cpu, "step") is None
-    assert set(baselines.FORCED_TRITON) == {"triton-fused", "triton-step", "triton-persistent"}
+    assert set(baselines.FORCED_TRITON) == {"triton-fused", "triton-step", "triton-persistent",
+                                            "triton-streamed"}
+    assert {f"triton-{s}" for s in baselines._FORCED} == set(baselines.FORCED_TRITON)
 
 
 def test_graph_backends_replay_on_cuda_and_are_skipped_elsewhere(monkeypatch):

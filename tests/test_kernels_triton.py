@@ -56,6 +56,9 @@ DENSE = [4] * 6                 # B = 4, T = 6
 PACKED = [5, 5, 4, 2, 2, 1, 1]  # non-increasing batch sizes, T = 7
 HIDDEN = 24                     # not a power of two: exercises the masks
 STEP_TILES = dict(block_h=16, block_k=16)
+# "resident": the persistent kernels with W_hh resident, H <= 32 in two 16-wide chunks.
+RESIDENT_TILES = dict(block_h=16, block_k=16, k_pad=32)
+STRATEGIES = configs.STRATEGIES + ("resident",)
 
 
 def make_inputs(cell, hidden, sizes, seed=0, with_bias=True):
@@ -110,10 +113,13 @@ def case_tensors(cell, sizes, dtype, hidden=HIDDEN, seed=0, with_bias=True):
 
 @contextlib.contextmanager
 def forced(strategy, step_tiles=STEP_TILES, lagging=None):
-    """``strategy`` forced (None: the dispatcher's choice), the tiled ones with ``step_tiles``.
+    """``strategy`` forced (None: the dispatcher's choice), the tiled ones with ``step_tiles``
+    ("resident": persistent with RESIDENT_TILES).
     Under the interpreter the persistent kernel's programs run concurrently, each in its own
     thread (they wait for each other within a launch: the sequential loop would time out),
     program ``lagging`` (a grid index) behind the others (``interp.threaded_programs``)."""
+    if strategy == "resident":
+        strategy, step_tiles = "persistent", RESIDENT_TILES
     with contextlib.ExitStack() as stack:
         if strategy == "persistent" and INTERPRETED:
             stack.enter_context(interp.threaded_programs(lagging, delay_s=0.005))
@@ -171,7 +177,7 @@ def check_parity(cell, sizes, reverse, dtype, strategy, hidden=HIDDEN, tols=TOL,
             assert_close(a, e.to(dtype), tol, name)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["dense", "packed"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -181,7 +187,7 @@ def test_parity(cell, reverse, layout, dtype, strategy):
     check_parity(cell, DENSE if layout == "dense" else PACKED, reverse, dtype, strategy)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("cell", ["lstm", "gru", "peephole_lstm"])
 def test_several_batch_blocks(cell, strategy):
     """B = 19 > BLOCK_B: several batch programs, the last one partly masked."""
@@ -195,12 +201,12 @@ def test_fused_second_bucket(cell):
     check_parity(cell, PACKED, True, torch.float16, "fused", hidden=40, seed=5)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_gru_without_bias(strategy):
     check_parity("gru", PACKED, True, torch.float32, strategy, with_bias=False, seed=4)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_lstm_c_n_unused(strategy):
     """d_c0 when only y and h_n carry gradients (c_n's gradient materialises as zeros)."""
     inputs = [None if t is None else t.float().to(DEVICE) for t in make_inputs("lstm", 16, PACKED)]
@@ -216,7 +222,7 @@ def test_lstm_c_n_unused(strategy):
         assert_close(a, e, TOL[torch.float32], name)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_bias_gradient(cell, strategy):
     """``bias`` (G*H,) through the Recurrence Function: triton's outputs and its gradients of bias
@@ -251,7 +257,7 @@ def launcher_inputs(cell, sizes=PACKED, hidden=16):
     return dict(xg=t[0], h0=t[1], c0=t[2], w_hh=t[3], b_hn=t[4], w_cell=(t[5:] or [None])[0])
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_launchers_return_eight_gradients(cell, strategy):
     """The contract: recurrence_backward returns (d_xg, d_h0, d_c0, d_w_hh, d_b_hn, d_w_hr,
@@ -273,7 +279,7 @@ def test_launchers_return_eight_gradients(cell, strategy):
         assert grads[7].shape == a["w_cell"].shape and grads[7].dtype == a["w_cell"].dtype
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_forward_without_save_runs_the_kernels_that_write_no_stash(cell, strategy, monkeypatch):
     """save=False (no backward follows): the forward kernels' SAVE=False variant runs, outputs
@@ -341,7 +347,7 @@ def test_fused_forward_prefetch_changes_no_bit(cell, reverse, dtype, monkeypatch
         assert (got is None and want is None) or torch.equal(got, want)
 
 
-@pytest.mark.parametrize("strategy", ["step", "persistent"])
+@pytest.mark.parametrize("strategy", ["step", "persistent", "resident"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_tiled_kernels_exchange_in_the_products_dtype(strategy, dtype, monkeypatch):
     """The tiled kernels' programs hand h (forward) and the hidden products' gradients
@@ -392,7 +398,7 @@ def test_w_cell_is_checked():
                                peep["w_hh"], None, None, sizes, False, y, saved)
 
 
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_peephole_weight_gradient_is_deterministic(strategy):
     """d_w_cell (a torch reduction after the loop, no atomics): bit for bit run to run."""
     inputs = [t.float().to(DEVICE) for t in make_inputs("peephole_lstm", 24, PACKED)
@@ -503,7 +509,7 @@ def test_interpreter_bf16_dot():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("strategy", configs.STRATEGIES)
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_bf16_parity_needs_the_dot_correction(strategy):
     """The kernels' bf16 products go through the interpreter's bf16 tl.dot (no upcast of their
     own): without the correction, bf16 parity fails."""
@@ -566,13 +572,15 @@ def test_program_order(cell, strategy, layout, reverse, order):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cell", configs.CELLS)
 def test_parity_cuda_full_size(cell, dtype):
-    """Every shipped strategy at full size on the GPU: the largest fused H and a larger H, B = 64
+    """Every shipped strategy at full size on the GPU: the largest fused H and two larger H, B = 64
     (4 batch programs), T = 64, packed, both directions; at the larger H the dispatcher's choice
-    (the persistent forward where the grid fits the SMs: 4 x 17 programs) and the step kernels."""
+    (persistent where the grid fits the SMs, W_hh resident where it may: 3 * limit + 8 is
+    within every resident limit, 4 * limit + 8 over some), the streamed persistent kernels
+    (``k_pad`` 0) and the step kernels."""
     sizes = [64] * 40 + [48] * 16 + [5] * 8
     limits = [tg.fused_max_hidden(d, cell, dtype) for d in ("forward", "backward")]
-    for hidden in sorted({*limits, 4 * max(limits) + 8}):
-        for strategy in (None,) if hidden in limits else (None, "step"):
+    for hidden in sorted({*limits, 3 * max(limits) + 8, 4 * max(limits) + 8}):
+        for strategy in (None,) if hidden in limits else (None, "persistent", "step"):
             for reverse in (False, True):
                 check_parity(cell, sizes, reverse, dtype, strategy, hidden=hidden, tols=TOL_CUDA,
-                             step_tiles={})
+                             step_tiles=dict(k_pad=0) if strategy else {})

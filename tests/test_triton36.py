@@ -47,7 +47,7 @@ def test_the_side_install_is_triton_3_6():
 
 
 def test_every_dispatchable_config_fits_each_arch_under_triton_3_6(tmp_path):
-    """~790 compiles (as test_triton_aot.py's, by Triton 3.6): no spill, <= 255 registers,
+    """~1284 compiles (as test_triton_aot.py's, by Triton 3.6): no spill, <= 255 registers,
     dynamic shared memory within each arch's limit; programmatic dependent launch exactly in
     the step kernels on sm_90, no memory access before its wait."""
     if not os.path.exists(TRITON36 / "triton" / "backends" / "nvidia" / "bin" / "cuobjdump"):

@@ -14,7 +14,7 @@ variants with the caller's pointers unaligned cannot run (with all of them unali
 fp16/bf16 lstm and peephole_lstm forward at H_PAD 128 spill 144-152 B on sm_80), so checking
 them would double the compiles for nothing; ``python bench/triton_resources.py --unaligned``
 measures them. sm_86 and sm_89 share sm_80's Triton code generation but not its ptxas target,
-so they are compiled, not inferred. 4 archs, aligned: ~790 compiles (~1.5-2 s each per core;
+so they are compiled, not inferred. 4 archs, aligned: ~1284 compiles (~1.5-2 s each per core;
 forward kernels twice: with the stash for backward and without, ``KernelConfig.save``).
 
 Compilation runs in worker processes without ``TRITON_INTERPRET`` (conftest.py sets it when there
@@ -142,13 +142,27 @@ def test_persistent_grid_is_resident(resources, config, cc, aligned):
     for sms in (1, 28, 84, 108, 132):
         limits = configs.DeviceLimits(cc, configs.ARCH_SHARED[cc], 65536, sms)
         for batch in (1, 16, 17, 64, 128, 1000):
-            for hidden in (129, 256, 1000, 1024, 4096):
+            for hidden in (100, 129, 200, 256, 500, 1000, 1024, 4096):
                 chosen = configs.select_config(config.kernel.split("_")[0], config.cell, dtype,
                                                hidden, limits=limits, save=config.save,
                                                batch=batch)
-                if chosen.strategy == "persistent":
+                if chosen == config:
                     picked += 1
-                    assert chosen == config
                     grid = -(-batch // chosen.block_b) * -(-hidden // chosen.block_h)
                     assert grid <= sms * per_sm
     assert picked > 0
+
+
+RESIDENT = [case for case in CASES if case[0].k_pad]
+
+
+@pytest.mark.parametrize("config,cc,aligned", RESIDENT,
+                         ids=[f"{c.name}-sm{cc}" for c, cc, a in RESIDENT])
+def test_resident_weights_stay_in_shared_memory(resources, config, cc, aligned):
+    """A resident persistent kernel keeps its weight slices on-chip for the whole launch: its
+    shared memory holds at least the G slices of K_PAD x 16 units in the weights' dtype (a
+    kernel that reloaded them from global memory every pass would need a few KB, as the
+    streamed ones do)."""
+    item = 4 if config.dtype == "float32" else 2
+    slices = configs.GATES[config.cell] * config.k_pad * config.block_h * item
+    assert resources[(config.name, cc, aligned)]["metadata_shared"] >= slices

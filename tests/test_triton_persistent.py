@@ -43,6 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SIZES = [19, 19, 17, 16, 3, 1]  # two batch blocks of 16 rows, the second partly masked
 HIDDEN = 40                     # with 16-unit tiles: three hidden programs, three K chunks
 TILES = dict(block_h=16, block_k=16)
+RESIDENT = dict(block_h=16, block_k=16, k_pad=64)  # W_hh resident: H = 40 in 3 (of 4) chunks
 
 
 def _forward(cell, strategy, reverse=False, lagging=None, dense=False, tiles=TILES,
@@ -94,6 +95,21 @@ def test_a_lagging_program_changes_nothing(lagging):
     _assert_equal(_forward("lstm", "persistent", lagging=lagging), _forward("lstm", "step"))
 
 
+@needs_interpreter
+@pytest.mark.parametrize("lagging", [(0, 0, 0), (1, 2, 0)], ids=str)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_resident_weights_with_a_lagging_program_change_nothing(cell, lagging):
+    """With W_hh resident (each product's reduction split in chunks, a batched tl.dot) and a
+    program lagging: the same bits as without the lag, and the step kernels' results within
+    float32 rounding (the chunks are summed in another order than the step kernels' running
+    sum; the parity tests check it against the float64 reference)."""
+    got = _forward(cell, "persistent", lagging=lagging, tiles=RESIDENT)
+    if lagging != (0, 0, 0):
+        _assert_equal(got, _forward(cell, "persistent", tiles=RESIDENT))
+    for g, w in zip(got, _forward(cell, "step")):
+        assert (g is None and w is None) or torch.allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
 def _one_buffer(B, H, grid):
     return 0, grid[1]
 
@@ -103,13 +119,14 @@ def _one_arrival_too_many(B, H, grid):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("tiles", [TILES, RESIDENT], ids=["streamed", "resident"])
 @pytest.mark.parametrize("lagging", [(0, 0, 0), (0, 1, 0)], ids=str)
-def test_single_buffer_mutant_is_caught(lagging):
+def test_single_buffer_mutant_is_caught(lagging, tiles):
     """Mutant: h_s written over h_{s-1} (one buffer): while the lagging program still reads
     h_{s-1}, the others overwrite it -- the harness shows wrong outputs."""
     want = _forward("rnn_tanh", "step", dense=True)[0]
     with unittest.mock.patch.object(launch, "handoff", _one_buffer):
-        got = _forward("rnn_tanh", "persistent", lagging=lagging, dense=True)[0]
+        got = _forward("rnn_tanh", "persistent", lagging=lagging, dense=True, tiles=tiles)[0]
     assert (got - want).abs().max() > 0.1
 
 
@@ -193,6 +210,30 @@ def test_dispatch_where_the_grid_fits_the_sms():
     assert "persistent launch" in note and "<= 132 SMs" in note
 
 
+def test_dispatch_keeps_the_weights_resident_where_they_fit():
+    """Persistent calls keep W_hh resident (the least bucket >= H) where the device's class has
+    such a kernel and its grid, ceil(B/16) * ceil(H/16), fits the SMs; else they stream it."""
+    def config(direction, hidden, batch, dtype=torch.bfloat16, limits=H200, cell="lstm"):
+        c = configs.select_config(direction, cell, dtype, hidden, limits=limits, batch=batch)
+        return c.strategy, c.k_pad, c.block_h
+    assert config("forward", 1024, 16) == ("persistent", 1024, 16)   # 64 programs
+    assert config("forward", 1024, 32) == ("persistent", 1024, 16)   # 2 x 64 = 128
+    assert config("forward", 1024, 64) == ("persistent", 0, 32)      # 4 x 64 > 132: streamed
+    assert config("forward", 300, 64) == ("persistent", 512, 16)     # 4 x 19
+    assert config("backward", 1024, 16) == ("persistent", 1024, 16)
+    assert config("backward", 512, 64) == ("persistent", 512, 16)    # 4 x 32
+    assert config("backward", 512, 8, torch.float32) == ("persistent", 512, 16)
+    assert config("forward", 256, 8, torch.float32) == ("persistent", 256, 16)
+    assert config("forward", 257, 8, torch.float32) == ("persistent", 0, 32)
+    assert config("forward", 1024, 16, cell="rnn_tanh") == ("persistent", 1024, 16)
+    sm86 = configs.DeviceLimits(86, 101376, 65536, 84)
+    assert config("forward", 1024, 16, limits=sm86) == ("persistent", 0, 32)
+    assert config("forward", 512, 16, limits=sm86) == ("persistent", 512, 16)
+    with pytest.raises(ValueError, match="k_pad 64 < H=65"), \
+            tg.forced_strategy("persistent", **RESIDENT):
+        configs.select_config("forward", "lstm", torch.float32, 65)
+
+
 def test_launch_options_are_cooperative_with_every_register():
     """A persistent launch is cooperative (all programs resident or no launch) with maxnreg
     255 (one program per SM: without it ptxas stopped 16-bit kernels at 128 and spilled)."""
@@ -242,10 +283,15 @@ def handoff_problems(ptx):
 
 @pytest.fixture(scope="module")
 def persistent_ptx():
-    """{(kernel, cell, dtype, cc): PTX} of the persistent kernels (the forward with stash),
-    compiled for sm_80 and sm_90 in one worker process (no interpreter there)."""
-    work = [(dataclasses.asdict(c), cc) for c in configs.CONFIGS
-            if c.strategy == "persistent" and c.save and c.dtype != "float16" for cc in (80, 90)]
+    """{(kernel, cell, dtype, resident, cc): PTX} of the persistent kernels (the forward with
+    stash; resident: the largest bucket), compiled for sm_80 and sm_90 in one worker process
+    (no interpreter there)."""
+    largest = {}
+    for c in configs.CONFIGS:
+        if c.strategy == "persistent" and c.save and c.dtype != "float16":
+            key = (c.kernel, c.cell, c.dtype, bool(c.k_pad))
+            largest[key] = max(largest.get(key, c), c, key=lambda c: c.k_pad)
+    work = [(dataclasses.asdict(c), cc) for c in largest.values() for cc in (80, 90)]
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import triton_aot as a; "
             "from fastrnn.kernels.triton_gpu.configs import KernelConfig; "
             "print(json.dumps([a.compile_config(KernelConfig(**f), cc).asm['ptx'] "
@@ -256,21 +302,23 @@ def persistent_ptx():
     if proc.returncode:
         pytest.fail(f"AOT compile failed:\n{proc.stderr[-3000:]}")
     texts = json.loads(proc.stdout)
-    return {(f["kernel"], f["cell"], f["dtype"], cc): ptx for (f, cc), ptx in zip(work, texts)}
+    return {(f["kernel"], f["cell"], f["dtype"], bool(f["k_pad"]), cc): ptx
+            for (f, cc), ptx in zip(work, texts)}
 
 
 @pytest.mark.parametrize("cc", [80, 90])
+@pytest.mark.parametrize("resident", [False, True], ids=["streamed", "resident"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("cell", configs.CELLS)
 @pytest.mark.parametrize("kernel", ["forward_persistent", "backward_persistent"])
-def test_handoff_in_ptx(persistent_ptx, kernel, cell, dtype, cc):
-    assert handoff_problems(persistent_ptx[(kernel, cell, dtype, cc)]) == []
+def test_handoff_in_ptx(persistent_ptx, kernel, cell, dtype, resident, cc):
+    assert handoff_problems(persistent_ptx[(kernel, cell, dtype, resident, cc)]) == []
 
 
 def test_handoff_check_catches_a_missing_barrier_and_a_relaxed_arrival(persistent_ptx):
     """The PTX check fails the two weak-memory mutants a CPU cannot run: the arrival without
     the CTA barrier before it, and a relaxed arrival."""
-    ptx = persistent_ptx[("forward_persistent", "lstm", "bfloat16", 90)]
+    ptx = persistent_ptx[("forward_persistent", "lstm", "bfloat16", False, 90)]
     lines = ptx.splitlines()
     at = next(i for i, line in enumerate(lines) if "red.global.gpu.release" in line)
     no_barrier = [line for i, line in enumerate(lines)

@@ -19,8 +19,13 @@ TORCH_CLASS = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
 TORCH_CELL_CLASS = {"rnn": nn.RNNCell, "lstm": nn.LSTMCell, "gru": nn.GRUCell}
 KERNEL_BACKENDS = ("numba", "triton", "native", "reference")
 #: The triton backend with one strategy forced, to time the strategies side by side on a GPU
-#: ("triton-persistent" is skipped where its grid does not fit the device's SMs).
-FORCED_TRITON = ("triton-fused", "triton-step", "triton-persistent")
+#: ("triton-persistent": W_hh resident where the dispatcher would keep it so, else streamed;
+#: "triton-streamed": the persistent kernels streaming W_hh; both skipped where the streamed
+#: grid does not fit the device's SMs).
+FORCED_TRITON = ("triton-fused", "triton-step", "triton-persistent", "triton-streamed")
+#: forced_strategy() arguments of each forced strategy
+_FORCED = {"fused": ("fused", {}), "step": ("step", {}), "persistent": ("persistent", {}),
+           "streamed": ("persistent", dict(k_pad=0))}
 BASELINES = ("torch", "cell-loop", "onnxruntime")
 BASELINE_LABEL = {"torch": "torch.nn", "cell-loop": "nn cell loop", "onnxruntime": "ONNX Runtime"}
 # Python per-step loops (the cell-loop baseline, and the reference backend unless asked for by
@@ -306,7 +311,7 @@ def _loop_too_big(case):
 def _strategy_refused(case, device, strategy):
     """Why triton's ``strategy`` cannot be forced for ``case`` on ``device``, or None."""
     from fastrnn.kernels.triton_gpu import configs
-    if strategy == "persistent" and not configs.persistent_fits(
+    if strategy in ("persistent", "streamed") and not configs.persistent_fits(
             case.batch, case.hidden, configs.device_limits(device)):
         return (f"the persistent grid, ceil(B/{configs.BLOCK_B}) x "
                 f"ceil(H/{configs.STEP_BLOCK_H}), exceeds this device's SMs")
@@ -321,8 +326,10 @@ def _forcing(fn, strategy):
     """``fn`` run with triton's ``strategy`` forced."""
     from fastrnn.kernels.triton_gpu import forced_strategy
 
+    name, tiles = _FORCED[strategy]
+
     def call():
-        with forced_strategy(strategy):
+        with forced_strategy(name, **tiles):
             return fn()
     return call
 

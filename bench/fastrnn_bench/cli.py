@@ -157,9 +157,10 @@ def parser():
     p.add_argument("--cells", default="rnn,lstm,gru", help="comma list of rnn,lstm,gru")
     p.add_argument("--backends", default=None,
                    help="fastrnn backends to time (comma list of numba,triton,native,reference, "
-                        "or triton-fused/triton-step/triton-persistent: triton with that "
-                        "strategy forced; any of them +graph: the call replayed from a CUDA "
-                        "graph; default: every backend available on the device)")
+                        "or triton-fused/triton-step/triton-persistent/triton-streamed: triton "
+                        "with that strategy forced (streamed: persistent, W_hh not resident); "
+                        "any of them +graph: the call replayed from a CUDA graph; default: every "
+                        "backend available on the device)")
     p.add_argument("--baselines", default="torch,cell-loop,onnxruntime",
                    help="comma list of torch,cell-loop,onnxruntime")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

@@ -76,18 +76,38 @@ Strategies (chosen by :func:`select_config` from H, B, the cell, the dtype and t
            one's run.
 
 ``persistent`` the same tiled kernels, one launch for all the passes of a layer, direction and
-           pass kind (forward; backward), with 32 x 16 tiles: one program per (16-row batch
-           block, 32-unit hidden block), all resident at once -- a cooperative launch
-           (``launch_cooperative_grid``), chosen on a CUDA device only where the grid,
-           ceil(B/16) x ceil(H/32) programs, fits its SMs at one program each
-           (:func:`~.configs.persistent_fits`; H=1024 up to B=64 and H=512 up to B=128 on a
-           132-SM H100/H200), else ``step``. Within the launch, before each pass a program
-           waits until every program of its batch block has finished the previous one (thread
-           0 polls an int32 counter with acquire loads, then a CTA barrier), and after it
-           arrives (a CTA barrier, then a release atomic add); h, c (forward) and dh, dc
-           (backward) stay in registers between passes. Each step's gate gradients have rows
-           of their own and h alternates between two buffers, so nothing is overwritten while
-           another program may still read it. The same code and order of operations as
+           pass kind (forward; backward): one program per (16-row batch block, hidden block),
+           all resident at once -- a cooperative launch (``launch_cooperative_grid``), chosen
+           on a CUDA device only where the grid fits its SMs at one program each
+           (:func:`~.configs.persistent_fits`), else ``step``. Two variants
+           (:func:`select_config`): with W_hh *resident* (``KernelConfig.k_pad``, constexpr
+           ``K_PAD``), 16-unit blocks whose G weight slices (K_PAD x 16 each, H padded to a
+           power of two) are loaded once and kept in shared memory for the whole launch, each
+           product's reduction split into 8 chunks, one per warp (a batched ``tl.dot``, each
+           chunk on its own accumulator, the partial sums added in a fixed order), chosen
+           where H <= the resident limit of the device's class and ceil(B/16) x ceil(H/16)
+           programs fit (H=1024 up to B=32, H=512 up to B=64 on a 132-SM H100/H200); else
+           *streamed*, 32 x 16 tiles as ``step`` (the slice read from L2 every pass), where
+           ceil(B/16) x ceil(H/32) fit (H=1024 up to B=64, H=512 up to B=128):
+
+           ============  ==================  ==================
+           resident H    fp16/bf16 fwd/bwd   float32 fwd/bwd
+           ============  ==================  ==================
+           >= 163 KB     1024/1024           rnn 512/512,
+           sm_80, sm_90                      others 256/512
+           >= 99 KB      rnn 1024/1024,      rnn 512/512,
+           sm_86, sm_89  others 512/512      others 128/256
+           ============  ==================  ==================
+
+           (each the largest bucket of 128-1024 whose kernels compile without spills within
+           the class's shared memory under Triton 3.9 and 3.6; float32's tf32x3 keeps 2-4
+           copies of the weights.) Within the launch, before each pass a program waits until
+           every program of its batch block has finished the previous one (thread 0 polls an
+           int32 counter with acquire loads, then a CTA barrier), and after it arrives (a CTA
+           barrier, then a release atomic add); h, c (forward) and dh, dc (backward) stay in
+           registers between passes. Each step's gate gradients have rows of their own and h
+           alternates between two buffers, so nothing is overwritten while another program may
+           still read it. The streamed variant runs the same code and order of operations as
            ``step``: the same bits. A wait that passes ``launch.MAX_POLLS`` polls counts an
            error and stops waiting, so the launch always ends; the launcher then raises (a
            device-side assertion on CUDA: no host sync). A device that refuses the cooperative
@@ -169,6 +189,7 @@ The kernel configurations the dispatcher can choose are listed in ONE place, :da
 is the subset a device's class allows, and the AOT test compiles exactly that per arch.
 
 Files: ``configs.py`` (the configuration list and the choice of one; no Triton import),
+``limits.py`` (what fits on which device: the measured limits per shared-memory class),
 ``step_math.py`` (what the kernels ask of a cell, and the device helpers kernels and cells
 share), ``kernels.py`` (the ``@triton.jit`` kernels), ``launch.py`` (the contract's two
 functions).

@@ -1,16 +1,24 @@
 """The kernel configurations of the triton backend: the ONE list the dispatcher chooses from and the
-AOT test compiles, and the choice of one for a call (strategy, padded H, tiles, warps)."""
+AOT test compiles, and the choice of one for a call (strategy, padded H, tiles, warps). What fits
+on which device: :mod:`.limits` (re-exported here)."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 
 from fastrnn.cells import GATES
+from fastrnn.kernels.triton_gpu import limits
+from fastrnn.kernels.triton_gpu.limits import (MAX_REGISTERS, MIN_SM_REGISTERS, RESIDENT_BLOCK_H,
+                                               RESIDENT_BUCKETS, RESIDENT_CHUNKS, SHARED_CLASSES,
+                                               class_of, fused_limit, resident_max)
+
+# for the launchers, tools and tests that read them here
+ARCH_SHARED, DeviceLimits, device_limits = (limits.ARCH_SHARED, limits.DeviceLimits,
+                                            limits.device_limits)
 
 #: The cells this backend implements.
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "peephole_lstm")
@@ -27,45 +35,15 @@ STRATEGIES = ("fused", "step", "persistent")
 # ----------------------------------------------------------------------------------------------
 BLOCK_B = 16  # batch rows per program: the tl.dot minimum M on every NVIDIA target.
 FUSED_BUCKETS = (32, 64, 128)  # H_PAD values of the fused kernels (H <= 32 pads to 32).
-#: Opt-in shared memory per block (bytes) of the archs the AOT test compiles for: sm_80 (A100),
-#: sm_86 (A10, RTX 30), sm_89 (L4, L40S, RTX 40), sm_90 (H100/H200). sm_120 (RTX 50) also has
-#: 101376. All have 65536 registers per SM and at most 255 per thread.
-ARCH_SHARED = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-MAX_REGISTERS = 255  # per thread (ptxas never exceeds it; more would spill)
-MIN_SM_REGISTERS = 65536  # per SM: 8 warps x 32 threads x 255 registers of one block fit
 #: ``enable_fp_fusion`` of every launch and AOT compile (Triton 3.9's default, which the
 #: measured resources and the float32 parity tolerances were made with; pinned because Triton
 #: 3.10 turns the default off).
 FP_FUSION = True
 
-#: Largest H the fused (weights-resident) strategy serves, per shared-memory class and
-#: (cell, dtype group): (forward, backward). A class is the least opt-in shared memory per block
-#: of the devices it covers, largest first; a device below the last class (or with fewer than
-#: MIN_SM_REGISTERS registers per SM) runs the step strategy only. Each limit is the largest
-#: bucket whose kernel compiles, on every AOT arch of the class, with zero spill bytes (with the
-#: aligned pointers the launcher passes) and dynamic shared memory within the class
-#: (tests/test_triton_aot.py; measured: bench/results/triton_resources.md). Rejected (measured
-#: 2026-11-23, Triton 3.9): H_PAD 256 spills for every cell and dtype (rnn fp16: 120-136 B STACK
-#: at 8 warps; fp32 and lstm/gru: also over the shared limit); float32 lstm and gru at 128:
-#: weights alone are 256 KB and 192 KB; lstm fp16/bf16 backward at 128 needs 180 KB shared
-#: (over sm_80's 163 KB). The 99 KB class loses every fused kernel over 101376 B (sm_80 table).
-SHARED_CLASSES = (166912, 101376)  # sm_80 / sm_90 (and sm_87, sm_100); sm_86 / sm_89 / sm_120
-_FUSED_LIMITS = {  # (cell, dtype group) -> ((forward, backward) per class of SHARED_CLASSES)
-    ("rnn", "16bit"): ((128, 128), (128, 128)), ("rnn", "float32"): ((128, 128), (64, 64)),
-    ("lstm", "16bit"): ((128, 64), (64, 64)), ("lstm", "float32"): ((64, 64), (32, 32)),
-    ("gru", "16bit"): ((128, 128), (64, 64)), ("gru", "float32"): ((64, 64), (32, 32)),
-    ("peephole_lstm", "16bit"): ((128, 64), (64, 64)),
-    ("peephole_lstm", "float32"): ((64, 64), (32, 32)),
-}
-
 
 def _fused_table(klass):
     """{(direction, cell, dtype name): largest fused H} of class index ``klass`` (None: 0)."""
-    def limit(direction, cell, dtype):
-        key = ("rnn" if cell.startswith("rnn") else cell,
-               "float32" if dtype == "float32" else "16bit")
-        return 0 if klass is None else _FUSED_LIMITS[key][klass][direction == "backward"]
-    return {(d, cell, dtype): limit(d, cell, dtype)
+    return {(d, cell, dtype): fused_limit(d, cell, dtype, klass)
             for d in ("forward", "backward") for cell in CELLS for dtype in DTYPES}
 
 
@@ -79,13 +57,8 @@ FUSED_MAX_HIDDEN = FUSED_MAX_HIDDEN_BY_SHARED[SHARED_CLASSES[0]]
 def fused_limits(shared=None, registers=MIN_SM_REGISTERS):
     """The FUSED_MAX_HIDDEN table of a device with ``shared`` opt-in bytes of shared memory per
     block and ``registers`` per SM (None: the largest class, as under the interpreter)."""
-    if shared is None:
-        return FUSED_MAX_HIDDEN
-    if registers >= MIN_SM_REGISTERS:
-        for least in SHARED_CLASSES:
-            if shared >= least:
-                return FUSED_MAX_HIDDEN_BY_SHARED[least]
-    return _STEP_ONLY
+    klass = class_of(shared, registers)
+    return _STEP_ONLY if klass is None else FUSED_MAX_HIDDEN_BY_SHARED[SHARED_CLASSES[klass]]
 
 
 #: Tiles of the tiled kernels (the step and persistent strategies): hidden units per program,
@@ -99,8 +72,6 @@ def fused_limits(shared=None, registers=MIN_SM_REGISTERS):
 #: (:func:`persistent_fits`).
 STEP_BLOCK_H = 32
 STEP_BLOCK_K = 16
-
-
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled kernel variant.
@@ -111,7 +82,8 @@ class KernelConfig:
     runtime argument); ``block_h``/``block_k``: the step tiles (0 for fused kernels); ``save``:
     a forward kernel writes what backward reads (h_prev, the stash); False when no backward
     follows (always True for backward kernels); ``prefetch``: a fused forward kernel loads each
-    step's input tiles one step ahead (:func:`prefetches`).
+    step's input tiles one step ahead (:func:`prefetches`); ``k_pad``: a persistent kernel
+    keeps its W_hh slice resident for H <= k_pad (0: it streams the slice every step).
     """
 
     kernel: str
@@ -124,6 +96,7 @@ class KernelConfig:
     block_k: int = 0
     save: bool = True
     prefetch: bool = False
+    k_pad: int = 0
 
     @property
     def strategy(self):
@@ -133,7 +106,8 @@ class KernelConfig:
     def name(self):
         size = f"H{self.h_pad}" if self.h_pad else f"bh{self.block_h}xbk{self.block_k}"
         return (f"{self.kernel}-{self.cell}-{self.dtype}-{size}-w{self.num_warps}"
-                + ("" if self.save else "-nosave") + ("-prefetch" if self.prefetch else ""))
+                + ("" if self.save else "-nosave") + ("-prefetch" if self.prefetch else "")
+                + (f"-k{self.k_pad}" if self.k_pad else ""))
 
 
 #: Warps per program of the shipped kernels. Measured (Triton 3.9, ptxas with Triton's
@@ -181,7 +155,13 @@ def _build_configs():
                         prefetch = direction == "forward" and prefetches(dtype, h_pad)
                         configs += [KernelConfig(kernel, cell, dtype, h_pad, warps, save=save,
                                                  prefetch=prefetch) for save in saves]
-                for strategy in ("step", "persistent"):
+                kernel = f"{direction}_persistent"
+                configs += [KernelConfig(kernel, cell, dtype, 0, NUM_WARPS,
+                                         block_h=RESIDENT_BLOCK_H, save=save, k_pad=k_pad,
+                                         block_k=k_pad // RESIDENT_CHUNKS)
+                            for k_pad in RESIDENT_BUCKETS
+                            if k_pad <= resident_max(direction, cell, dtype) for save in saves]
+                for strategy in ("step", "persistent"):  # after the resident: the fallback
                     configs += [KernelConfig(f"{direction}_{strategy}", cell, dtype, 0,
                                              NUM_WARPS, block_h=STEP_BLOCK_H,
                                              block_k=STEP_BLOCK_K, save=save) for save in saves]
@@ -195,11 +175,16 @@ CONFIGS = _build_configs()
 @functools.lru_cache(maxsize=None)
 def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
     """The configurations of :data:`CONFIGS` the dispatcher can choose on a device with these
-    limits (see :func:`fused_limits`): every step kernel and the fused buckets within the limits.
-    The AOT test compiles these per arch."""
-    limits = fused_limits(shared, registers)
-    return tuple(c for c in CONFIGS
-                 if c.h_pad <= limits[(c.kernel.split("_")[0], c.cell, c.dtype)])
+    limits (see :func:`fused_limits`): every step and streamed persistent kernel, the fused
+    buckets within the fused limits, the resident buckets within the resident limits and over
+    the fused ones (H up to a fused limit runs fused). The AOT test compiles these per arch."""
+    fused = fused_limits(shared, registers)
+
+    def allowed(c):
+        key = (c.kernel.split("_")[0], c.cell, c.dtype)
+        return c.h_pad <= fused[key] and (not c.k_pad or fused[key] < c.k_pad <= resident_max(
+            *key, shared, registers))
+    return tuple(c for c in CONFIGS if allowed(c))
 
 
 def programmatic_launch(config, cc):
@@ -233,7 +218,7 @@ def kernel_options(config, cell_math, cc=None):
     forward prefetches, whether a tiled kernel waits for the kernel before it:
     :func:`programmatic_launch`) and :func:`launch_options`."""
     tiles = (dict(H_PAD=config.h_pad) if config.strategy == "fused" else
-             dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k,
+             dict(BLOCK_H=config.block_h, BLOCK_K=config.block_k, K_PAD=config.k_pad,
                   PDL=programmatic_launch(config, cc)))
     if config.kernel.startswith("forward"):
         tiles["SAVE"] = config.save
@@ -246,19 +231,25 @@ _forced = None  # (strategy, step tile overrides) set by forced_strategy()
 
 
 @contextlib.contextmanager
-def forced_strategy(strategy, block_h=None, block_k=None):
+def forced_strategy(strategy, block_h=None, block_k=None, k_pad=None):
     """Within the ``with`` block, run every recurrence with ``strategy`` (one of
-    :data:`STRATEGIES`) regardless of H and the device -- for tests: the step and persistent
-    strategies at small H.
+    :data:`STRATEGIES`) regardless of H and the device -- for tests and benchmarks: the step and
+    persistent strategies at small H.
     ``block_h``/``block_k`` (powers of two >= 16) override their tiles so that H <= 32 still
-    spans several hidden blocks and reduction chunks. Not thread-safe."""
+    spans several hidden blocks and reduction chunks; ``k_pad`` (persistent): 0 streams W_hh,
+    a power of two >= H and a multiple of ``block_k`` keeps it resident. With none of the
+    three, the persistent strategy keeps W_hh resident where the dispatcher would. Not
+    thread-safe."""
     global _forced
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     for block in (block_h, block_k):
         if block is not None and (block < 16 or block & (block - 1)):
             raise ValueError(f"step tiles must be powers of two >= 16, got {block}")
-    previous, _forced = _forced, (strategy, block_h, block_k)
+    if k_pad and (strategy != "persistent" or k_pad & (k_pad - 1) or k_pad % (block_k or 1)):
+        raise ValueError(f"k_pad must be a power of two and a multiple of block_k for the "
+                         f"persistent strategy, got {k_pad}")
+    previous, _forced = _forced, (strategy, block_h, block_k, k_pad)
     try:
         yield
     finally:
@@ -276,36 +267,6 @@ def _dtype_name(dtype):
 #: registers that keep H_PAD 128 spill-free); inputs whose largest packed tensor reaches this
 #: many elements run the step kernels, which add an int64 per-step base.
 FUSED_MAX_ELEMENTS = 2 ** 31
-
-
-class DeviceLimits(NamedTuple):
-    """What the dispatcher reads of a CUDA device: compute capability (``10 * major + minor``),
-    opt-in shared memory per block (bytes), registers per SM, SM count."""
-
-    cc: int
-    shared: int
-    registers: int
-    sms: int
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_limits(index):
-    props = torch.cuda.get_device_properties(index)
-    cc = 10 * props.major + props.minor
-    # Attribute names differ across torch versions; missing ones come from the AOT table (an
-    # unknown arch: the 48 KB every device grants, so step only).
-    shared = (getattr(props, "shared_memory_per_block_optin", None)
-              or ARCH_SHARED.get(cc, 49152))
-    registers = getattr(props, "regs_per_multiprocessor", None) or MIN_SM_REGISTERS
-    return DeviceLimits(cc, int(shared), int(registers), int(props.multi_processor_count))
-
-
-def device_limits(device):
-    """The :class:`DeviceLimits` of ``device`` (a torch.device; read once per CUDA device
-    index), or None for a CPU device (the interpreter: the largest class, like sm_80/sm_90)."""
-    if device.type != "cuda":
-        return None
-    return _cuda_limits(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _limits_of(limits):
@@ -332,7 +293,8 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
     ``strategy`` None (and no :func:`forced_strategy` in effect) picks "fused" when
     ``hidden_size`` is within the device's :func:`fused_limits`, else "persistent" where the
     grid of ``batch`` rows fits the device (:func:`persistent_fits`), else "step"; "fused" at a
-    hidden size no fitting fused bucket covers raises ValueError.
+    hidden size no fitting fused bucket covers raises ValueError. "persistent" keeps W_hh
+    resident (the least ``k_pad`` >= H) where such a config exists and its grid fits.
     ``rows`` (N, the packed rows) sends inputs whose (N, max(G, S) * H) tensors reach
     :data:`FUSED_MAX_ELEMENTS` away from "fused".
     ``save`` False: a forward kernel that writes nothing for backward (backward ignores it).
@@ -340,8 +302,9 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
     name = _dtype_name(dtype)
     overrides = {}
     if strategy is None and _forced is not None:
-        strategy, block_h, block_k = _forced
-        overrides = {k: v for k, v in (("block_h", block_h), ("block_k", block_k)) if v}
+        strategy, block_h, block_k, k_pad = _forced
+        overrides = {k: v for k, v in (("block_h", block_h), ("block_k", block_k),
+                                       ("k_pad", k_pad)) if v is not None}
     if strategy is None:
         small = hidden_size <= _limits_of(limits)[(direction, cell, name)]
         fits_int32 = rows * max(GATES[cell], STASH[cell]) * hidden_size < FUSED_MAX_ELEMENTS
@@ -352,9 +315,16 @@ def select_config(direction, cell, dtype, hidden_size, strategy=None, rows=0, li
         if ((config.kernel, config.cell, config.dtype) != (f"{direction}_{strategy}", cell, name)
                 or config.save != (save or direction == "backward")):
             continue
-        if strategy != "fused":
-            return dataclasses.replace(config, **overrides) if overrides else config
-        if hidden_size <= config.h_pad:
+        if strategy == "fused":
+            if hidden_size <= config.h_pad:
+                return config
+        elif overrides:
+            if 0 < overrides.get("k_pad", 0) < hidden_size:
+                raise ValueError(f"forced k_pad {overrides['k_pad']} < H={hidden_size}")
+            if not config.k_pad:  # the streaming tiles, overridden
+                return dataclasses.replace(config, **overrides)
+        elif not config.k_pad or (hidden_size <= config.k_pad and persistent_fits(
+                batch, hidden_size, limits, config.block_h)):  # resident where its grid fits
             return config
     raise ValueError(f"no {strategy} {direction} kernel for {cell} {name} at H={hidden_size}"
                      + ("" if limits is None else f" fits this device ({limits.shared} B shared)"))
@@ -373,8 +343,13 @@ def strategy_note(cell, dtype, limits):
     where = ("the interpreter (sm_80/sm_90 limits)" if limits is None else
              f"sm_{limits.cc}: {limits.shared} B shared memory per block, {limits.registers} "
              f"registers per SM")
+    resident = [resident_max(d, cell, _dtype_name(dtype), *([] if limits is None else
+                                                            [limits.shared, limits.registers]))
+                for d in ("forward", "backward")]
     beyond = ("step kernels" if limits is None else
-              f"one persistent launch (hidden split over SMs) while "
+              f"one persistent launch (hidden split over SMs; W_hh resident up to H="
+              f"{resident[0]} forward / H={resident[1]} backward while ceil(B/{BLOCK_B}) x "
+              f"ceil(H/{RESIDENT_BLOCK_H}) <= {limits.sms} SMs, else streamed) while "
               f"ceil(B/{BLOCK_B}) x ceil(H/{STEP_BLOCK_H}) <= {limits.sms} SMs, else step kernels")
     if not forward and not backward:
         return f"triton strategy: no fused kernel fits ({where}); {beyond}"

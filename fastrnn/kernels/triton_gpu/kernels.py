@@ -166,8 +166,50 @@ def _backward_fused_kernel(
 # Tiled kernels: the hidden dimension split across programs. Strategy "step" launches them once
 # per pass (T forward, T + 1 backward; the launch boundary orders the passes), "persistent" once
 # for all passes, its programs resident at once and handing each pass over to the next through
-# global memory (:func:`~.step_math.wait_arrivals`, :func:`~.step_math.arrive`).
+# global memory (:func:`~.step_math.wait_arrivals`, :func:`~.step_math.arrive`). With ``K_PAD``
+# (persistent only) a program keeps its W_hh slice on-chip for the whole launch and splits each
+# product's reduction into K_PAD // BLOCK_K chunks, one batched ``tl.dot`` whose chunks run on
+# different warps with accumulators of their own, summed at the end; else (K_PAD 0) it streams
+# the slice from L2 in BLOCK_K chunks every pass.
 # ----------------------------------------------------------------------------------------------
+@triton.jit
+def _chunks(K_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(K_PAD // BLOCK_K, 1, BLOCK_K) reduction indices: chunk c, element k -> c*BLOCK_K + k."""
+    return tl.arange(0, K_PAD)[:, None].reshape(K_PAD // BLOCK_K, 1, BLOCK_K)
+
+
+@triton.jit
+def resident_weights(w_ptr, gate_stride, unit_stride, cols, col_ok, H, G: tl.constexpr,
+                     K_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The G weight slices of units ``cols`` a persistent program keeps on-chip: (K_PAD //
+    BLOCK_K, BLOCK_K, BLOCK_H) tiles, tile_g[c, k, j] = w[g*gate_stride + cols[j]*unit_stride
+    + c*BLOCK_K + k] (0 from k = H on): the forward's W_g^T from w_hh (G*H, H) (strides H*H,
+    H); the backward's W_g from w_hh^T (H, G*H) (strides H, G*H). Read along k (along j, the
+    16-bit backward at K_PAD 1024 spilled 16-56 B). Loaded before the pass loop and used by
+    every pass: Triton keeps them in shared memory. One gate at a time (a CTA barrier after
+    each; at once, the 16-bit lstm forward at K_PAD 1024 spilled 40 B on sm_90)."""
+    ks = tl.permute(_chunks(K_PAD, BLOCK_K), (0, 2, 1))
+    ptrs = w_ptr + cols[None, None, :] * unit_stride + ks
+    mask = (ks < H) & col_ok[None, None, :]
+    w = ()
+    for gate in tl.static_range(G):
+        w = w + (tl.load(ptrs + gate * gate_stride, mask=mask, other=0.0),)
+        tl.debug_barrier()
+    return w
+
+
+@triton.jit
+def split_product(a_ptr, row_off, rows_ok, H, w, K_PAD: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``a @ W`` (BLOCK_B, BLOCK_H) float32 of the rows of ``a`` at ``a_ptr + row_off``
+    (BLOCK_B,), K_PAD entries each (0 past H and where not ``rows_ok``), and a
+    :func:`resident_weights` tile ``w``: chunk c of the reduction is batch entry c of one
+    tl.dot (its own warps and accumulator), the chunks summed in a fixed order after."""
+    ks = _chunks(K_PAD, BLOCK_K)
+    a = tl.load(a_ptr + row_off[None, :, None] + ks, mask=rows_ok[None, :, None] & (ks < H),
+                other=0.0)
+    return tl.sum(mm(a, w, tl.zeros([a.shape[0], a.shape[1], w.shape[2]], tl.float32)), axis=0)
+
+
 @triton.jit(do_not_specialize=["T", "B", "H", "reverse", "s_begin", "s_end", "buf_stride",
                                "arrivals", "max_polls"])
 def _forward_tiled_kernel(
@@ -178,7 +220,8 @@ def _forward_tiled_kernel(
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end,
     buf_stride, arrivals, max_polls,                        # B*H, hidden programs, poll cap
     CELL: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
+    SAVE: tl.constexpr,
 ):
     """Steps ``s_begin .. s_end - 1`` (in the order of the sequence: ``reverse`` 1 runs t =
     T-1-s) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
@@ -208,6 +251,8 @@ def _forward_tiled_kernel(
     c = CELL.load_c(c_ptr + state_off, state_mask, h)
     b_hn = CELL.load_b_hn(bhn_ptr + cols, col_ok)
     w_cell = CELL.load_cell_weights(wcell_ptr + cols, col_ok, H)
+    if K_PAD:  # this program's slice of every gate, on-chip for the whole launch
+        w_res = resident_weights(w_ptr, H * H, H, cols, col_ok, H, G, K_PAD, BLOCK_K)
     counters = sync_ptr + 1 + tl.program_id(0) * T
     ok = 1
     for s in range(s_begin, s_end):
@@ -221,14 +266,20 @@ def _forward_tiled_kernel(
         if s > s_begin:
             ok = wait_arrivals(counters + (s - 1), arrivals, max_polls, ok, sync_ptr)
         src = hbuf_ptr + (s % 2) * buf_stride
-        acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # h W_g^T of this program's units, per gate
-        for k0 in range(0, H, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < H
-            hk = tl.load(src + rows[:, None] * H + ks[None, :],
-                         mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
-            w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]   # tile[k, j] = w[g*H + j, k]
-            acc = accumulate_products(hk, w_ptrs, k_ok[:, None] & col_ok[None, :], H, acc)
+        if K_PAD:  # h W_g^T of this program's units, per gate
+            acc = ()
+            for gate in tl.static_range(G):  # (the G loads of h: one, after CSE)
+                acc = acc + (split_product(src, rows * H, active, H, w_res[gate], K_PAD,
+                                           BLOCK_K),)
+        else:
+            acc = zero_tiles(G, [BLOCK_B, BLOCK_H])
+            for k0 in range(0, H, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_ok = ks < H
+                hk = tl.load(src + rows[:, None] * H + ks[None, :],
+                             mask=active[:, None] & k_ok[None, :], other=0.0).to(dot_dtype)
+                w_ptrs = w_ptr + cols[None, :] * H + ks[:, None]  # tile[k, j] = w[g*H + j, k]
+                acc = accumulate_products(hk, w_ptrs, k_ok[:, None] & col_ok[None, :], H, acc)
         p = CELL.preacts(add_product, None, acc, x, b_hn)
         h_new, c_new, stash = CELL.forward(p + w_cell, h, c)
         tl.static_assert(len(stash) == S, "the stash tuple must have STASH[cell] tiles")
@@ -256,7 +307,7 @@ def _backward_tiled_kernel(
     sync_ptr,                        # int32 zeros (1 + blocks * T,)
     bs_ptr, off_ptr, T, B, H, reverse, s_begin, s_end, arrivals, max_polls,
     CELL: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Passes ``s_begin .. s_end - 1`` of the BPTT (T + 1 passes, steps in the opposite order of
     the forward) of batch block program_id(0), hidden units [program_id(1)*BLOCK_H, ...).
@@ -271,7 +322,8 @@ def _backward_tiled_kernel(
     0 else; inactive rows: dh) and in dc the cell-state gradient, and arrives.
     dh/dc: read at the start, in registers between passes, written at the end. Each step's gate
     gradients have rows of their own: nothing is written twice. Shapes as in
-    :func:`_backward_fused_kernel`; ``PDL`` as in :func:`_forward_tiled_kernel`.
+    :func:`_backward_fused_kernel`, but w: w_hh^T (H, G*H) when ``K_PAD`` (resident weights:
+    :func:`resident_weights`); ``PDL`` as in :func:`_forward_tiled_kernel`.
     """
     if PDL:
         gdc_wait()
@@ -283,6 +335,8 @@ def _backward_tiled_kernel(
     dot_dtype = w_ptr.dtype.element_ty
     dh = tl.load(dh_ptr + state_off, mask=state_mask, other=0.0)
     dc = CELL.load_c(dc_ptr + state_off, state_mask, tl.zeros([BLOCK_B, BLOCK_H], tl.float32))
+    if K_PAD:  # this program's slice of every gate, on-chip for the whole launch
+        w_res = resident_weights(w_ptr, H, G * H, cols, col_ok, H, G, K_PAD, BLOCK_K)
     counters = sync_ptr + 1 + tl.program_id(0) * T
     ok = 1
     for s in range(s_begin, s_end):
@@ -291,19 +345,26 @@ def _backward_tiled_kernel(
         if s > 0:
             t_done = T - s - reverse * (T + 1 - 2 * s)  # the step pass s - 1 ran
             _, done, _ = step_rows(bs_ptr, off_ptr, t_done, rows, col_ok)
-            acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # d_hidden_g W_g, one chain per gate
-            src = xch_ptr + ((s - 1) % 2) * (B * G * H) + rows[:, None] * (G * H)
-            for k0 in range(0, H, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_ok = ks < H
-                g_mask = done[:, None] & k_ok[None, :]
-                parts = ()
+            if K_PAD:  # d_hidden_g W_g, per gate
+                acc = ()
                 for gate in tl.static_range(G):
-                    dk = tl.load(src + gate * H + ks[None, :], mask=g_mask, other=0.0)
-                    wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
-                                 mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-                    parts = parts + (mm(dk, wt, acc[gate]),)
-                acc = parts
+                    acc = acc + (split_product(xch_ptr + ((s - 1) % 2) * (B * G * H) + gate * H,
+                                               rows * (G * H), done, H, w_res[gate], K_PAD,
+                                               BLOCK_K),)
+            else:
+                acc = zero_tiles(G, [BLOCK_B, BLOCK_H])  # one chain per gate
+                src = xch_ptr + ((s - 1) % 2) * (B * G * H) + rows[:, None] * (G * H)
+                for k0 in range(0, H, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_ok = ks < H
+                    g_mask = done[:, None] & k_ok[None, :]
+                    parts = ()
+                    for gate in tl.static_range(G):
+                        dk = tl.load(src + gate * H + ks[None, :], mask=g_mask, other=0.0)
+                        wt = tl.load(w_ptr + (gate * H + ks[:, None]) * H + cols[None, :],
+                                     mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+                        parts = parts + (mm(dk, wt, acc[gate]),)
+                    acc = parts
             hw = acc[0]
             for gate in tl.static_range(1, G):
                 hw = hw + acc[gate]

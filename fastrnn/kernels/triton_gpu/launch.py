@@ -162,6 +162,8 @@ def _tiled_passes(forward, config, plan, head, steps, passes):
     -- which needs programs that were not all resident, what a cooperative launch rules out."""
     kernel = _forward_tiled_kernel if forward else _backward_tiled_kernel
     bs, off, T, B, H, reverse = steps
+    if config.k_pad and not forward:  # the resident backward reads w_hh^T (H, G*H) along k
+        head = (head[0], head[1].t().contiguous(), *head[2:])
     dev = head[0].device
     grid = (triton.cdiv(B, config.block_b), triton.cdiv(H, config.block_h))
     sync = torch.zeros(1 + grid[0] * T, device=dev, dtype=torch.int32)
