@@ -72,6 +72,8 @@ def fused_limits(shared=None, registers=MIN_SM_REGISTERS):
 #: (:func:`persistent_fits`).
 STEP_BLOCK_H = 32
 STEP_BLOCK_K = 16
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled kernel variant.
@@ -142,6 +144,13 @@ def prefetches(dtype, h_pad):
     return dtype == "float32" or h_pad < 128
 
 
+def _resident_fits(direction, cell, dtype, k_pad, shared=None, registers=MIN_SM_REGISTERS):
+    """Whether the dispatcher can choose the resident kernel of ``k_pad`` on a device with these
+    limits: within its resident limit and over its fused one (H up to that runs fused)."""
+    return (fused_limits(shared, registers)[(direction, cell, dtype)] < k_pad
+            <= resident_max(direction, cell, dtype, shared, registers))
+
+
 def _build_configs():
     configs = []
     for cell in CELLS:
@@ -160,7 +169,8 @@ def _build_configs():
                                          block_h=RESIDENT_BLOCK_H, save=save, k_pad=k_pad,
                                          block_k=k_pad // RESIDENT_CHUNKS)
                             for k_pad in RESIDENT_BUCKETS
-                            if k_pad <= resident_max(direction, cell, dtype) for save in saves]
+                            if any(_resident_fits(direction, cell, dtype, k_pad, shared)
+                                   for shared in SHARED_CLASSES) for save in saves]
                 for strategy in ("step", "persistent"):  # after the resident: the fallback
                     configs += [KernelConfig(f"{direction}_{strategy}", cell, dtype, 0,
                                              NUM_WARPS, block_h=STEP_BLOCK_H,
@@ -182,8 +192,8 @@ def dispatchable(shared=None, registers=MIN_SM_REGISTERS):
 
     def allowed(c):
         key = (c.kernel.split("_")[0], c.cell, c.dtype)
-        return c.h_pad <= fused[key] and (not c.k_pad or fused[key] < c.k_pad <= resident_max(
-            *key, shared, registers))
+        return c.h_pad <= fused[key] and (not c.k_pad or _resident_fits(*key, c.k_pad, shared,
+                                                                        registers))
     return tuple(c for c in CONFIGS if allowed(c))
 
 
